@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test demo bench soak clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch: the CPU wheel 2.13.0 is pinned only when torch is absent; an unpinned
+# `torch` would pull a multi-GB CUDA build. pyproject keeps `torch>=2.4`.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/trimmer demo
+
+bench: setup
+	$(VENV)/bin/trimmer bench trim
+
+soak: setup
+	$(VENV)/bin/trimmer loadtest --config configs/soak.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

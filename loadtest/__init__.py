@@ -1,0 +1,1 @@
+"""Load test and payload generator: prove the bytes saved, mode against mode."""

@@ -1,0 +1,46 @@
+"""The `trimmer` console script. Each package registers its own subcommands.
+
+Subcommand modules must not import heavy dependencies (torch) at import time:
+`trimmer inspect` and `trimmer root` never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import TrimmerError
+
+SUBCOMMAND_MODULES = ("trimmer.cli_core", "leaf.cli", "root.cli", "loadtest.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trimmer", description="Send what you use: per-model feature trimming for ML serving.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TrimmerError as exc:
+        print(f"trimmer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"trimmer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

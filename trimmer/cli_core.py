@@ -1,0 +1,72 @@
+"""`trimmer inspect`, `trimmer bundle build`, `trimmer bench trim`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .bundle import build_bundle, read_bundle, write_bundle
+from .errors import TrimmerError
+from .repository import scan_repository
+from .signature import read_signature
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.is_dir():
+        scan = scan_repository(path)
+        out = {
+            "models": {
+                f"{m}/{v}": {"path": str(mv.path), **mv.signature.to_json()} for (m, v), mv in sorted(scan.versions.items())
+            },
+            "errors": {f"{m}/{v}": e for (m, v), e in sorted(scan.errors.items())},
+        }
+        print(json.dumps(out, indent=2))
+        return 1 if scan.errors else 0
+    if path.suffix == ".json":
+        signatures, defaults = read_bundle(path)
+        out = {"models": {f"{m}/{v}": s.to_json() for (m, v), s in sorted(signatures.items())}, "default_versions": defaults}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(json.dumps(read_signature(path).to_json(), indent=2))
+    return 0
+
+
+def _bundle_build(args: argparse.Namespace) -> int:
+    bundle = build_bundle(args.repos)
+    write_bundle(bundle, args.output)
+    n = sum(len(m["versions"]) for m in bundle["models"].values())
+    print(f"wrote {args.output}: {len(bundle['models'])} model(s), {n} version(s)", file=sys.stderr)
+    return 0
+
+
+def _bench_trim(args: argparse.Namespace) -> int:
+    from loadtest.bench_trim import run_trim_bench
+
+    run_trim_bench(iterations=args.iterations, seed=args.seed)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="print a model archive's signature (or a repository's / bundle's allowlists) as JSON")
+    p.add_argument("path", help="model.pt / model.pt2 archive, a model repository directory, or a bundle .json")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("bundle", help="build allowlist bundles from model repositories")
+    bsub = p.add_subparsers(dest="bundle_command", required=True, metavar="ACTION")
+    b = bsub.add_parser("build", help="aggregate REPO... into one bundle.json")
+    b.add_argument("repos", nargs="+", metavar="REPO")
+    b.add_argument("-o", "--output", required=True, help="bundle file to write (atomically)")
+    b.set_defaults(func=_bundle_build)
+
+    p = sub.add_parser("bench", help="micro-benchmarks, figures printed side by side")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    b = bsub.add_parser("trim", help="trim vs naive unpack/filter/pack vs plain copy on the reference payload")
+    b.add_argument("--iterations", type=int, default=200)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=_bench_trim)
+
+
+__all__ = ["register", "TrimmerError"]

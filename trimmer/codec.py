@@ -1,0 +1,123 @@
+"""Decode and encode whole requests (msgpack primary, JSON accepted).
+
+This is the full decode the leaf needs; the root's trim path lives in
+`trimmer.trim` and never decodes feature values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .errors import PayloadError
+from .tensor import JSON_TENSOR_KEY, TENSOR_EXT_CODE, Tensor
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+_MSGPACK_ALIASES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
+
+
+def media_type(content_type: str | None) -> str:
+    """Normalise a Content-Type header to MSGPACK or JSON, or raise PayloadError."""
+    base = (content_type or "").split(";", 1)[0].strip().lower()
+    if base in _MSGPACK_ALIASES:
+        return MSGPACK
+    if base == JSON or base.endswith("+json"):
+        return JSON
+    raise PayloadError(
+        f"unsupported content type {content_type or '(none)'!r}; use {MSGPACK} or {JSON}"
+    )
+
+
+def _ext_hook(code: int, data: memoryview) -> Any:
+    if code == TENSOR_EXT_CODE:
+        return Tensor.from_ext_payload(data)
+    raise PayloadError(f"unknown msgpack ext type {code}")
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return msgspec.msgpack.Ext(TENSOR_EXT_CODE, obj.ext_payload())
+    if hasattr(obj, "__array__") and hasattr(obj, "dtype"):
+        return _enc_hook(Tensor.from_numpy(obj))
+    raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
+
+
+def _json_enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to_json_obj()
+    if hasattr(obj, "__array__") and hasattr(obj, "dtype"):
+        return Tensor.from_numpy(obj).to_json_obj()
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+_msgpack_decoder = msgspec.msgpack.Decoder(ext_hook=_ext_hook)
+_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_json_decoder = msgspec.json.Decoder()
+_json_encoder = msgspec.json.Encoder(enc_hook=_json_enc_hook)
+
+
+def _error_text(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def decode_msgpack(body: bytes | memoryview) -> Any:
+    try:
+        return _msgpack_decoder.decode(body)
+    except PayloadError:
+        raise
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError) as exc:
+        raise PayloadError(f"malformed msgpack body: {_error_text(exc)}") from None
+
+
+def _json_tensors(obj: Any) -> Any:
+    """Turn {"$tensor": {...}} objects into Tensor, bounded by the depth JSON decoding already allowed."""
+    if isinstance(obj, dict):
+        if len(obj) == 1 and JSON_TENSOR_KEY in obj:
+            return Tensor.from_json_obj(obj[JSON_TENSOR_KEY])
+        return {k: _json_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_tensors(v) for v in obj]
+    return obj
+
+
+def decode_json(body: bytes | memoryview) -> Any:
+    try:
+        obj = _json_decoder.decode(body)
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        raise PayloadError(f"malformed JSON body: {_error_text(exc)}") from None
+    try:
+        return _json_tensors(obj)
+    except RecursionError:
+        raise PayloadError("JSON body nested too deeply") from None
+
+
+def decode(body: bytes | memoryview, content_type: str | None) -> Any:
+    return decode_msgpack(body) if media_type(content_type) == MSGPACK else decode_json(body)
+
+
+def encode_msgpack(obj: Any) -> bytes:
+    return _msgpack_encoder.encode(obj)
+
+
+def encode_json(obj: Any) -> bytes:
+    return _json_encoder.encode(obj)
+
+
+def encode(obj: Any, content_type: str) -> bytes:
+    return encode_msgpack(obj) if media_type(content_type) == MSGPACK else encode_json(obj)
+
+
+def decode_request(body: bytes | memoryview, content_type: str | None) -> dict[str, Any]:
+    """Decode a request and check the protocol's shape: a map whose `features` is a map with string keys."""
+    obj = decode(body, content_type)
+    if not isinstance(obj, dict):
+        raise PayloadError(f"request must be a map at the top level, got {type(obj).__name__}")
+    features = obj.get("features", {})
+    if not isinstance(features, dict):
+        raise PayloadError(f'"features" must be a map of feature name to value, got {type(features).__name__}')
+    for key in features:
+        if not isinstance(key, str) or not key:
+            raise PayloadError(f'"features" keys must be non-empty strings, got {key!r}')
+    return obj

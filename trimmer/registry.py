@@ -1,0 +1,326 @@
+"""The allowlist registry: sources -> one consolidated, immutable snapshot.
+
+Each source (bundle file, repository, static map) keeps its last good data.
+Any change rebuilds a new Snapshot and swaps one reference, so readers never
+see a half-built map and the read path takes no lock. A source that fails to
+reload keeps its last good data; the failure shows in `status()` and counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .bundle import read_bundle
+from .errors import TrimmerError
+from .overrides import Overrides
+from .repository import scan_repository
+from .signature import Signature
+
+log = logging.getLogger("trimmer.registry")
+
+Key = tuple[str, str]
+
+
+@dataclass
+class SourceData:
+    signatures: dict[Key, Signature] = field(default_factory=dict)
+    default_versions: dict[str, str] = field(default_factory=dict)
+    errors: dict[Key, str] = field(default_factory=dict)  # per-version failures; last good kept
+
+
+class Source:
+    """Something that yields signatures. Subclasses implement load()."""
+
+    kind = "static"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def watch_paths(self) -> list[Path]:
+        return []
+
+    def affected_by(self, path: Path) -> bool:
+        return False
+
+    def load(self) -> SourceData:
+        raise NotImplementedError
+
+
+class BundleSource(Source):
+    kind = "bundle"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()
+        super().__init__(str(self.path))
+
+    def watch_paths(self) -> list[Path]:
+        return [self.path.parent]  # the directory: an atomic rename replaces the inode
+
+    def affected_by(self, path: Path) -> bool:
+        return path == self.path
+
+    def load(self) -> SourceData:
+        signatures, defaults = read_bundle(self.path)
+        return SourceData(signatures, defaults)
+
+
+class RepositorySource(Source):
+    kind = "repository"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()
+        super().__init__(str(self.path))
+
+    def watch_paths(self) -> list[Path]:
+        return [self.path]
+
+    def affected_by(self, path: Path) -> bool:
+        return path == self.path or self.path in path.parents
+
+    def load(self) -> SourceData:
+        scan = scan_repository(self.path)
+        return SourceData({k: mv.signature for k, mv in scan.versions.items()}, {}, dict(scan.errors))
+
+
+class StaticSource(Source):
+    """Signatures pushed by code, e.g. inputs fetched from an upstream's OIP metadata."""
+
+    kind = "static"
+
+    def __init__(self, name: str, signatures: Mapping[Key, Signature] | None = None) -> None:
+        super().__init__(name)
+        self._data = SourceData(dict(signatures or {}))
+
+    def set(self, signatures: Mapping[Key, Signature], errors: Mapping[Key, str] | None = None) -> None:
+        self._data = SourceData(dict(signatures), {}, dict(errors or {}))
+
+    def load(self) -> SourceData:
+        return self._data
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """What to do with one (model, version) request. allowlist None means: forward untrimmed."""
+
+    model: str
+    version: str | None
+    allowlist: frozenset[str] | None
+    mode: str
+    reason: str  # exact | default_version | model_allowlist | miss
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    generation: int
+    entries: dict[Key, Resolution]
+    defaults: dict[str, Resolution]  # model -> resolution for requests without a version
+    fallbacks: dict[str, Resolution]  # model -> model-wide explicit allowlist
+    modes: dict[str, str]
+    default_mode: str
+    signatures: dict[Key, Signature]
+    default_versions: dict[str, str]
+    conflicts: tuple[str, ...] = ()
+
+    def resolve(self, model: str, version: str | None = None) -> Resolution:
+        hit = self.entries.get((model, version)) if version is not None else self.defaults.get(model)
+        if hit is not None:
+            return hit
+        fallback = self.fallbacks.get(model)
+        if fallback is not None:
+            return Resolution(model, version, fallback.allowlist, fallback.mode, "model_allowlist")
+        return Resolution(model, version, None, self.modes.get(model, self.default_mode), "miss")
+
+
+@dataclass
+class SourceState:
+    source: Source
+    data: SourceData | None = None
+    last_reload: float | None = None
+    last_error: str | None = None
+    last_error_time: float | None = None
+    reloads: int = 0
+    failures: int = 0
+
+
+class Registry:
+    def __init__(
+        self,
+        sources: Iterable[Source] = (),
+        overrides: Overrides | None = None,
+        default_versions: Mapping[str, str] | None = None,
+    ) -> None:
+        self._states: dict[str, SourceState] = {}
+        self._overrides = overrides or Overrides()
+        self._config_defaults = dict(default_versions or {})
+        self._lock = threading.Lock()  # serialises writers only
+        self._generation = 0
+        self.snapshot: Snapshot = self._build()
+        for source in sources:
+            self.add_source(source, reload=False)
+
+    # ------------------------------------------------------------------ writers
+    def add_source(self, source: Source, reload: bool = True) -> None:
+        with self._lock:
+            self._states[source.name] = SourceState(source)
+        if reload:
+            self.reload([source.name])
+
+    def set_overrides(self, overrides: Overrides) -> None:
+        with self._lock:
+            self._overrides = overrides
+            self.snapshot = self._build()
+
+    def reload(self, names: Iterable[str] | None = None) -> Snapshot:
+        """Reload the named sources (all when None) and swap in a new snapshot."""
+        with self._lock:
+            targets = list(self._states) if names is None else [n for n in names if n in self._states]
+            for name in targets:
+                self._reload_one(self._states[name])
+            self.snapshot = self._build()
+            return self.snapshot
+
+    def _reload_one(self, state: SourceState) -> None:
+        now = time.time()
+        try:
+            data = state.source.load()
+        except TrimmerError as exc:
+            state.failures += 1
+            state.last_error, state.last_error_time = str(exc), now
+            kept = "keeping last good allowlists" if state.data is not None else "no allowlists from it yet"
+            log.error("allowlist source %s failed to load (%s): %s", state.source.name, kept, exc)
+            return
+        if data.errors:
+            # Last good per version: carry over what this source had for the failing versions.
+            previous = state.data.signatures if state.data else {}
+            for key in data.errors:
+                if key in previous:
+                    data.signatures[key] = previous[key]
+            state.failures += 1
+            state.last_error = "; ".join(f"{m}/{v}: {e}" for (m, v), e in sorted(data.errors.items()))
+            state.last_error_time = now
+            log.error("allowlist source %s: %d version(s) failed to load: %s", state.source.name, len(data.errors), state.last_error)
+        else:
+            state.last_error = None
+        state.data = data
+        state.reloads += 1
+        state.last_reload = now
+
+    def _build(self) -> Snapshot:
+        signatures: dict[Key, Signature] = {}
+        allow: dict[Key, frozenset[str]] = {}
+        bundle_defaults: dict[str, str] = {}
+        conflicts: list[str] = []
+        for state in self._states.values():
+            if state.data is None:
+                continue
+            bundle_defaults.update(state.data.default_versions)
+            for key, sig in state.data.signatures.items():
+                if key in allow and allow[key] != sig.allowlist:
+                    # Disagreeing sources: forward the union so no model loses a feature it needs.
+                    conflicts.append(f"{key[0]}/{key[1]}: sources disagree; using the union of their allowlists")
+                    allow[key] = allow[key] | sig.allowlist
+                else:
+                    allow.setdefault(key, sig.allowlist)
+                signatures.setdefault(key, sig)
+
+        ov = self._overrides
+        default_versions = {**bundle_defaults, **self._config_defaults}
+        default_versions.update({m: o.default_version for m, o in ov.models.items() if o.default_version is not None})
+        modes = {m: o.mode for m, o in ov.models.items() if o.mode is not None}
+
+        def mode_of(model: str, version: str | None) -> str:
+            mo = ov.models.get(model)
+            vo = mo.versions.get(version) if (mo and version is not None) else None
+            return (vo.mode if vo and vo.mode else None) or modes.get(model) or ov.default_mode
+
+        def finish(model: str, version: str, base: frozenset[str], reason: str) -> Resolution:
+            mo = ov.models.get(model)
+            vo = mo.versions.get(version) if mo else None
+            extra = (mo.keep if mo else frozenset()) | (vo.keep if vo else frozenset())
+            return Resolution(model, version, base | extra, mode_of(model, version), reason)
+
+        entries: dict[Key, Resolution] = {}
+        for key, base in allow.items():
+            entries[key] = finish(key[0], key[1], base, "exact")
+        for model, mo in ov.models.items():
+            for version, vo in mo.versions.items():
+                if vo.allowlist is not None:
+                    entries[(model, version)] = finish(model, version, vo.allowlist, "exact")
+        fallbacks = {
+            m: Resolution(m, None, o.allowlist | o.keep, o.mode or ov.default_mode, "model_allowlist")
+            for m, o in ov.models.items()
+            if o.allowlist is not None
+        }
+        defaults: dict[str, Resolution] = {}
+        for model, version in default_versions.items():
+            hit = entries.get((model, version))
+            if hit is not None:
+                defaults[model] = Resolution(model, version, hit.allowlist, hit.mode, "default_version")
+        self._generation += 1
+        return Snapshot(
+            self._generation, entries, defaults, fallbacks, modes, ov.default_mode, signatures, default_versions, tuple(conflicts)
+        )
+
+    # ------------------------------------------------------------------ readers
+    def resolve(self, model: str, version: str | None = None) -> Resolution:
+        return self.snapshot.resolve(model, version)
+
+    def status(self) -> dict:
+        """JSON-ready view for the root's admin endpoint."""
+        snap = self.snapshot
+        models: dict[str, dict] = {}
+        for (model, version), res in sorted(snap.entries.items()):
+            m = models.setdefault(model, {"default_version": snap.default_versions.get(model), "versions": {}})
+            m["versions"][version] = {"allowlist_size": len(res.allowlist or ()), "mode": res.mode}
+        for model, res in snap.fallbacks.items():
+            models.setdefault(model, {"default_version": snap.default_versions.get(model), "versions": {}})[
+                "model_allowlist_size"
+            ] = len(res.allowlist or ())
+        return {
+            "generation": snap.generation,
+            "default_mode": snap.default_mode,
+            "conflicts": list(snap.conflicts),
+            "sources": [
+                {
+                    "name": st.source.name,
+                    "kind": st.source.kind,
+                    "loaded": st.data is not None,
+                    "versions": len(st.data.signatures) if st.data else 0,
+                    "reloads": st.reloads,
+                    "failures": st.failures,
+                    "last_reload_unix": st.last_reload,
+                    "last_error": st.last_error,
+                    "last_error_unix": st.last_error_time,
+                }
+                for st in self._states.values()
+            ],
+            "models": models,
+        }
+
+    @property
+    def sources(self) -> list[SourceState]:
+        return list(self._states.values())
+
+    # ------------------------------------------------------------------ hot reload
+    async def watch(self, stop_event: asyncio.Event | None = None, debounce_ms: int = 200, force_polling: bool | None = None) -> None:
+        """Reload affected sources whenever their files change, until stop_event is set."""
+        from watchfiles import awatch
+
+        paths = sorted({p for st in self._states.values() for p in st.source.watch_paths() if p.exists()})
+        if not paths:
+            return
+        loop = asyncio.get_running_loop()
+        async for changes in awatch(
+            *paths, debounce=debounce_ms, step=50, stop_event=stop_event, force_polling=force_polling, recursive=True
+        ):
+            changed = {Path(p).absolute() for _, p in changes}
+            names = [n for n, st in self._states.items() if any(st.source.affected_by(p) for p in changed)]
+            if names:
+                await loop.run_in_executor(None, self.reload, names)

@@ -1,0 +1,98 @@
+"""The trim: keep only allowlisted features without decoding any feature value.
+
+msgspec's `Raw` gives each value as a view of its original bytes; the kept
+views are written back verbatim, so the output equals encoding the kept
+features alone and every non-feature key leaves byte-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AbstractSet
+
+import msgspec
+
+from .codec import JSON, MSGPACK, media_type
+from .errors import PayloadError
+
+Raw = msgspec.Raw
+
+_mp_map = msgspec.msgpack.Decoder(dict[str, Raw])
+_mp_encoder = msgspec.msgpack.Encoder()
+_js_map = msgspec.json.Decoder(dict[str, Raw])
+_js_list = msgspec.json.Decoder(list[Raw])
+_js_encoder = msgspec.json.Encoder()
+
+
+class _NamedInput(msgspec.Struct):
+    """Only the `name` of an Open Inference Protocol input; other fields are skipped, not decoded."""
+
+    name: str
+
+
+_js_named = msgspec.json.Decoder(_NamedInput)
+
+
+@dataclass(frozen=True, slots=True)
+class TrimResult:
+    body: bytes
+    features_in: int
+    features_kept: int
+
+    @property
+    def features_dropped(self) -> int:
+        return self.features_in - self.features_kept
+
+
+def _split(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder, data: bytes | Raw, what: str, fmt: str) -> dict[str, Raw]:
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise PayloadError(f"{what} must be a map with string keys ({exc})") from None
+    except msgspec.DecodeError as exc:
+        raise PayloadError(f"malformed {fmt} body: {exc}") from None
+
+
+def _trim_map(body: bytes, allow: AbstractSet[str], decoder, encoder, fmt: str) -> TrimResult:
+    top = _split(decoder, body, "request", fmt)
+    features_raw = top.get("features")
+    if features_raw is None:
+        return TrimResult(body, 0, 0)
+    features = _split(decoder, features_raw, '"features"', fmt)
+    kept = {name: value for name, value in features.items() if name in allow}
+    top["features"] = Raw(encoder.encode(kept))
+    return TrimResult(encoder.encode(top), len(features), len(kept))
+
+
+def trim_msgpack(body: bytes, allow: AbstractSet[str]) -> TrimResult:
+    return _trim_map(body, allow, _mp_map, _mp_encoder, "msgpack")
+
+
+def trim_json(body: bytes, allow: AbstractSet[str]) -> TrimResult:
+    return _trim_map(body, allow, _js_map, _js_encoder, "JSON")
+
+
+def trim(body: bytes, allow: AbstractSet[str], content_type: str | None) -> TrimResult:
+    """Trim a native request (`features` map) in its own encoding."""
+    if media_type(content_type) == MSGPACK:
+        return trim_msgpack(body, allow)
+    return trim_json(body, allow)
+
+
+def trim_oip(body: bytes, allow: AbstractSet[str]) -> TrimResult:
+    """Trim an Open Inference Protocol v2 JSON request: keep `inputs` whose `name` is allowed."""
+    top = _split(_js_map, body, "request", "JSON")
+    inputs_raw = top.get("inputs")
+    if inputs_raw is None:
+        raise PayloadError('inference request has no "inputs"')
+    try:
+        inputs = _js_list.decode(inputs_raw)
+        names = [_js_named.decode(item).name for item in inputs]
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise PayloadError(f'"inputs" must be a list of objects each with a string "name" ({exc})') from None
+    kept = [item for item, name in zip(inputs, names) if name in allow]
+    top["inputs"] = Raw(_js_encoder.encode(kept))
+    return TrimResult(_js_encoder.encode(top), len(inputs), len(kept))
+
+
+__all__ = ["TrimResult", "trim", "trim_msgpack", "trim_json", "trim_oip", "MSGPACK", "JSON"]
