@@ -64,8 +64,31 @@ def _trim_map(body: bytes, allow: AbstractSet[str], decoder, encoder, fmt: str) 
     return TrimResult(encoder.encode(top), len(features), len(kept))
 
 
-def trim_msgpack(body: bytes, allow: AbstractSet[str]) -> TrimResult:
+def trim_msgpack_py(body: bytes, allow: AbstractSet[str]) -> TrimResult:
+    """Portable msgspec implementation; the reference the C accelerator is tested against."""
     return _trim_map(body, allow, _mp_map, _mp_encoder, "msgpack")
+
+
+def trim_msgpack_c(body: bytes, allow: AbstractSet[str]) -> TrimResult:
+    if not isinstance(allow, (set, frozenset)):
+        allow = frozenset(allow)
+    try:
+        out = _fasttrim.trim(body, allow)
+    except ValueError as exc:
+        raise PayloadError(f"malformed msgpack body: {exc}") from None
+    if out is None:
+        return TrimResult(body, 0, 0)
+    return TrimResult(*out)
+
+
+try:
+    from . import _fasttrim  # type: ignore[attr-defined]
+
+    trim_msgpack = trim_msgpack_c
+    ACCELERATED = True
+except ImportError:  # no compiler at install time
+    trim_msgpack = trim_msgpack_py
+    ACCELERATED = False
 
 
 def trim_json(body: bytes, allow: AbstractSet[str]) -> TrimResult:
