@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import math
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import PayloadError
@@ -35,24 +34,36 @@ _CODE_TO_NAME = {code: name for name, (code, _, _) in DTYPES.items()}
 MAX_NDIM = 8
 
 
-@dataclass(frozen=True, slots=True)
 class Tensor:
-    """A view over raw tensor bytes; `data` may be a memoryview into the received body."""
+    """A view over raw tensor bytes; `data` may be a memoryview into the received body.
 
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes | memoryview
+    Deliberately not a dataclass: msgspec would encode a dataclass as a plain
+    map, while a Tensor must go through the ext hook.
+    """
 
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise PayloadError(f"unknown tensor dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
-        if len(self.shape) > MAX_NDIM or any((not isinstance(d, int)) or d < 0 for d in self.shape):
-            raise PayloadError(f"bad tensor shape {list(self.shape)!r}: at most {MAX_NDIM} non-negative dims")
-        expected = math.prod(self.shape) * DTYPES[self.dtype][1]
-        if len(self.data) != expected:
-            raise PayloadError(
-                f"tensor of dtype {self.dtype} and shape {list(self.shape)} needs {expected} bytes, got {len(self.data)}"
-            )
+    __slots__ = ("dtype", "shape", "data")
+
+    def __init__(self, dtype: str, shape: tuple[int, ...], data: bytes | memoryview) -> None:
+        if dtype not in DTYPES:
+            raise PayloadError(f"unknown tensor dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        shape = tuple(shape)
+        if len(shape) > MAX_NDIM or any((not isinstance(d, int)) or d < 0 for d in shape):
+            raise PayloadError(f"bad tensor shape {list(shape)!r}: at most {MAX_NDIM} non-negative dims")
+        expected = math.prod(shape) * DTYPES[dtype][1]
+        if len(data) != expected:
+            raise PayloadError(f"tensor of dtype {dtype} and shape {list(shape)} needs {expected} bytes, got {len(data)}")
+        self.dtype, self.shape, self.data = dtype, shape, data
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tensor):
+            return NotImplemented
+        return self.dtype == other.dtype and self.shape == other.shape and bytes(self.data) == bytes(other.data)
+
+    def __hash__(self) -> int:
+        return hash((self.dtype, self.shape, bytes(self.data)))
+
+    def __repr__(self) -> str:
+        return f"Tensor(dtype={self.dtype!r}, shape={self.shape!r}, nbytes={len(self.data)})"
 
     @property
     def itemsize(self) -> int:

@@ -49,7 +49,7 @@ def _split(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder, data: bytes 
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise PayloadError(f"{what} must be a map with string keys ({exc})") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:  # ValueError: invalid UTF-8 in a string
         raise PayloadError(f"malformed {fmt} body: {exc}") from None
 
 
@@ -111,7 +111,7 @@ def trim_oip(body: bytes, allow: AbstractSet[str]) -> TrimResult:
     try:
         inputs = _js_list.decode(inputs_raw)
         names = [_js_named.decode(item).name for item in inputs]
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
         raise PayloadError(f'"inputs" must be a list of objects each with a string "name" ({exc})') from None
     kept = [item for item, name in zip(inputs, names) if name in allow]
     top["inputs"] = Raw(_js_encoder.encode(kept))

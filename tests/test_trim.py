@@ -1,0 +1,173 @@
+"""The trim: exact kept subset, byte-identical values and non-feature keys, both implementations."""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loadtest.payload import reference_payload
+from trimmer import trim as trim_mod
+from trimmer.codec import decode_request, encode_json, encode_msgpack
+from trimmer.errors import PayloadError
+from trimmer.tensor import TENSOR_EXT_CODE, Tensor
+
+IMPLS = {"python": trim_mod.trim_msgpack_py}
+if trim_mod.ACCELERATED:
+    IMPLS["c"] = trim_mod.trim_msgpack_c
+
+
+def test_accelerator_is_built() -> None:
+    # `make test` installs with a compiler present; a silent fallback would hide a 4x regression.
+    assert trim_mod.ACCELERATED
+
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False), st.text(max_size=20),
+    st.binary(max_size=40),
+)
+tensors = st.builds(
+    lambda dtype, n: msgpack.ExtType(TENSOR_EXT_CODE, Tensor.from_numpy(np.arange(n, dtype=dtype)).ext_payload()),
+    st.sampled_from(["float32", "int64", "int8", "float64"]), st.integers(0, 300),
+)
+values = st.recursive(
+    st.one_of(scalars, tensors),
+    lambda inner: st.one_of(st.lists(inner, max_size=8), st.dictionaries(st.text(max_size=8), inner, max_size=5)),
+    max_leaves=20,
+)
+feature_names = st.text(min_size=1, max_size=12)
+features = st.dictionaries(feature_names, values, max_size=40)
+others = st.dictionaries(st.text(max_size=10).filter(lambda k: k != "features"), values, max_size=4)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(feats=features, other=others, data=st.data())
+def test_trim_keeps_exactly_the_allowed_subset(impl: str, feats: dict, other: dict, data: st.DataObject) -> None:
+    names = sorted(feats)
+    allow = frozenset(data.draw(st.lists(st.sampled_from(names), unique=True)) if names else []) | data.draw(
+        st.frozensets(feature_names, max_size=3)
+    )
+    request = {**other, "features": feats}
+    body = msgpack.packb(request, use_bin_type=True)
+    result = IMPLS[impl](body, allow)
+
+    kept = {k: v for k, v in feats.items() if k in allow}
+    # the output is exactly what encoding the kept features alone produces
+    assert result.body == msgpack.packb({**other, "features": kept}, use_bin_type=True)
+    decoded = msgpack.unpackb(result.body, raw=False, strict_map_key=False)
+    assert set(decoded["features"]) == set(feats) & allow
+    assert (result.features_in, result.features_kept) == (len(feats), len(kept))
+    # non-feature keys and kept values leave byte-identical
+    raw_in = msgspec.msgpack.decode(body, type=dict[str, msgspec.Raw])
+    raw_out = msgspec.msgpack.decode(result.body, type=dict[str, msgspec.Raw])
+    assert {k: bytes(v) for k, v in raw_out.items() if k != "features"} == {
+        k: bytes(v) for k, v in raw_in.items() if k != "features"
+    }
+    fin = msgspec.msgpack.decode(raw_in["features"], type=dict[str, msgspec.Raw])
+    fout = msgspec.msgpack.decode(raw_out["features"], type=dict[str, msgspec.Raw])
+    assert {k: bytes(v) for k, v in fout.items()} == {k: bytes(fin[k]) for k in kept}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@settings(max_examples=200, deadline=None)
+@given(feats=features, cut=st.integers(0, 10_000), noise=st.binary(max_size=64))
+def test_truncated_or_garbled_bodies_raise_payload_error_only(impl: str, feats: dict, cut: int, noise: bytes) -> None:
+    body = msgpack.packb({"features": feats, "x": 1}, use_bin_type=True)
+    for candidate in (body[: cut % (len(body) + 1)], noise, body[:cut % (len(body) + 1)] + noise):
+        try:
+            IMPLS[impl](candidate, frozenset(feats))
+        except PayloadError as exc:
+            assert "\n" not in str(exc)
+
+
+def test_c_and_python_agree_on_the_reference_payload() -> None:
+    body, allow = reference_payload()
+    results = {name: fn(body, allow) for name, fn in IMPLS.items()}
+    bodies = {r.body for r in results.values()}
+    assert len(bodies) == 1
+    r = results["python"]
+    assert (r.features_in, r.features_kept) == (2000, 400)
+    assert 1.7e6 < len(body) < 1.9e6 and 0.3e6 < len(r.body) < 0.4e6
+
+
+def test_request_without_features_passes_unchanged() -> None:
+    body = msgpack.packb({"request_id": "a", "models": []})
+    for fn in IMPLS.values():
+        assert fn(body, frozenset({"x"})).body == body
+
+
+BAD = {
+    "not a map": (msgpack.packb([1, 2, 3]), "map"),
+    "features not a map": (msgpack.packb({"features": [1, 2]}), "features"),
+    "non-string feature key": (msgpack.packb({"features": {1: 2}}), "string"),
+    "non-string top key": (msgpack.packb({1: 2, "features": {}}), "string"),
+    "trailing bytes": (msgpack.packb({"features": {}}) + b"\x00", ""),
+    "truncated": (msgpack.packb({"features": {"a": "x" * 100}})[:-10], ""),
+    "huge declared array": (b"\x81\xa8features\x81\xa1a\xdd\xff\xff\xff\xff", ""),
+    "deep nesting": (b"\x81\xa8features\x81\xa1a" + b"\x91" * 100_000 + b"\xc0", ""),
+    "reserved type byte": (b"\x81\xa8features\x81\xa1a\xc1", ""),
+}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_bodies(impl: str, case: str) -> None:
+    body, fragment = BAD[case]
+    with pytest.raises(PayloadError) as info:
+        IMPLS[impl](body, frozenset({"a"}))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_duplicate_features_key_is_rejected_not_forwarded_untrimmed() -> None:
+    body = b"\x82\xa8features\x81\xa1a\x01\xa8features\x81\xa1b\x02"
+    if "c" in IMPLS:
+        with pytest.raises(PayloadError, match="duplicate"):
+            IMPLS["c"](body, frozenset({"a"}))
+
+
+def test_json_trim_matches_msgpack_semantics() -> None:
+    t = Tensor.from_numpy(np.arange(4, dtype=np.float32))
+    body = encode_json({"request_id": "r1", "features": {"a": 1, "b": [1, 2], "t": t}, "z": {"k": "v"}})
+    result = trim_mod.trim(body, frozenset({"t", "b"}), "application/json")
+    out = decode_request(result.body, "application/json")
+    assert out["features"]["t"] == t and out["features"]["b"] == [1, 2] and "a" not in out["features"]
+    assert out["request_id"] == "r1" and out["z"] == {"k": "v"}
+    assert result.features_dropped == 1
+
+
+def test_oip_trim_filters_inputs_by_name_and_keeps_the_rest() -> None:
+    req = {
+        "id": "42",
+        "inputs": [
+            {"name": "a", "shape": [2], "datatype": "FP32", "data": [1.5, 2.5]},
+            {"name": "b", "shape": [1], "datatype": "INT64", "data": [7]},
+            {"name": "c", "shape": [1], "datatype": "BYTES", "data": ["x"]},
+        ],
+        "outputs": [{"name": "score"}],
+    }
+    result = trim_mod.trim_oip(json.dumps(req).encode(), frozenset({"a", "c"}))
+    out = json.loads(result.body)
+    assert [i["name"] for i in out["inputs"]] == ["a", "c"]
+    assert out["inputs"][0] == req["inputs"][0] and out["id"] == "42" and out["outputs"] == req["outputs"]
+    assert (result.features_in, result.features_kept) == (3, 2)
+    with pytest.raises(PayloadError, match="name"):
+        trim_mod.trim_oip(b'{"inputs": [{"shape": [1]}]}', frozenset())
+    with pytest.raises(PayloadError, match="inputs"):
+        trim_mod.trim_oip(b'{"id": "1"}', frozenset())
+
+
+def test_tensor_roundtrip_is_zero_copy_on_decode() -> None:
+    arr = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    body = encode_msgpack({"features": {"x": arr}})
+    decoded = decode_request(body, "application/msgpack")["features"]["x"]
+    assert decoded.dtype == "float32" and decoded.shape == (3, 4)
+    assert isinstance(decoded.data, memoryview) and decoded.data.obj is body
+    np.testing.assert_array_equal(decoded.to_numpy(), arr)
+    js = decode_request(encode_json({"features": {"x": arr}}), "application/json")["features"]["x"]
+    np.testing.assert_array_equal(js.to_numpy(), arr)
