@@ -1,0 +1,386 @@
+"""The root's aiohttp application: routes, background tasks, graceful serve loop.
+
+Request handlers only read the body, split it (no feature value decoded),
+trim per target and await upstreams; everything slow (registry reloads,
+health checks, metadata refresh) runs in background tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any, Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from trimmer.codec import JSON, MSGPACK, media_type
+from trimmer.errors import ConfigError, PayloadError
+from trimmer.overrides import load_overrides
+from trimmer.registry import BundleSource, Registry, RepositorySource
+from trimmer.trim import trim_oip
+
+from .config import RootConfig
+from .fanout import PreparedBody, RouteError, Router, fan_out, native_path
+from .metadata import MetadataSource, metadata_sources
+from .metrics import Metrics
+from .upstream import Partition, UpstreamError
+
+log = logging.getLogger("trimmer.root")
+VERSION = "0.1.0"
+
+# Binary-tensor OIP requests carry this header; their bodies are forwarded untrimmed.
+OIP_BINARY_HEADER = "Inference-Header-Content-Length"
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return json_response({"error": message}, status)
+
+
+class RootState:
+    """Everything one root process holds: config, registry, partitions, metrics, background tasks."""
+
+    def __init__(self, cfg: RootConfig, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        overrides = load_overrides(cfg.overrides) if cfg.overrides else None
+        sources = [BundleSource(p) for p in cfg.bundles] + [RepositorySource(p) for p in cfg.repositories]
+        defaults = {m: mc.default_version for m, mc in cfg.models.items() if mc.default_version is not None}
+        self.registry = Registry(sources, overrides, defaults)
+        self.registry.reload()
+        failed = [st for st in self.registry.sources if st.data is None]
+        if failed:
+            st = failed[0]
+            raise ConfigError(f"{cfg.path}: allowlist source {st.source.name} failed to load: {st.last_error}")
+        self.metrics.registry_reloads.inc()
+        self.partitions = {n: Partition(pc, cfg.timeouts, self.metrics) for n, pc in cfg.partitions.items()}
+        self.meta_sources: list[MetadataSource] = metadata_sources(
+            self.partitions, cfg.partitions, {m: mc.default_version for m, mc in cfg.models.items()})
+        self.router = Router(cfg, self.registry, self.partitions, self.metrics)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.draining = False
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._stop = asyncio.Event()
+        for p in self.partitions.values():
+            await p.start()
+        await asyncio.gather(*(p.check_health() for p in self.partitions.values()))
+        for src in self.meta_sources:
+            await src.refresh(self.cfg.timeouts.request_s)
+            self.registry.add_source(src)
+        self.metrics.registry_reloads.inc()
+        for p in self.partitions.values():
+            self._spawn(p.health_loop(self.cfg.timeouts.health_interval_s, self._stop), f"health:{p.name}")
+        for src in self.meta_sources:
+            self._spawn(self._metadata_loop(src), f"metadata:{src.name}")
+        if self.cfg.watch:
+            self._spawn(self._watch(), "registry-watch")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for p in self.partitions.values():
+            await p.close()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+
+    async def _watch(self) -> None:
+        gen = self.registry.snapshot.generation
+        try:
+            task = asyncio.ensure_future(self.registry.watch(self._stop))
+            while not task.done():
+                await asyncio.sleep(0.5)
+                if self.registry.snapshot.generation != gen:
+                    gen = self.registry.snapshot.generation
+                    self.metrics.registry_reloads.inc()
+            task.result()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("allowlist hot reload stopped; allowlists stay as last loaded")
+
+    async def _metadata_loop(self, src: MetadataSource) -> None:
+        interval = self.cfg.partitions[src.partition.name].metadata.refresh_s
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                if await src.refresh(self.cfg.timeouts.request_s):
+                    self.registry.reload([src.name])
+                    self.metrics.registry_reloads.inc()
+            except Exception:
+                log.exception("metadata refresh of %s failed", src.name)
+
+    def reload(self) -> None:
+        """Re-read the overrides file and every file source (POST /admin/reload)."""
+        if self.cfg.overrides:
+            self.registry.set_overrides(load_overrides(self.cfg.overrides))
+        self.registry.reload([st.source.name for st in self.registry.sources if not isinstance(st.source, MetadataSource)])
+        self.metrics.registry_reloads.inc()
+
+    # ------------------------------------------------------------------ readiness
+    def readiness(self) -> tuple[bool, list[str]]:
+        problems = []
+        if self.draining:
+            problems.append("shutting down")
+        for st in self.registry.sources:
+            if st.data is None and not isinstance(st.source, MetadataSource):
+                problems.append(f"allowlist source {st.source.name} not loaded: {st.last_error}")
+        for p in self.partitions.values():
+            if not p.any_up:
+                problems.append(f"partition {p.name}: no reachable replica")
+        return not problems, problems
+
+
+# ---------------------------------------------------------------------- handlers
+STATE = web.AppKey("state", RootState)
+
+
+def _timeout(request: web.Request, cfg: RootConfig) -> float:
+    """The request's budget: the config timeout, shortened by the client's deadline header (ms remaining)."""
+    raw = request.headers.get(cfg.deadline_header)
+    if raw is None:
+        return cfg.timeouts.request_s
+    try:
+        ms = float(raw)
+    except ValueError:
+        raise PayloadError(f"{cfg.deadline_header} must be a number of milliseconds, got {raw[:40]!r}") from None
+    if not ms > 0:
+        raise PayloadError(f"{cfg.deadline_header} must be > 0 milliseconds, got {raw[:40]!r}")
+    return min(cfg.timeouts.request_s, ms / 1000.0)
+
+
+async def _read_body(request: web.Request, route: str) -> bytes:
+    state = request.app[STATE]
+    limit = state.cfg.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    body = await request.read()
+    state.metrics.client_bytes.labels(route).inc(len(body))
+    return body
+
+
+def _outcome_response(out) -> web.Response:
+    resp = web.Response(body=out.body, status=out.status)
+    resp.headers["Content-Type"] = out.content_type
+    return resp
+
+
+async def handle_fanout(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await _read_body(request, "fanout")
+    media = media_type(request.content_type)
+    prepared = PreparedBody(body, media, strip_models=True)
+    status, out = await fan_out(state.router, prepared, media, _timeout(request, state.cfg), {}, len(body))
+    return web.Response(body=out, status=status, content_type=media)
+
+
+async def handle_model_score(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model = request.match_info["name"]
+    version = request.match_info.get("version")
+    body = await _read_body(request, "model")
+    media = media_type(request.content_type)
+    try:
+        part = state.router.route(model)
+    except RouteError as exc:
+        return error_response(exc.status, exc.message)
+    if part.cfg.protocol != "native":
+        return error_response(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open Inference Protocol; use /v2/models/{model}/infer")
+    prepared = PreparedBody(body, media, strip_models=False)
+    out = await state.router.send(model, version, native_path(model), prepared, None, media, _timeout(request, state.cfg),
+                                  client_bytes=len(body))
+    return _outcome_response(out)
+
+
+def _oip_trim(body: bytes, allow) -> tuple[bytes, int, int]:
+    r = trim_oip(body, allow)
+    return r.body, r.features_in, r.features_kept
+
+
+async def handle_oip_infer(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model = request.match_info["name"]
+    version = request.match_info.get("version")
+    body = await _read_body(request, "oip")
+    binary = request.headers.get(OIP_BINARY_HEADER)
+    extra = {OIP_BINARY_HEADER: binary} if binary is not None else None
+    ctype = request.headers.get("Content-Type", JSON) if binary is not None else JSON
+    if binary is None and request.content_type not in ("application/json", "application/octet-stream", "") and not request.content_type.endswith("+json"):
+        return error_response(415, f"inference requests are JSON (or binary with {OIP_BINARY_HEADER}); got {request.content_type!r}")
+
+    def path_for(v: str | None) -> str:
+        return f"/v2/models/{model}/infer" if v is None else f"/v2/models/{model}/versions/{v}/infer"
+
+    trim_fn = (lambda b, allow: (b, 0, 0)) if binary is not None else _oip_trim  # binary tensors: forwarded untrimmed
+    out = await state.router.send(model, version, path_for, None, body, ctype, _timeout(request, state.cfg), trim_fn=trim_fn,
+                                  extra_headers=extra, client_bytes=len(body))
+    return _outcome_response(out)
+
+
+async def handle_oip_get(request: web.Request) -> web.Response:
+    """Model metadata and readiness: proxied to the model's partition."""
+    state = request.app[STATE]
+    model = request.match_info["name"]
+    try:
+        part = state.router.route(model)
+    except RouteError as exc:
+        return error_response(exc.status, exc.message)
+    try:
+        resp = await part.request("GET", request.path, None, {"Accept": "application/json"}, _timeout(request, state.cfg))
+    except UpstreamError as exc:
+        return error_response(exc.status, f"model {model!r} (partition {part.name!r}): {exc}")
+    out = web.Response(body=resp.body, status=resp.status)
+    out.headers["Content-Type"] = resp.content_type
+    return out
+
+
+async def handle_server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": "feature-trimmer-root", "version": VERSION, "extensions": []})
+
+
+async def handle_live(request: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    ok, problems = request.app[STATE].readiness()
+    return json_response({"ready": ok, "problems": problems}, 200 if ok else 503)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    body, ctype = request.app[STATE].metrics.exposition()
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = ctype
+    return resp
+
+
+async def handle_allowlists(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    status = state.registry.status()
+    status["partitions"] = {n: p.status() for n, p in state.partitions.items()}
+    status["routes"] = {m: mc.partition for m, mc in state.cfg.models.items()}
+    return json_response(status)
+
+
+async def handle_reload(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    await asyncio.get_running_loop().run_in_executor(None, state.reload)
+    return json_response(state.registry.status())
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every failure leaves as JSON {"error": ...}; counts requests by route and status."""
+    route = request.match_info.route.name or "other"
+    metrics = request.app[STATE].metrics
+    try:
+        resp = await handler(request)
+    except PayloadError as exc:
+        resp = error_response(400, str(exc))
+    except web.HTTPRequestEntityTooLarge as exc:
+        resp = error_response(413, f"request body too large ({exc.text.strip()}); limits.max_body_bytes is {request.app[STATE].cfg.max_body_bytes}")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        resp = error_response(exc.status, exc.reason or "error")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a bug: one line to the client, traceback to the log
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        resp = error_response(500, f"internal error: {type(exc).__name__}")
+    metrics.client_requests.labels(route, str(resp.status)).inc()
+    return resp
+
+
+def build_apps(state: RootState) -> tuple[web.Application, web.Application | None]:
+    """(main app, separate admin app or None). Admin routes: /metrics and /admin/*."""
+    cfg = state.cfg
+    main = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_middleware], handler_args={"max_field_size": 16384})
+    main[STATE] = state
+    r = main.router
+    r.add_post("/v1/score", handle_fanout, name="fanout")
+    r.add_post("/v1/models/{name}/score", handle_model_score, name="model")
+    r.add_post("/v1/models/{name}/versions/{version}/score", handle_model_score, name="model_version")
+    r.add_post("/v2/models/{name}/infer", handle_oip_infer, name="oip_infer")
+    r.add_post("/v2/models/{name}/versions/{version}/infer", handle_oip_infer, name="oip_infer_version")
+    r.add_get("/v2/models/{name}", handle_oip_get, name="oip_metadata")
+    r.add_get("/v2/models/{name}/ready", handle_oip_get, name="oip_model_ready")
+    r.add_get("/v2/models/{name}/versions/{version}", handle_oip_get, name="oip_metadata_version")
+    r.add_get("/v2/models/{name}/versions/{version}/ready", handle_oip_get, name="oip_model_version_ready")
+    r.add_get("/v2", handle_server_metadata, name="oip_server")
+    r.add_get("/v2/health/live", handle_live, name="oip_live")
+    r.add_get("/v2/health/ready", handle_readyz, name="oip_ready")
+    r.add_get("/healthz", handle_healthz, name="healthz")
+    r.add_get("/readyz", handle_readyz, name="readyz")
+
+    admin: web.Application | None = None
+    if cfg.admin_enabled:
+        if cfg.admin_port is not None:
+            admin = web.Application(middlewares=[errors_middleware])
+            admin[STATE] = state
+            ar = admin.router
+            ar.add_get("/healthz", handle_healthz, name="healthz")
+            ar.add_get("/readyz", handle_readyz, name="readyz")
+        else:
+            ar = r
+        ar.add_get("/metrics", handle_metrics, name="metrics")
+        ar.add_get("/admin/allowlists", handle_allowlists, name="admin_allowlists")
+        ar.add_post("/admin/reload", handle_reload, name="admin_reload")
+    return main, admin
+
+
+async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = True) -> None:
+    """Run until SIGTERM/SIGINT, then stop accepting, drain in-flight requests (timeouts.drain_s) and close sessions."""
+    state = RootState(cfg)
+    await state.start()
+    main, admin = build_apps(state)
+    runners: list[web.AppRunner] = []
+    try:
+        for app, host, port in ((main, cfg.host, cfg.port), (admin, cfg.admin_host, cfg.admin_port)):
+            if app is None:
+                continue
+            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.timeouts.drain_s, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+            await site.start()
+            runners.append(runner)
+            if ready_line:
+                addrs = ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses)
+                log.info("root %s listening on %s (pid %d)", "admin" if app is admin else "service", addrs, os.getpid())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("root (pid %d) shutting down: draining in-flight requests for up to %.1fs", os.getpid(), cfg.timeouts.drain_s)
+        state.draining = True
+    finally:
+        for runner in runners:
+            await runner.cleanup()  # stops listening, waits for handlers (shutdown_timeout), then closes
+        await state.stop()
+        log.info("root (pid %d) stopped", os.getpid())
+
+
+__all__ = ["RootState", "build_apps", "serve", "STATE"]

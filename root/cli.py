@@ -1,0 +1,151 @@
+"""`trimmer root`: run the root service; `trimmer root bench`: its benchmark.
+
+Imports here stay light (no aiohttp, no torch): `trimmer --help` loads every
+subcommand module. With `--workers N` this process becomes a small
+supervisor of N worker processes sharing the port through SO_REUSEPORT and
+one PROMETHEUS_MULTIPROC_DIR, so /metrics on any worker covers all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+from trimmer.errors import ConfigError
+
+MAX_RESTARTS = 10
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    changes = {}
+    if args.host is not None:
+        changes["host"] = args.host
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigError(f"--port: must be 0..65535, got {args.port}")
+        changes["port"] = args.port
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+        changes["workers"] = args.workers
+    return replace(cfg, **changes) if changes else cfg
+
+
+def _run_root(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=os.environ.get("TRIMMER_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _load(args)
+    if cfg.workers > 1 and not args.worker:
+        return _supervise(args, cfg)
+    # Import the server only now: uvloop and aiohttp stay out of `trimmer --help`.
+    import asyncio
+
+    from .app import serve
+
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # uvloop is optional on platforms without it
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(serve(cfg, reuse_port=args.worker or cfg.workers > 1))
+    return 0
+
+
+def _supervise(args: argparse.Namespace, cfg) -> int:
+    """Start N workers, forward SIGTERM/SIGINT, restart a crashed worker (bounded), clean the metrics dir."""
+    from .metrics import MULTIPROC_ENV, mark_process_dead
+
+    if cfg.port == 0:
+        raise ConfigError("--workers > 1 needs a fixed port (listen.port or --port), not 0")
+    log = logging.getLogger("trimmer.root")
+    own_dir = MULTIPROC_ENV not in os.environ
+    mp_dir = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="trimmer-root-metrics-")
+    env = {**os.environ, MULTIPROC_ENV: mp_dir}
+    os.environ[MULTIPROC_ENV] = mp_dir  # so mark_process_dead here sees it
+    cmd = [sys.executable, "-m", "trimmer", "root", "--config", args.config, "--worker", "--host", cfg.host, "--port", str(cfg.port),
+           "--workers", str(cfg.workers)]
+    stopping = False
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    workers = [subprocess.Popen(cmd, env=env) for _ in range(cfg.workers)]
+    log.info("root supervisor (pid %d): %d workers on %s:%d, metrics dir %s", os.getpid(), cfg.workers, cfg.host, cfg.port, mp_dir)
+    restarts, rc = 0, 0
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for i, w in enumerate(workers):
+                code = w.poll()
+                if code is None or stopping:
+                    continue
+                mark_process_dead(w.pid)
+                if restarts >= MAX_RESTARTS:
+                    log.error("worker %d exited with %s; restart budget spent, stopping", w.pid, code)
+                    stopping, rc = True, 1
+                    break
+                restarts += 1
+                log.error("worker %d exited with %s; restarting (%d/%d)", w.pid, code, restarts, MAX_RESTARTS)
+                workers[i] = subprocess.Popen(cmd, env=env)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + cfg.timeouts.drain_s + 5
+        for w in workers:
+            try:
+                w.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait(timeout=5)
+            mark_process_dead(w.pid)
+        if own_dir:
+            shutil.rmtree(mp_dir, ignore_errors=True)
+    return rc
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(requests=args.requests, concurrency=args.concurrency, warmup=args.warmup, out=args.out)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("root", help="run the root: trim per model and fan out to leaf / OIP upstreams")
+    p.add_argument("--config", help="root YAML config (see configs/root.yaml)")
+    p.add_argument("--host", help="override listen.host")
+    p.add_argument("--port", type=int, help="override listen.port")
+    p.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT); overrides workers")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_root_entry)
+    rsub = p.add_subparsers(dest="root_command", metavar="ACTION")
+    b = rsub.add_parser("bench", help="root CPU per 1,000 requests trim vs passthrough, and added p50 latency, on the reference payload")
+    b.add_argument("--requests", type=int, default=2000, help="requests per measured phase")
+    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--warmup", type=int, default=200)
+    b.add_argument("--out", help="also write the figures as JSON here")
+    b.set_defaults(func=_run_bench)
+
+
+def _root_entry(args: argparse.Namespace) -> int:
+    if not args.config:
+        raise ConfigError("--config is required (e.g. --config configs/root.yaml)")
+    return _run_root(args)
+
+
+__all__ = ["register"]

@@ -1,0 +1,86 @@
+"""Prometheus metrics of the root; names are a stable interface (docs/metrics.md).
+
+With `--workers N` each worker process writes its samples to the shared
+PROMETHEUS_MULTIPROC_DIR (set by the parent before the workers start, since
+prometheus_client picks its value store at import) and `/metrics` on any
+worker aggregates all of them, so a scrape through SO_REUSEPORT sees the
+whole service, not one random worker.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PREFIX = "trimmer_root"
+MODEL_LABELS = ("model", "version", "partition")
+
+_LAT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_TRIM_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics:
+    """All root metrics on one registry (the default one in multiprocess mode, as prometheus_client requires)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        m = MODEL_LABELS
+        self.client_requests = Counter(f"{PREFIX}_client_requests", "HTTP requests received, by route and status", ("route", "status"), registry=r)
+        self.client_bytes = Counter(f"{PREFIX}_client_bytes", "Request body bytes received from clients, each request once, by route", ("route",), registry=r)
+        self.requests = Counter(f"{PREFIX}_requests", "Per-model upstream requests attempted (one per fan-out target)", m, registry=r)
+        self.errors = Counter(f"{PREFIX}_errors", "Per-model failures by kind", (*m, "kind"), registry=r)
+        self.model_client_bytes = Counter(
+            f"{PREFIX}_model_client_bytes", "Client body bytes attributed to each target model (a fan-out to 3 models counts its body 3 times)", m, registry=r)
+        self.untrimmed_bytes = Counter(
+            f"{PREFIX}_untrimmed_bytes", "Body bytes the root would have sent upstream without trimming (uncompressed)", m, registry=r)
+        self.trimmed_bytes = Counter(
+            f"{PREFIX}_trimmed_bytes", "Body bytes after trimming, before compression (in shadow mode: what enforce would send)", m, registry=r)
+        self.sent_bytes = Counter(
+            f"{PREFIX}_upstream_sent_bytes", "Body bytes actually sent upstream on the wire, after trim and compression, each attempt that reached a replica", m, registry=r)
+        self.received_bytes = Counter(f"{PREFIX}_upstream_received_bytes", "Response body bytes received from upstream", m, registry=r)
+        self.features_in = Counter(f"{PREFIX}_features_in", "Features in client requests, per target model", m, registry=r)
+        self.features_dropped = Counter(f"{PREFIX}_features_dropped", "Features removed from bodies sent upstream (enforce mode)", m, registry=r)
+        self.shadow_features_dropped = Counter(
+            f"{PREFIX}_shadow_features_dropped", "Features trimming would have removed in shadow mode (sent untrimmed)", m, registry=r)
+        self.allowlist_misses = Counter(
+            f"{PREFIX}_allowlist_misses", "Requests forwarded untrimmed because no allowlist is known for the (model, version)", m, registry=r)
+        self.mode_requests = Counter(f"{PREFIX}_mode_requests", "Per-model requests by trimming mode applied", (*m, "mode"), registry=r)
+        self.trim_seconds = Histogram(f"{PREFIX}_trim_seconds", "Time to trim one body for one model", m, buckets=_TRIM_BUCKETS, registry=r)
+        self.upstream_seconds = Histogram(
+            f"{PREFIX}_upstream_seconds", "Upstream round trip (send body, read whole response), including a failover retry", m, buckets=_LAT_BUCKETS, registry=r)
+        self.attempts = Counter(
+            f"{PREFIX}_upstream_attempts", "Upstream attempts per replica by outcome (ok, http_error, connect_error, timeout, error)", ("partition", "replica", "outcome"), registry=r)
+        self.inflight = Gauge(
+            f"{PREFIX}_upstream_inflight", "Requests in flight per replica", ("partition", "replica"), registry=r, multiprocess_mode="livesum")
+        self.replica_up = Gauge(
+            f"{PREFIX}_replica_up", "1 when the replica's last health check or request succeeded", ("partition", "replica"), registry=r,
+            multiprocess_mode="max")
+        self.registry_reloads = Counter(f"{PREFIX}_allowlist_reloads", "Allowlist registry rebuilds (start, hot reload, metadata refresh)", registry=r)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """(body, content type) for GET /metrics; aggregated over all workers in multiprocess mode."""
+        if multiprocess():
+            from prometheus_client import multiprocess as mp
+
+            reg = CollectorRegistry()
+            mp.MultiProcessCollector(reg)
+            return generate_latest(reg), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a finished worker's live gauges (multiprocess mode)."""
+    if multiprocess():
+        from prometheus_client import multiprocess as mp
+
+        mp.mark_process_dead(pid)
+
+
+__all__ = ["Metrics", "MULTIPROC_ENV", "multiprocess", "mark_process_dead", "MODEL_LABELS"]

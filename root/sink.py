@@ -1,0 +1,118 @@
+"""A tiny stand-in upstream (native + OIP v2) for the root's tests and benchmark.
+
+It reports what it received (feature / input names, top-level keys, body
+size, headers) instead of running a model, so tests can see exactly what the
+root forwarded, and the benchmark can measure the root without a model's cost.
+Run: `python -m root.sink --port N [--fail-model M] [--delay-ms D] [--oip-inputs model=a,b]`.
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import msgspec
+from aiohttp import web
+
+_mp = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+_js = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def _decompress(body: bytes, encoding: str | None) -> bytes:
+    if encoding == "lz4":
+        import lz4.frame
+
+        return lz4.frame.decompress(body)
+    if encoding == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
+    return body
+
+
+def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list[str]], small: bool) -> web.Application:
+    # auto_decompress off: aiohttp would try to decode zstd itself (needs backports.zstd); we decode lz4/zstd here.
+    app = web.Application(client_max_size=1 << 30, handler_args={"auto_decompress": False})
+
+    async def score(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        version = request.match_info.get("version")
+        raw = await request.read()
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
+        if name in fail_models:
+            return web.json_response({"error": f"model {name} failed on purpose"}, status=500)
+        if small:
+            return web.Response(body=b"\x81\xa2ok\xc3", content_type="application/msgpack")
+        body = _decompress(raw, request.headers.get("Content-Encoding"))
+        is_mp = "msgpack" in (request.content_type or "")
+        dec = _mp if is_mp else _js
+        top = dec.decode(body)
+        feats = dec.decode(top["features"]) if "features" in top else {}
+        out = {"model": name, "version": version, "features": list(feats), "keys": list(top), "body_bytes": len(body),
+               "wire_bytes": len(raw), "encoding": request.headers.get("Content-Encoding"),
+               "deadline_ms": request.headers.get("X-Deadline-Ms")}
+        if is_mp:
+            return web.Response(body=msgspec.msgpack.encode(out), content_type="application/msgpack")
+        return web.Response(body=msgspec.json.encode(out), content_type="application/json")
+
+    async def infer(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name in fail_models:
+            return web.json_response({"error": f"model {name} failed on purpose"}, status=500)
+        body = _decompress(await request.read(), request.headers.get("Content-Encoding"))
+        doc = msgspec.json.decode(body)
+        names = [i["name"] for i in doc.get("inputs", [])]
+        return web.json_response({"model_name": name, "model_version": request.match_info.get("version"), "id": doc.get("id"),
+                                  "outputs": [{"name": "received", "datatype": "BYTES", "shape": [len(names)], "data": names}]})
+
+    async def metadata(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in oip_inputs:
+            return web.json_response({"error": f"unknown model {name}"}, status=404)
+        return web.json_response({"name": name, "versions": ["1"], "platform": "sink",
+                                  "inputs": [{"name": n, "datatype": "FP32", "shape": [-1]} for n in oip_inputs[name]],
+                                  "outputs": [{"name": "received", "datatype": "BYTES", "shape": [-1]}]})
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    r = app.router
+    r.add_post("/v1/models/{name}/score", score)
+    r.add_post("/v1/models/{name}/versions/{version}/score", score)
+    r.add_post("/v2/models/{name}/infer", infer)
+    r.add_post("/v2/models/{name}/versions/{version}/infer", infer)
+    r.add_get("/v2/models/{name}", metadata)
+    r.add_get("/v2/models/{name}/versions/{version}", metadata)
+    r.add_get("/v2/models/{name}/ready", ready)
+    r.add_get("/v2/health/ready", ready)
+    r.add_get("/v2/health/live", ready)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m root.sink")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--fail-model", action="append", default=[])
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--oip-inputs", action="append", default=[], help="model=name1,name2 (served as OIP metadata)")
+    p.add_argument("--small", action="store_true", help="answer a fixed tiny body without decoding (benchmark)")
+    a = p.parse_args(argv)
+    oip = {}
+    for spec in a.oip_inputs:
+        m, _, names = spec.partition("=")
+        oip[m] = [n for n in names.split(",") if n]
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(build_app(set(a.fail_model), a.delay_ms, oip, a.small), host=a.host, port=a.port, print=None, access_log=None,
+                shutdown_timeout=2)
+
+
+if __name__ == "__main__":
+    main()

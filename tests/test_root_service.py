@@ -1,0 +1,305 @@
+"""The root as a real process against real stand-in upstreams (root.sink) on loopback.
+
+The sink reports exactly which features / keys / bytes it received, so these
+tests see what the root forwarded. Tests against the real leaf live in
+test_root_leaf.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+
+from loadtest.procs import ManagedProcess, free_port, start
+from trimmer.bundle import BUNDLE_KIND, BUNDLE_FORMAT
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
+
+
+def write_bundle(path: Path, models: dict[str, dict[str, list[str]]]) -> None:
+    doc = {"kind": BUNDLE_KIND, "format": BUNDLE_FORMAT, "models": {
+        m: {"versions": {v: {"input_names": names, "output_names": ["score"]} for v, names in vs.items()}} for m, vs in models.items()}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def start_sink(tmp: Path, name: str, *extra: str) -> ManagedProcess:
+    port = free_port()
+    mp = ManagedProcess(name, [sys.executable, "-m", "root.sink", "--port", str(port), *extra], f"http://127.0.0.1:{port}",
+                        tmp / f"{name}.log")
+    mp.start()
+    mp.wait_ready("/v2/health/ready", timeout=30)
+    return mp
+
+
+def start_root(tmp: Path, name: str, config: dict, *args: str) -> ManagedProcess:
+    cfg_path = tmp / f"{name}.yaml"
+    cfg_path.write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    return start(name, ["root", "--config", str(cfg_path), "--port", str(port), *args], port, "/readyz", tmp, timeout=30)
+
+
+FEATURES = {f"f{i}": i for i in range(10)}
+
+
+def body(models=None, **extra) -> bytes:
+    doc = {"request_id": "r1", **({"models": models} if models is not None else {}), "features": FEATURES, **extra}
+    return msgspec.msgpack.encode(doc)
+
+
+MP = {"Content-Type": "application/msgpack"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("root")
+    bundle = tmp / "bundle.json"
+    write_bundle(bundle, {"alpha": {"1": ["f1", "f2"], "2": ["f1", "f2", "f3"]}, "beta": {"1": ["f3", "f4"]},
+                          "gamma": {"1": ["f5"]}, "shadowed": {"1": ["f6"]}, "oipm": {"1": ["f1"]},
+                          "alpha_lz4": {"1": ["f1", "f2"]}, "alpha_zstd": {"1": ["f1", "f2"]}, "fo": {"1": ["f1"]},
+                          "sleepy": {"1": ["f1"]}})
+    overrides = tmp / "allowlists.yaml"
+    overrides.write_text("models:\n  shadowed:\n    mode: shadow\n")
+    sink = start_sink(tmp, "sink", "--fail-model", "gamma", "--oip-inputs", "meta=f7,f8")
+    slow = start_sink(tmp, "slow", "--delay-ms", "600")
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = {
+        "bundles": [str(bundle)], "overrides": str(overrides),
+        "partitions": {
+            "main": {"replicas": [sink.url]},
+            "lz4": {"replicas": [sink.url], "compression": "lz4"},
+            "zstd": {"replicas": [sink.url], "compression": "zstd"},
+            "failover": {"replicas": [dead, sink.url], "balance": "round_robin"},
+            "slow": {"replicas": [slow.url]},
+            "oip": {"replicas": [sink.url], "protocol": "oip", "allowlists_from_metadata": {"models": ["meta"], "refresh_s": 1}},
+        },
+        "models": {"alpha": {"partition": "main", "default_version": "1"}, "beta": "main", "gamma": "main", "shadowed": "main",
+                   "nolist": "main", "alpha_lz4": "lz4", "alpha_zstd": "zstd", "fo": "failover", "sleepy": "slow",
+                   "meta": "oip", "oipm": "main"},
+        "timeouts": {"request_s": 0.3, "health_interval_s": 0.5},
+    }
+    for m in ("beta", "gamma", "shadowed", "alpha_lz4", "alpha_zstd", "fo", "sleepy", "oipm"):
+        config["models"][m] = {"partition": config["models"][m], "default_version": "1"}
+    root = start_root(tmp, "root", config)
+    yield {"root": root, "sink": sink, "tmp": tmp, "bundle": bundle, "config": config}
+    root.stop()
+    sink.stop()
+    slow.stop()
+
+
+async def post(url: str, data: bytes, headers=MP) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, data=data, headers=headers) as r:
+            raw = await r.read()
+            ctype = r.headers.get("Content-Type", "")
+            return r.status, (msgspec.msgpack.decode(raw) if "msgpack" in ctype else msgspec.json.decode(raw))
+
+
+async def get_text(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            return r.status, await r.text()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_fanout_trims_per_model_and_keeps_other_keys(env):
+    url = env["root"].url + "/v1/score"
+    status, out = await post(url, body([{"name": "alpha"}, {"name": "beta", "version": "1"}, {"name": "alpha", "version": "2"}], context={"x": 1}))
+    assert status == 200, out
+    assert out["errors"] == {}
+    a1, a2, b = out["results"]["alpha/default"], out["results"]["alpha/2"], out["results"]["beta"]
+    assert a1["features"] == ["f1", "f2"] and a1["version"] == "1"  # default version made explicit upstream
+    assert a2["features"] == ["f1", "f2", "f3"] and a2["version"] == "2"
+    assert b["features"] == ["f3", "f4"]
+    assert a1["keys"] == ["request_id", "features", "context"]  # `models` is not forwarded; order kept
+
+
+async def test_fanout_one_failing_model_returns_the_others(env):
+    status, out = await post(env["root"].url + "/v1/score", body([{"name": "alpha"}, {"name": "gamma"}, {"name": "nope"}]))
+    assert status == 200
+    assert set(out["results"]) == {"alpha"}
+    assert out["errors"]["gamma"]["status"] == 500 and "failed on purpose" in out["errors"]["gamma"]["error"]
+    assert out["errors"]["nope"]["status"] == 404 and "nope" in out["errors"]["nope"]["error"]
+
+
+async def test_fanout_json_and_shortcut(env):
+    doc = json.dumps({"models": [{"name": "beta"}], "features": {"f3": 1, "f9": 2}}).encode()
+    status, out = await post(env["root"].url + "/v1/score", doc, {"Content-Type": "application/json"})
+    assert status == 200 and out["results"]["beta"]["features"] == ["f3"]
+    status, out = await post(env["root"].url + "/v1/models/alpha/versions/2/score", body())
+    assert status == 200 and out["features"] == ["f1", "f2", "f3"] and out["version"] == "2"
+    status, out = await post(env["root"].url + "/v1/models/unknown/score", body())
+    assert status == 404 and "unknown" in out["error"]
+
+
+@pytest.mark.parametrize("data,ctype,needle", [
+    (b"\xc1garbage", "application/msgpack", "malformed"),
+    (msgspec.msgpack.encode([1, 2]), "application/msgpack", "map"),
+    (msgspec.msgpack.encode({"models": "alpha", "features": {}}), "application/msgpack", "models"),
+    (msgspec.msgpack.encode({"features": {}}), "application/msgpack", "models"),
+    (b"{}", "text/plain", "content type"),
+])
+async def test_bad_requests_are_400_with_one_line_json(env, data, ctype, needle):
+    status, out = await post(env["root"].url + "/v1/score", data, {"Content-Type": ctype})
+    assert status == 400, out
+    assert needle in out["error"] and "\n" not in out["error"]
+
+
+async def test_shadow_miss_and_byte_metrics(env):
+    url = env["root"].url
+    _, before = await get_text(url + "/metrics")
+    status, out = await post(url + "/v1/score", body([{"name": "shadowed"}, {"name": "nolist"}, {"name": "alpha"}]))
+    assert status == 200 and not out["errors"]
+    assert out["results"]["shadowed"]["features"] == list(FEATURES)  # shadow: sent untrimmed
+    assert out["results"]["nolist"]["features"] == list(FEATURES)  # no allowlist: fail open
+    _, after = await get_text(url + "/metrics")
+
+    def delta(name, **lb):
+        return metric(after, name, **lb) - metric(before, name, **lb)
+
+    assert delta("trimmer_root_shadow_features_dropped_total", model="shadowed") == 9
+    assert delta("trimmer_root_allowlist_misses_total", model="nolist") == 1
+    assert delta("trimmer_root_features_dropped_total", model="alpha", version="1") == 8
+    for m in ("shadowed", "nolist", "alpha"):
+        assert delta("trimmer_root_upstream_sent_bytes_total", model=m) == out["results"][m]["wire_bytes"]
+    assert delta("trimmer_root_untrimmed_bytes_total", model="alpha") == out["results"]["nolist"]["body_bytes"]
+    assert delta("trimmer_root_client_bytes_total", route="fanout") == len(body([{"name": "shadowed"}, {"name": "nolist"}, {"name": "alpha"}]))
+
+
+@pytest.mark.parametrize("model,encoding", [("alpha_lz4", "lz4"), ("alpha_zstd", "zstd")])
+async def test_compression_counts_wire_bytes(env, model, encoding):
+    url = env["root"].url
+    big = {f"f{i}": "x" * 2000 for i in range(10)}
+    data = msgspec.msgpack.encode({"models": [{"name": model}], "features": big})
+    _, before = await get_text(url + "/metrics")
+    status, out = await post(url + "/v1/score", data)
+    assert status == 200, out
+    r = out["results"][model]
+    assert r["encoding"] == encoding and r["features"] == ["f1", "f2"] and r["wire_bytes"] < r["body_bytes"]
+    _, after = await get_text(url + "/metrics")
+    sent = metric(after, "trimmer_root_upstream_sent_bytes_total", model=model) - metric(before, "trimmer_root_upstream_sent_bytes_total", model=model)
+    assert sent == r["wire_bytes"]
+
+
+async def test_dead_replica_fails_over(env):
+    for _ in range(6):
+        status, out = await post(env["root"].url + "/v1/models/fo/score", body())
+        assert status == 200, out
+        assert out["features"] == ["f1"]
+
+
+async def test_timeout_is_504_and_deadline_propagates(env):
+    status, out = await post(env["root"].url + "/v1/models/sleepy/score", body())
+    assert status == 504 and "sleepy" in out["error"] and "slow" in out["error"]
+    status, out = await post(env["root"].url + "/v1/models/alpha/score", body(), {**MP, "X-Deadline-Ms": "250"})
+    assert status == 200 and 0 < int(out["deadline_ms"]) <= 250
+    status, out = await post(env["root"].url + "/v1/models/alpha/score", body(), {**MP, "X-Deadline-Ms": "soon"})
+    assert status == 400 and "X-Deadline-Ms" in out["error"]
+
+
+async def test_oip_infer_trimmed_with_bundle_and_metadata_allowlists(env):
+    url = env["root"].url
+    req = {"id": "q", "inputs": [{"name": n, "datatype": "FP32", "shape": [1], "data": [1.0]} for n in ("f1", "f7", "f8", "f9")]}
+    status, out = await post(url + "/v2/models/meta/infer", json.dumps(req).encode(), {"Content-Type": "application/json"})
+    assert status == 200, out
+    assert out["outputs"][0]["data"] == ["f7", "f8"] and out["id"] == "q"  # allowlist from the upstream's metadata
+    status, out = await post(url + "/v2/models/oipm/infer", json.dumps(req).encode(), {"Content-Type": "application/json"})
+    assert status == 200 and out["outputs"][0]["data"] == ["f1"]  # allowlist from the bundle
+    status, meta = await get_text(url + "/v2/models/meta")
+    assert status == 200 and json.loads(meta)["inputs"][0]["name"] == "f7"
+    status, out = await post(url + "/v1/models/meta/score", body())
+    assert status == 400 and "Open Inference Protocol" in out["error"]
+    status, text = await get_text(url + "/admin/allowlists")
+    doc = json.loads(text)
+    assert doc["models"]["meta"]["versions"]["1"]["allowlist_size"] == 2
+    assert any(s["kind"] == "oip_metadata" for s in doc["sources"])
+
+
+async def test_all_replicas_down_is_503_naming_model_and_partition(tmp_path):
+    dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    bundle = tmp_path / "b.json"
+    write_bundle(bundle, {"m": {"1": ["f1"]}})
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(json.dumps({"bundles": [str(bundle)], "partitions": {"p": {"replicas": dead}}, "models": {"m": "p"}}))
+    port = free_port()
+    root = ManagedProcess("root-dead", [sys.executable, "-m", "trimmer", "root", "--config", str(cfg_path), "--port", str(port)],
+                          f"http://127.0.0.1:{port}", tmp_path / "root.log").start()
+    try:
+        root.wait_ready("/healthz", timeout=30)
+        status, _ = await get_text(root.url + "/readyz")
+        assert status == 503  # no reachable replica
+        status, out = await post(root.url + "/v1/models/m/score", body())
+        assert status == 503 and "'m'" in out["error"] and "'p'" in out["error"]
+    finally:
+        root.stop()
+
+
+async def test_bundle_replacement_while_requests_flow_loses_none(env):
+    url = env["root"].url + "/v1/models/beta/score"
+    bundle = env["bundle"]
+    original = bundle.read_text()
+    seen: set[tuple[str, ...]] = set()
+    failures: list = []
+    stop = asyncio.Event()
+
+    async def client(s: aiohttp.ClientSession) -> int:
+        n = 0
+        while not stop.is_set() and n < 2000:
+            async with s.post(url, data=body(), headers=MP) as r:
+                raw = await r.read()
+                if r.status != 200:
+                    failures.append((r.status, raw[:200]))
+                else:
+                    seen.add(tuple(msgspec.msgpack.decode(raw)["features"]))
+            n += 1
+        return n
+
+    async with aiohttp.ClientSession() as s:
+        tasks = [asyncio.create_task(client(s)) for _ in range(4)]
+        doc = json.loads(original)
+        deadline = time.monotonic() + 20
+        for i in range(6):
+            await asyncio.sleep(0.3)
+            doc["models"]["beta"]["versions"]["1"]["input_names"] = ["f3", "f4"] if i % 2 else ["f3", "f4", "f5"]
+            tmp = bundle.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, bundle)
+        # wait until the last write (["f3","f4"]) is visible, bounded
+        while ("f3", "f4", "f5") not in seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        stop.set()
+        counts = await asyncio.gather(*tasks)
+    bundle.write_text(original)
+    assert not failures, failures[:3]
+    assert sum(counts) > 20
+    assert ("f3", "f4", "f5") in seen and ("f3", "f4") in seen
+    assert seen <= {("f3", "f4"), ("f3", "f4", "f5")}
+
+
+def test_root_process_never_imports_torch(env):
+    maps = Path(f"/proc/{env['root'].pid}/maps").read_text()
+    assert "torch" not in maps
+    code = "import sys, root.app, root.cli, root.bench, root.sink, trimmer.cli; trimmer.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
