@@ -208,14 +208,14 @@ static int nameset_build(nameset *ns, PyObject *allow) {
     ns->slots = (slot *)PyMem_Calloc(cap, sizeof(slot));
     if (!ns->slots) { PyErr_NoMemory(); return 0; }
     ns->mask = cap - 1;
-    Py_ssize_t pos = 0;
-    PyObject *key;
-    Py_hash_t hash;
-    while (_PySet_NextEntry(allow, &pos, &key, &hash)) {
+    PyObject *it = PyObject_GetIter(allow), *key;
+    if (!it) return 0;
+    while ((key = PyIter_Next(it)) != NULL) {
+        Py_DECREF(key);  /* the set keeps it (and its UTF-8 cache) alive for this call */
         if (!PyUnicode_Check(key)) continue;  /* non-str names can never match a str key */
         Py_ssize_t len;
         const char *u = PyUnicode_AsUTF8AndSize(key, &len);  /* borrowed, owned by the str */
-        if (!u) return 0;
+        if (!u) { Py_DECREF(it); return 0; }
         uint64_t h = fnv1a((const uint8_t *)u, len), i = h & ns->mask;
         while (ns->slots[i].s) {
             if (ns->slots[i].h == h && ns->slots[i].n == len && memcmp(ns->slots[i].s, u, len) == 0) break;
@@ -223,7 +223,8 @@ static int nameset_build(nameset *ns, PyObject *allow) {
         }
         ns->slots[i].s = u; ns->slots[i].n = len; ns->slots[i].h = h;
     }
-    return 1;
+    Py_DECREF(it);
+    return PyErr_Occurred() ? 0 : 1;
 }
 
 static inline int nameset_has(const nameset *ns, const uint8_t *p, Py_ssize_t n) {
