@@ -4,6 +4,7 @@ Schema (all keys optional except where noted; see docs/loadtest.md):
 
     out: loadtest-out              # report directory (relative: to the current directory)
     repo: null                     # model repository; null = build the demo repository into <out>/models
+    leaf_url: null                 # http://host:port of a running leaf to use instead of starting one
     models:                        # target models; 1 = native per-model endpoint, >1 = fan-out POST /v1/score
       - {name: ranker, version: null}
     payload: {usage_ratio: 0.2, candidates: 256, seed: 0, distinct: 8, mix: {float_col: .4, ...}}
@@ -28,7 +29,7 @@ from .payload import KINDS, REFERENCE_MIX
 from .runner import LoadSpec
 from .scenarios import SCENARIOS
 
-_TOP = {"out", "repo", "models", "payload", "load", "scenarios", "link_rates", "root", "sample_rss_s"}
+_TOP = {"out", "repo", "leaf_url", "models", "payload", "load", "scenarios", "link_rates", "root", "sample_rss_s"}
 _PAYLOAD = {"usage_ratio", "candidates", "seed", "distinct", "mix"}
 _LOAD = {"mode", "rate", "concurrency", "duration_s", "count", "warmup_s", "timeout_s", "max_inflight"}
 _ROOT = {"workers", "max_connections", "extra"}
@@ -64,6 +65,7 @@ class LoadtestConfig:
     root_max_connections: int = 64
     root_extra: dict[str, Any] = field(default_factory=dict)
     sample_rss_s: float = 0.0
+    leaf_url: str | None = None  # use this running leaf instead of starting one (then `repo` must hold its models)
 
 
 def _section(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
@@ -195,6 +197,15 @@ def parse_loadtest_config(doc: Any, path: str = "loadtest.yaml", base: Path | No
     for r in rates:
         parse_rate(r, f"{path}: link_rates")
 
+    leaf_url = doc.get("leaf_url")
+    if leaf_url is not None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(leaf_url) if isinstance(leaf_url, str) else None
+        if parts is None or parts.scheme != "http" or not parts.hostname or not parts.port or parts.path.strip("/"):
+            raise ConfigError(f"{path}: leaf_url: must be http://host:port, got {leaf_url!r}")
+        if repo_p is None:
+            raise ConfigError(f"{path}: leaf_url: also set repo (the leaf's model repository, for the root's allowlists)")
     rt = _section(doc.get("root"), _ROOT, f"{path}: root")
     extra = rt.get("extra") or {}
     if not isinstance(extra, dict):
@@ -211,6 +222,7 @@ def parse_loadtest_config(doc: Any, path: str = "loadtest.yaml", base: Path | No
         root_workers=_number(rt.get("workers"), f"{path}: root.workers", 1, integer=True, minimum=1),
         root_max_connections=_number(rt.get("max_connections"), f"{path}: root.max_connections", 64, integer=True, minimum=1),
         root_extra=extra,
+        leaf_url=leaf_url,
         sample_rss_s=float(_number(doc.get("sample_rss_s"), f"{path}: sample_rss_s", 0.0, minimum=0)),
     )
 

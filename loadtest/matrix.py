@@ -225,7 +225,7 @@ def run_scenario(ctx: MatrixContext, scenario: Scenario, progress: Callable[[flo
     conf_dir = ctx.out / "configs"
     root_cfg = write_scenario_configs(
         scenario, conf_dir, port=port, upstream_url=ctx.relay.relay.url, repo=ctx.repo.resolve(),
-        models=sorted({t.name for t in cfg.models}), workers=cfg.root_workers, max_connections=cfg.root_max_connections,
+        models={t["model"]: t["version"] for t in ctx.workload.targets}, workers=cfg.root_workers, max_connections=cfg.root_max_connections,
         extra=cfg.root_extra, tag=suffix,
     )
     before = ctx.relay.snapshot()
@@ -234,7 +234,8 @@ def run_scenario(ctx: MatrixContext, scenario: Scenario, progress: Callable[[flo
         target = Target(root.url + ctx.workload.url_path, ctx.workload.bodies)
         cpu: dict[str, float] = {}
         cpu_start = lambda: cpu.setdefault("start", cpu_seconds(root.pid))  # noqa: E731
-        sampler = RssSampler({"root": root.pid, "leaf": ctx.leaf_pid}, cfg.sample_rss_s) if cfg.sample_rss_s > 0 else None
+        pids = {"root": root.pid, **({"leaf": ctx.leaf_pid} if ctx.leaf_pid else {})}
+        sampler = RssSampler(pids, cfg.sample_rss_s) if cfg.sample_rss_s > 0 else None
         with sampler or contextlib.nullcontext():
             result = _run_async(run_load(target, cfg.load, progress, cpu_start))
         cpu_end = cpu_seconds(root.pid)
@@ -299,6 +300,13 @@ def leaf_and_relay(cfg: LoadtestConfig, repo: Path, out: Path, log_dir: Path, li
         with shaped_leaf(repo, parse_rate(link_rate), log_dir) as (host, port, pid):
             with _relay(host, port) as relay:
                 yield f"http://{host}:{port}", relay, pid
+        return
+    if cfg.leaf_url:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(cfg.leaf_url)
+        with _relay(parts.hostname or "127.0.0.1", parts.port or 80) as relay:
+            yield cfg.leaf_url, relay, 0
         return
     port = procs.free_port()
     leaf = procs.start("leaf", ["leaf", "--repo", str(repo), "--port", str(port)], port, LEAF_READY, log_dir, timeout=180)

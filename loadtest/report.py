@@ -48,14 +48,14 @@ def _fmt(x: Any, spec: str, suffix: str = "") -> str:
     return "-" if x is None else f"{format(x, spec)}{suffix}"
 
 
-COLUMNS = ("scenario", "link", "bytes/req", "saved", "x min", "p50 ms", "p99 ms", "req/s", "root CPU s/1k", "errors", "bytes check")
+COLUMNS = ("scenario", "link", "bytes/req", "saved", "x min", "p50 ms", "p99 ms", "req/s", "CPU s/1k", "err", "relay vs root")
 
 
 def row_cells(r: dict[str, Any]) -> list[str]:
     lat = r.get("latency_ms", {})
     errors = sum((r.get("errors") or {}).values())
     cc = r.get("crosscheck") or {}
-    check = "-" if cc.get("agreement_pct") is None else f"{'ok' if cc.get('ok') else 'MISMATCH'} {cc['agreement_pct']:.2f}%"
+    check = "-" if cc.get("agreement_pct") is None else f"{'ok' if cc.get('ok') else 'MISMATCH'} {cc['agreement_pct']:.2f} %"
     return [
         r["scenario"], r.get("link_rate") or "loopback", _fmt_bytes(r.get("wire_bytes_per_request")),
         _fmt(r.get("saved_pct"), ".1f", " %"), _fmt(r.get("ratio_to_min"), ".2f", "x"),
@@ -65,9 +65,9 @@ def row_cells(r: dict[str, Any]) -> list[str]:
 
 
 def rich_table(report: dict[str, Any]) -> Table:
-    t = Table(title="root -> leaf bytes, latency and cost by mode", title_justify="left")
+    t = Table(title="root -> leaf bytes, latency and root CPU by mode", title_justify="left")
     for c in COLUMNS:
-        t.add_column(c, justify="left" if c in ("scenario", "link", "bytes check") else "right")
+        t.add_column(c, justify="left" if c in ("scenario", "link", "relay vs root") else "right", no_wrap=True)
     for r in report["scenarios"]:
         t.add_row(*row_cells(r))
     return t
@@ -86,8 +86,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"minimum (kept features only) {_fmt_bytes(p.get('min_bytes'))}. Targets: {', '.join(report.get('models', []))}.", "",
         "Bytes are counted by a TCP relay between the root and the leaf (HTTP framing included, load requests only); "
         "`x min` is wire bytes per request over the bytes of the request with only the kept features; "
-        "`bytes check` compares the relay's body bytes with the root's `trimmer_root_upstream_sent_bytes` metric "
-        "(agreement within 1 % required).", "",
+        "`relay vs root` compares the relay's body bytes with the root's `trimmer_root_upstream_sent_bytes` metric "
+        "(agreement within 1 % required); `CPU s/1k` is the root process's CPU seconds per 1,000 requests.", "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import yaml
 
@@ -43,7 +43,7 @@ PARTITION = "leaf"
 
 
 def root_config(scenario: Scenario, *, port: int, upstream_url: str, repo: Path, overrides_path: Path,
-                models: Sequence[str], workers: int = 1, max_connections: int = 64,
+                models: Mapping[str, str | None], workers: int = 1, max_connections: int = 64,
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The root YAML document for one scenario (schema: root/config.py)."""
     doc: dict[str, Any] = {
@@ -54,7 +54,9 @@ def root_config(scenario: Scenario, *, port: int, upstream_url: str, repo: Path,
         "watch": False,
         "partitions": {PARTITION: {"replicas": [upstream_url], "protocol": "native", "compression": scenario.compression,
                                    "max_connections": max_connections}},
-        "models": {m: {"partition": PARTITION} for m in models},
+        # default_version: a repository source names no default, and a version-less request
+        # with no default is an allowlist miss (forwarded untrimmed), so pin the version under test.
+        "models": {m: {"partition": PARTITION, **({"default_version": v} if v else {})} for m, v in models.items()},
         "timeouts": {"request_s": 30.0, "health_interval_s": 5.0},
     }
     for k, v in (extra or {}).items():

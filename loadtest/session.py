@@ -35,6 +35,8 @@ def usable_link_rates(link_rates: tuple[str, ...], console: Console, notes: list
 def run_and_report(cfg: LoadtestConfig, out: Path, link_rates: tuple[str, ...] = (), plots: bool = True,
                    console: Console | None = None) -> int:
     console = console or Console()
+    if not console.is_terminal and console.width < 120:
+        console = Console(width=120)  # piped output (make demo | tee): keep the table on one line per row
     notes: list[str] = []
     rates = usable_link_rates(link_rates, console, notes)
     with Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
