@@ -1,0 +1,82 @@
+"""`trimmer leaf` (serve), `trimmer leaf build-demo`, `trimmer leaf bench`. torch is imported lazily."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from trimmer.errors import ConfigError
+
+
+def _config(args: argparse.Namespace):
+    from .config import Batching, load_config
+
+    cfg = load_config(args.config)
+    kw = {}
+    if args.repo is not None:
+        kw["repo"] = Path(args.repo).resolve()
+    for key in ("host", "port", "device", "torch_threads", "log_level"):
+        value = getattr(args, key)
+        if value is not None:
+            kw[key] = value
+    b = cfg.batching
+    if args.max_batch_size is not None or args.max_queue_delay_ms is not None:
+        b = Batching(args.max_batch_size if args.max_batch_size is not None else b.max_batch_size,
+                     args.max_queue_delay_ms if args.max_queue_delay_ms is not None else b.max_queue_delay_ms,
+                     b.max_batch_rows)
+        kw["batching"] = b
+        kw["models"] = {}  # command-line batching applies to every model
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise ConfigError("--max-batch-size must be at least 1")
+    return replace(cfg, **kw)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import main
+
+    return main(_config(args))
+
+
+def _build_demo(args: argparse.Namespace) -> int:
+    if args.items < 1000:
+        raise ConfigError("--items must be at least 1000")
+    from .demo_models import build_demo
+
+    build_demo(args.out, n_items=args.items)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("leaf", help="run the leaf worker (models from a repository); see docs/leaf.md",
+                       description="Serve every model version in a repository over HTTP (native score + OIP v2).")
+    p.add_argument("--config", help="YAML config (configs/leaf.yaml); flags override it")
+    p.add_argument("--repo", help="model repository <repo>/<model>/<version>/model.pt|model.pt2")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8001)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--max-batch-size", type=int, help="requests per batch, every model (1 disables batching)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait to fill a batch")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.set_defaults(func=_serve)
+    lsub = p.add_subparsers(dest="leaf_command", metavar="ACTION")
+    b = lsub.add_parser("build-demo", help="write the demo repository (retrieval + ranker, .pt and .pt2)")
+    b.add_argument("--out", required=True, help="repository directory to write")
+    b.add_argument("--items", type=int, default=100_000, help="retrieval catalogue size (default 100000)")
+    b.set_defaults(func=_build_demo)
+    bb = lsub.add_parser("bench", help="throughput with vs without batching, conversion share (real leaf processes)")
+    bb.add_argument("--repo", dest="bench_repo", help="demo repository (default: build one in a temp dir)")
+    bb.add_argument("--model", default="ranker", help="model to drive (default ranker)")
+    bb.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
+    bb.add_argument("--seconds", type=float, default=8.0, help="measured seconds per configuration (default 8)")
+    bb.add_argument("--candidates", type=int, default=64, help="candidates per ranker request (default 64)")
+    bb.add_argument("--max-batch-size", dest="bench_batch", type=int, default=32, help="batched configuration (default 32)")
+    bb.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    bb.set_defaults(func=_bench)

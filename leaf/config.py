@@ -1,0 +1,91 @@
+"""Leaf configuration: YAML file (configs/leaf.yaml) plus command-line overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from trimmer.errors import ConfigError
+from trimmer.overrides import load_yaml
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_batch_rows: int = 16384
+
+
+@dataclass(frozen=True)
+class LeafConfig:
+    repo: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8001
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int = 0  # 0 = torch's default
+    batching: Batching = field(default_factory=Batching)
+    models: dict[str, Batching] = field(default_factory=dict)  # per-model batching overrides
+    max_body_bytes: int = 64 * 1024 * 1024
+    rescan_interval_s: float = 2.0
+    watch: bool = True
+    feature_series_limit: int = 20000
+    build_demo_if_missing: bool = False
+    log_level: str = "INFO"
+
+    def batching_for(self, model: str) -> Batching:
+        return self.models.get(model, self.batching)
+
+
+_TOP = {f.name for f in fields(LeafConfig)}
+_BATCH = {f.name for f in fields(Batching)}
+
+
+def _batching(raw: Any, where: str, base: Batching) -> Batching:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    unknown = set(raw) - _BATCH
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_BATCH))}")
+    out = base
+    for key, value in raw.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < (0 if key == "max_queue_delay_ms" else 1):
+            raise ConfigError(f"{where}.{key} must be a {'non-negative' if key == 'max_queue_delay_ms' else 'positive'} number")
+        out = replace(out, **{key: type(getattr(base, key))(value)})
+    return out
+
+
+def load_config(path: str | None) -> LeafConfig:
+    if path is None:
+        return LeafConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    raw = load_yaml(p) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    unknown = set(raw) - _TOP
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}")
+    kw: dict[str, Any] = {}
+    for key, value in raw.items():
+        if value is None:
+            continue
+        if key == "repo":
+            repo = Path(str(value))
+            kw["repo"] = repo if repo.is_absolute() else (p.parent / repo).resolve()  # relative to the config file
+        elif key == "batching":
+            kw["batching"] = _batching(value, f"{p}: batching", Batching())
+        elif key == "models":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{p}: models must map model name to batching settings")
+            kw["models"] = value  # resolved below, after the global batching is known
+        else:
+            want = type(getattr(LeafConfig(), key))
+            if want is bool and not isinstance(value, bool) or want in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))) \
+                    or want is str and not isinstance(value, str):
+                raise ConfigError(f"{p}: {key} must be a {want.__name__}")
+            kw[key] = want(value)
+    base = kw.get("batching", Batching())
+    kw["models"] = {str(m): _batching(v, f"{p}: models.{m}", base) for m, v in kw.get("models", {}).items()}
+    return LeafConfig(**kw)

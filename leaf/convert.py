@@ -1,0 +1,213 @@
+"""Features -> torch tensors, driven by the model's signature (module_info.json).
+
+Input order is `input_names`; dtype / shape / default come from the optional `inputs` specs. Typed tensors
+are wrapped in place with torch.frombuffer (no copy; the buffer is the received body, read-only, so the
+tensors must never be written in place: the batcher only reads them or concatenates into new memory).
+Features the model does not read are ignored and reported; missing inputs take their declared default or
+fail with a 400 that names every missing feature.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from trimmer.errors import PayloadError
+from trimmer.signature import InputSpec, Signature
+from trimmer.tensor import DTYPES, Tensor
+
+# torch.frombuffer warns once per call on read-only buffers; we never write to them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "bool": torch.bool, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+    "float64": torch.float64,
+}
+WIRE_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+_NP = {name: np.dtype(np_str) for name, (_, _, np_str) in DTYPES.items() if np_str}
+
+
+def _shape_text(shape: tuple[int, ...] | None) -> str:
+    return "any" if shape is None else "[" + ", ".join("C" if d == -1 else str(d) for d in shape) + "]"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of dtype {value.dtype} and shape {list(value.shape)}"
+    if isinstance(value, (str, bytes)):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a map"
+    return f"a {type(value).__name__}"
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How one model input is built. cand_axis: where the candidate dim (-1) sits, None if per-request."""
+
+    name: str
+    spec: InputSpec
+    torch_dtype: torch.dtype | None
+    cand_axis: int | None
+
+    @property
+    def expected(self) -> str:
+        dtype = self.spec.dtype or "any dtype"
+        return f"{dtype} of shape {_shape_text(self.spec.shape)}"
+
+
+@dataclass
+class Converted:
+    """One request's model inputs in input order, in their natural (per-request) shapes."""
+
+    tensors: list[torch.Tensor]
+    rows: int  # candidates in this request, or 1 for models without a candidate dim
+    defaulted: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    n_features: int = 0
+
+
+class Converter:
+    """Built once per model version from its signature; `convert` is the per-request hot path."""
+
+    def __init__(self, signature: Signature) -> None:
+        self.signature = signature
+        self.plans: list[InputPlan] = []
+        for name in signature.input_names:
+            spec = signature.inputs.get(name, InputSpec())
+            axis = spec.shape.index(-1) if spec.shape is not None and -1 in spec.shape else None
+            self.plans.append(InputPlan(name, spec, TORCH_DTYPES.get(spec.dtype) if spec.dtype else None, axis))
+        self.allow = frozenset(signature.input_names)
+        # batched calling convention needs dtype and shape for every input (docs/leaf.md)
+        self.batchable = all(p.spec.dtype is not None and p.spec.shape is not None for p in self.plans)
+        self.has_candidates = any(p.cand_axis is not None for p in self.plans)
+
+    # ------------------------------------------------------------------ per request
+    def convert(self, features: Mapping[str, Any]) -> Converted:
+        unused = [k for k in features if k not in self.allow]
+        missing = [p.name for p in self.plans if p.name not in features and not p.spec.has_default]
+        if missing:
+            raise PayloadError(f"missing required feature(s) with no default: {', '.join(missing)}")
+        errors: list[str] = []
+        tensors: list[torch.Tensor | None] = []
+        defaulted: list[str] = []
+        cand_sizes: dict[str, int] = {}
+        for plan in self.plans:
+            if plan.name not in features:
+                tensors.append(None)
+                defaulted.append(plan.name)
+                continue
+            try:
+                t = self._tensor(plan, features[plan.name])
+            except PayloadError as exc:
+                errors.append(str(exc))
+                tensors.append(None)
+                continue
+            if plan.cand_axis is not None:
+                cand_sizes[plan.name] = int(t.shape[plan.cand_axis])
+            tensors.append(t)
+        if errors:
+            raise PayloadError("; ".join(errors))
+        rows = 1
+        if self.has_candidates:
+            sizes = set(cand_sizes.values())
+            if len(sizes) > 1:
+                detail = ", ".join(f"{n}: {c}" for n, c in cand_sizes.items())
+                raise PayloadError(f"per-candidate features disagree on the number of candidates ({detail})")
+            if not sizes:
+                raise PayloadError("cannot tell the number of candidates: no per-candidate feature was sent "
+                                   f"(send one of {', '.join(p.name for p in self.plans if p.cand_axis is not None)})")
+            rows = sizes.pop()
+            if rows == 0:
+                raise PayloadError("request has zero candidates")
+        for i, plan in enumerate(self.plans):
+            if tensors[i] is None:
+                tensors[i] = self._default(plan, rows)
+        return Converted(tensors, rows, defaulted, unused, len(features))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _scalar_shape(plan: InputPlan, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """A one-element value for a declared scalar (shape []) is that scalar: numpy-based senders
+        (Tensor.from_numpy) turn 0-d arrays into shape [1]."""
+        if plan.spec.shape == () and len(shape) > 0 and all(d == 1 for d in shape):
+            return ()
+        return tuple(shape)
+
+    def _check_shape(self, plan: InputPlan, shape: tuple[int, ...], got: str) -> None:
+        want = plan.spec.shape
+        if want is None:
+            return
+        if len(shape) != len(want) or any(w != -1 and w != s for w, s in zip(want, shape)):
+            raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got {got}")
+
+    def _tensor(self, plan: InputPlan, value: Any) -> torch.Tensor:
+        if isinstance(value, Tensor):
+            if plan.spec.dtype is not None and value.dtype != plan.spec.dtype:
+                raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got {_describe(value)}")
+            shape = self._scalar_shape(plan, value.shape)
+            self._check_shape(plan, shape, _describe(value))
+            dtype = TORCH_DTYPES[value.dtype]
+            if value.nbytes == 0:
+                return torch.empty(shape, dtype=dtype)
+            return torch.frombuffer(value.data, dtype=dtype).view(shape)
+        if isinstance(value, bool) or isinstance(value, (int, float)) or isinstance(value, list):
+            arr = self._array(plan, value)
+            arr = arr.reshape(self._scalar_shape(plan, arr.shape))
+            self._check_shape(plan, arr.shape, f"{_describe(value)} of shape {list(arr.shape)}")
+            t = torch.from_numpy(arr)
+            return t.to(torch.bfloat16) if plan.torch_dtype is torch.bfloat16 else t
+        raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got {_describe(value)}")
+
+    def _array(self, plan: InputPlan, value: Any) -> np.ndarray:
+        """Python scalars / (nested) lists -> an array of the declared dtype, refusing lossy casts."""
+        try:
+            arr = np.asarray(value)
+        except (ValueError, OverflowError):
+            raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got a ragged or invalid list") from None
+        kind = arr.dtype.kind
+        if kind not in "biuf":
+            raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got non-numeric values")
+        target = plan.spec.dtype or {"b": "bool", "i": "int64", "u": "int64", "f": "float32"}[kind]
+        if target == "bfloat16":
+            if kind == "b":
+                raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got booleans")
+            return arr.astype(np.float32)  # _tensor casts to bfloat16 (numpy has no bfloat16)
+        np_t = _NP[target]
+        if np_t.kind in "iu":
+            if kind == "f":
+                raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got floating-point values")
+            if kind == "b":
+                raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got booleans")
+            if arr.size:
+                info = np.iinfo(np_t)
+                if int(arr.min()) < info.min or int(arr.max()) > info.max:
+                    raise PayloadError(f"feature {plan.name!r}: values out of range for {target}")
+        elif np_t.kind == "b":
+            if kind == "f" or (kind in "iu" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 1)):
+                raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got non-boolean values")
+        return arr.astype(np_t)
+
+    def _default(self, plan: InputPlan, rows: int) -> torch.Tensor:
+        spec = plan.spec
+        shape = tuple(rows if d == -1 else d for d in (spec.shape or ()))
+        dtype = plan.torch_dtype or (torch.float32 if isinstance(spec.default, float) else torch.int64)
+        base = torch.tensor(spec.default, dtype=dtype)
+        return base.expand(shape) if spec.shape is not None else base
+
+
+def output_to_wire(t: torch.Tensor) -> Tensor:
+    """A CPU torch tensor -> typed wire tensor (one copy, into the response)."""
+    name = WIRE_DTYPES.get(t.dtype)
+    if name is None:
+        t, name = t.to(torch.float32), "float32"
+    t = t.detach().contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return Tensor(name, tuple(int(d) for d in t.shape), raw)

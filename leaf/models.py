@@ -1,0 +1,269 @@
+"""Load every version of a model repository and keep it in step with the disk.
+
+Layout: <repo>/<model>/<version>/model.pt (TorchScript, torch.jit.load) or model.pt2 (torch.export,
+torch.export.load(...).module()); model.pt2 wins when both exist (trimmer.repository). Dot-directories are
+ignored (the demo keeps its reference data in .demo/). New or changed version directories are picked up
+while running (watchfiles, plus a periodic rescan as a fallback); removed ones are unloaded. A version that
+fails to load is reported (log, metrics, metadata, /v2/health/ready body) and the others keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trimmer.errors import SignatureError
+from trimmer.repository import archive_path
+from trimmer.signature import Signature, read_signature
+
+from .batcher import Batcher, Runner
+from .config import LeafConfig
+from .convert import WIRE_DTYPES, Converted, Converter
+from .metrics import LeafMetrics
+
+log = logging.getLogger("leaf.models")
+SETTLE_S = 0.5  # an archive modified more recently than this is loaded on a later scan (still being written)
+
+
+def version_key(v: str) -> tuple[int, int | str]:
+    """Numeric versions sort numerically and above non-numeric ones."""
+    return (1, int(v)) if v.isdigit() else (0, v)
+
+
+@dataclass
+class VersionState:
+    model: str
+    version: str
+    path: Path
+    fingerprint: tuple[int, int]
+    state: str = "LOADING"  # LOADING | READY | FAILED
+    error: str | None = None
+    platform: str = ""
+    signature: Signature | None = None
+    converter: Converter | None = None
+    batcher: Batcher | None = None
+    outputs_meta: list[dict[str, Any]] = field(default_factory=list)
+    loaded_at: float = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "version": self.version, "state": self.state, "path": str(self.path),
+                               "platform": self.platform}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def _fingerprint(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _visible_dirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _load_module(path: Path, device: torch.device) -> tuple[Any, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path)).module()
+            if device.type != "cpu":
+                module = module.to(device)
+            return module, "pytorch_export"
+        module = torch.jit.load(str(path), map_location=device)
+        module.eval()
+        return module, "pytorch_torchscript"
+
+
+def _warmup_request(converter: Converter) -> Converted:
+    """Two rows of zeros in the declared dtypes: catches models that cannot run in the batched convention."""
+    tensors = []
+    for plan in converter.plans:
+        assert plan.spec.shape is not None and plan.torch_dtype is not None
+        shape = tuple(2 if d == -1 else d for d in plan.spec.shape)
+        tensors.append(torch.zeros(shape, dtype=plan.torch_dtype))
+    return Converted(tensors, 2 if converter.has_candidates else 1)
+
+
+class ModelStore:
+    def __init__(self, repo: Path, config: LeafConfig, metrics: LeafMetrics, device: torch.device) -> None:
+        self.repo = repo
+        self.config = config
+        self.metrics = metrics
+        self.device = device
+        self.versions: dict[tuple[str, str], VersionState] = {}
+        self.initial_done = False
+        self._load_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="leaf-load")
+        self._infer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="leaf-infer")
+        self._scan_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    # ------------------------------------------------------------------ lookup
+    def resolve(self, model: str, version: str | None) -> VersionState | None:
+        if version is not None:
+            return self.versions.get((model, version))
+        candidates = [vs for (m, _), vs in self.versions.items() if m == model]
+        if not candidates:
+            return None
+        ready = [vs for vs in candidates if vs.ready] or candidates
+        return max(ready, key=lambda vs: version_key(vs.version))
+
+    def model_versions(self, model: str) -> list[str]:
+        return sorted((v for (m, v) in self.versions if m == model), key=version_key)
+
+    @property
+    def ready(self) -> bool:
+        if not self.initial_done:
+            return False
+        return not self.versions or any(vs.ready for vs in self.versions.values())
+
+    def status(self) -> dict[str, Any]:
+        return {"repo": str(self.repo), "initial_load_done": self.initial_done,
+                "versions": [vs.status() for _, vs in sorted(self.versions.items(), key=lambda kv: (kv[0][0], version_key(kv[0][1])))]}
+
+    # ------------------------------------------------------------------ loading
+    def _discover(self) -> dict[tuple[str, str], tuple[Path, tuple[int, int]]]:
+        found = {}
+        for model_dir in _visible_dirs(self.repo):
+            for version_dir in _visible_dirs(model_dir):
+                path = archive_path(version_dir)
+                if path is None:
+                    continue
+                try:
+                    found[(model_dir.name, version_dir.name)] = (path, _fingerprint(path))
+                except OSError:
+                    continue
+        return found
+
+    def _load_sync(self, vs: VersionState) -> None:
+        """Runs in the load thread: signature, module, converter, warm-up run."""
+        signature = read_signature(vs.path)
+        module, platform = _load_module(vs.path, self.device)
+        converter = Converter(signature)
+        vs.signature, vs.converter, vs.platform = signature, converter, platform
+        runner = Runner(module, converter, signature.output_names, self.device)
+        if converter.batchable:
+            outs = runner.run([_warmup_request(converter)], _Stats())[0]
+            names = signature.output_names or tuple(f"output{i}" for i in range(len(outs)))
+            cand = converter.has_candidates
+            vs.outputs_meta = [{"name": n, "datatype": WIRE_DTYPES.get(o.dtype, "float32"),
+                                "shape": ([-1] + list(o.shape[1:])) if cand else list(o.shape)} for n, o in zip(names, outs)]
+        else:
+            vs.outputs_meta = [{"name": n} for n in signature.output_names]
+        vs._runner = runner  # type: ignore[attr-defined]
+
+    async def _load(self, key: tuple[str, str], path: Path, fp: tuple[int, int]) -> None:
+        vs = VersionState(key[0], key[1], path, fp)
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            await loop.run_in_executor(self._load_pool, self._load_sync, vs)
+        except SignatureError as exc:
+            vs.state, vs.error = "FAILED", str(exc)
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported for this version only
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            vs.state, vs.error = "FAILED", f"{path}: cannot load ({type(exc).__name__}: {first})"
+        else:
+            b = self.config.batching_for(key[0])
+            vs.batcher = Batcher(key, vs._runner, self._infer_pool, self.metrics,  # type: ignore[attr-defined]
+                                 b.max_batch_size, b.max_queue_delay_ms, b.max_batch_rows)
+            vs.batcher.start()
+            vs.state, vs.loaded_at = "READY", time.time()
+        old = self.versions.get(key)
+        self.versions[key] = vs
+        if old is not None and old.batcher is not None:
+            await old.batcher.close()
+        if vs.ready:
+            self.metrics.loads.labels(*key).inc()
+            self.metrics.model_ready.labels(*key).set(1)
+            log.info("loaded %s/%s (%s, %s) in %.2fs", key[0], key[1], path.name, vs.platform, time.perf_counter() - t0)
+        else:
+            self.metrics.load_failures.labels(*key).inc()
+            self.metrics.model_ready.labels(*key).set(0)
+            log.error("failed to load %s/%s: %s", key[0], key[1], vs.error)
+
+    async def rescan(self, initial: bool = False) -> None:
+        async with self._scan_lock:
+            found = await asyncio.get_running_loop().run_in_executor(self._load_pool, self._discover)
+            now_ns = time.time_ns()
+            for key, (path, fp) in sorted(found.items()):
+                old = self.versions.get(key)
+                if old is not None and old.path == path and old.fingerprint == fp:
+                    continue
+                if not initial and now_ns - fp[0] < SETTLE_S * 1e9:
+                    self._wake.set()  # still being written: look again shortly
+                    continue
+                await self._load(key, path, fp)
+            for key in [k for k in self.versions if k not in found]:
+                vs = self.versions.pop(key)
+                if vs.batcher is not None:
+                    await vs.batcher.close()
+                try:
+                    self.metrics.model_ready.remove(*key)
+                except KeyError:
+                    pass
+                log.info("unloaded %s/%s (removed from %s)", key[0], key[1], self.repo)
+            if initial:
+                self.initial_done = True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Initial load, then follow the repository until `stop` is set."""
+        await self.rescan(initial=True)
+        tasks = [asyncio.create_task(self._poll(stop))]
+        if self.config.watch:
+            tasks.append(asyncio.create_task(self._watch(stop)))
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _poll(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.rescan_interval_s)
+                await asyncio.sleep(SETTLE_S)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.rescan()
+            except Exception:  # noqa: BLE001 - keep following the repo whatever one scan hit
+                log.exception("repository rescan failed")
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        from watchfiles import awatch
+
+        try:
+            async for _ in awatch(self.repo, stop_event=stop, debounce=300, recursive=True):
+                self._wake.set()
+        except Exception as exc:  # noqa: BLE001 - periodic rescan still covers us
+            log.warning("file watching stopped (%s); relying on the periodic rescan", exc)
+
+    async def close(self) -> None:
+        for vs in self.versions.values():
+            if vs.batcher is not None:
+                await vs.batcher.close()
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Stats:
+    assemble_s = 0.0
+    compute_s = 0.0

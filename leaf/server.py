@@ -1,0 +1,321 @@
+"""aiohttp endpoints of the leaf: native score, OIP v2 infer / metadata / readiness, health, metrics.
+
+Native: POST /v1/models/{name}[/versions/{v}]/score, msgpack or JSON (docs/protocol.md); the response uses
+the request's media type: {"model", "version", ["request_id"], "outputs": {output name: typed tensor}}.
+OIP v2: POST /v2/models/{name}[/versions/{v}]/infer (JSON inputs [{name, shape, datatype, data}]).
+Every error is JSON {"error": "..."}: 400 bad payload, 404 unknown model/version, 413 too large,
+415 unsupported content type/encoding, 500 model failure, 503 version not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from trimmer import codec
+from trimmer.errors import PayloadError
+from trimmer.tensor import Tensor
+
+from .batcher import ModelError
+from .config import LeafConfig
+from .convert import output_to_wire
+from .metrics import LeafMetrics
+from .models import ModelStore, VersionState
+
+log = logging.getLogger("leaf.server")
+
+OIP_TO_WIRE = {"BOOL": "bool", "INT8": "int8", "UINT8": "uint8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+               "FP16": "float16", "BF16": "bfloat16", "FP32": "float32", "FP64": "float64"}
+WIRE_TO_OIP = {v: k for k, v in OIP_TO_WIRE.items()}
+STORE = web.AppKey("store", ModelStore)
+METRICS = web.AppKey("metrics", LeafMetrics)
+CONFIG = web.AppKey("config", LeafConfig)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HTTPError as exc:
+        return error_response(exc.status, str(exc))
+    except PayloadError as exc:
+        return error_response(400, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason if exc.status != 413 else f"request body too large ({exc.text})")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - never a traceback to the client
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+# ---------------------------------------------------------------------- body handling
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    enc = (encoding or "identity").strip().lower()
+    if enc in ("", "identity"):
+        return body
+    try:
+        if enc == "lz4":
+            import lz4.frame
+
+            d = lz4.frame.LZ4FrameDecompressor()
+            out = d.decompress(body, max_length=limit + 1)
+            if len(out) > limit:
+                raise HTTPError(413, f"decompressed body exceeds {limit} bytes")
+            if not d.eof:
+                raise PayloadError("lz4 body is truncated")
+            return out
+        if enc == "zstd":
+            import zstandard
+
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
+            chunks, total = [], 0
+            while True:
+                chunk = reader.read(1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise HTTPError(413, f"decompressed body exceeds {limit} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except (HTTPError, PayloadError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt compressed data is the client's error
+        raise PayloadError(f"cannot decompress {enc} body: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use lz4 or zstd")
+
+
+def resolve(request: web.Request, need_ready: bool = True) -> VersionState:
+    store = request.app[STORE]
+    name = request.match_info["name"]
+    version = request.match_info.get("version")
+    vs = store.resolve(name, version)
+    if vs is None:
+        request.app[METRICS].not_found.inc()
+        if version is None or not store.model_versions(name):
+            raise HTTPError(404, f"unknown model {name!r}; loaded: {', '.join(sorted({m for m, _ in store.versions})) or 'none'}")
+        raise HTTPError(404, f"unknown version {version!r} of model {name!r}; versions: {', '.join(store.model_versions(name))}")
+    if need_ready and not vs.ready:
+        raise HTTPError(503, f"model {vs.model!r} version {vs.version!r} is not ready: {vs.state.lower()}"
+                        + (f" ({vs.error})" if vs.error else ""))
+    return vs
+
+
+async def run_model(request: web.Request, vs: VersionState, features: dict[str, Any], t_convert: float, endpoint: str) -> list:
+    """Convert, count, batch, run; returns the per-request output tensors in output order."""
+    metrics = request.app[METRICS]
+    labels = (vs.model, vs.version)
+    assert vs.converter is not None and vs.batcher is not None
+    t0 = time.perf_counter()
+    try:
+        conv = vs.converter.convert(features)
+    except PayloadError:
+        metrics.failures.labels(*labels, "bad_request").inc()
+        raise
+    metrics.convert_seconds.labels(*labels).observe(t_convert + time.perf_counter() - t0)
+    metrics.features_received.labels(*labels).inc(conv.n_features)
+    if conv.unused:
+        metrics.features_unused.labels(*labels).inc(len(conv.unused))
+        metrics.feature_unused.add(vs.model, vs.version, conv.unused)
+    if conv.defaulted:
+        metrics.inputs_defaulted.labels(*labels).inc(len(conv.defaulted))
+        metrics.feature_defaulted.add(vs.model, vs.version, conv.defaulted)
+    try:
+        return await vs.batcher.submit(conv)
+    except ModelError as exc:
+        metrics.failures.labels(*labels, "model_error").inc()
+        raise HTTPError(500, f"model {vs.model!r} version {vs.version!r}: {exc}") from None
+
+
+async def read_body(request: web.Request, vs: VersionState) -> bytes:
+    metrics = request.app[METRICS]
+    body = await request.read()
+    metrics.bytes_received.labels(vs.model, vs.version).inc(len(body))
+    return decompress(body, request.headers.get("Content-Encoding"), request.app[CONFIG].max_body_bytes)
+
+
+# ---------------------------------------------------------------------- native
+async def score(request: web.Request) -> web.Response:
+    t_start = time.perf_counter()
+    vs = resolve(request)
+    metrics = request.app[METRICS]
+    labels = (vs.model, vs.version)
+    metrics.requests.labels(*labels, "score").inc()
+    try:
+        mtype = codec.media_type(request.headers.get("Content-Type"))
+    except PayloadError as exc:
+        metrics.failures.labels(*labels, "bad_request").inc()
+        raise HTTPError(415, str(exc)) from None
+    t0 = time.perf_counter()
+    try:
+        body = await read_body(request, vs)
+        t0 = time.perf_counter()
+        req = codec.decode_request(body, mtype)
+    except PayloadError:
+        metrics.failures.labels(*labels, "bad_request").inc()
+        raise
+    t_decode = time.perf_counter() - t0
+    outs = await run_model(request, vs, req.get("features", {}), t_decode, "score")
+    t1 = time.perf_counter()
+    names = vs.signature.output_names if vs.signature and vs.signature.output_names else [f"output{i}" for i in range(len(outs))]
+    resp: dict[str, Any] = {"model": vs.model, "version": vs.version}
+    if "request_id" in req:
+        resp["request_id"] = req["request_id"]
+    resp["outputs"] = {n: output_to_wire(o) for n, o in zip(names, outs)}
+    data = codec.encode(resp, mtype)
+    metrics.encode_seconds.labels(*labels).observe(time.perf_counter() - t1)
+    metrics.request_seconds.labels(*labels).observe(time.perf_counter() - t_start)
+    return web.Response(body=data, content_type=mtype)
+
+
+# ---------------------------------------------------------------------- OIP v2
+def _oip_tensor(entry: Any, i: int) -> tuple[str, Any]:
+    if not isinstance(entry, dict):
+        raise PayloadError(f"inputs[{i}] must be an object with name, shape, datatype, data")
+    name, shape, dtype, data = entry.get("name"), entry.get("shape"), entry.get("datatype"), entry.get("data")
+    if not isinstance(name, str) or not name:
+        raise PayloadError(f"inputs[{i}]: 'name' must be a non-empty string")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise PayloadError(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if dtype == "BYTES":
+        return name, "<bytes>"  # only valid for features the model does not read; the converter rejects it otherwise
+    wire = OIP_TO_WIRE.get(dtype) if isinstance(dtype, str) else None
+    if wire is None or wire == "bfloat16":
+        raise PayloadError(f"input {name!r}: unsupported datatype {dtype!r}; use one of {', '.join(k for k in OIP_TO_WIRE if k != 'BF16')}")
+    try:
+        arr = np.asarray(data, dtype=np.dtype(wire if wire != "bool" else "bool"))
+    except (ValueError, TypeError, OverflowError):
+        raise PayloadError(f"input {name!r}: 'data' is not a list of {dtype} values") from None
+    if arr.size != int(np.prod(shape)):
+        raise PayloadError(f"input {name!r}: 'data' has {arr.size} values, shape {shape} needs {int(np.prod(shape))}")
+    return name, Tensor.from_numpy(arr.reshape(shape))
+
+
+async def infer(request: web.Request) -> web.Response:
+    t_start = time.perf_counter()
+    vs = resolve(request)
+    metrics = request.app[METRICS]
+    labels = (vs.model, vs.version)
+    metrics.requests.labels(*labels, "infer").inc()
+    if "Inference-Header-Content-Length" in request.headers:
+        metrics.failures.labels(*labels, "bad_request").inc()
+        raise HTTPError(415, "binary tensor extension (Inference-Header-Content-Length) is not supported; send JSON data")
+    try:
+        body = await read_body(request, vs)
+        t0 = time.perf_counter()
+        obj = codec.decode_json(body)
+        if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), list):
+            raise PayloadError("OIP request must be a JSON object with an 'inputs' list")
+        features: dict[str, Any] = {}
+        for i, entry in enumerate(obj["inputs"]):
+            name, value = _oip_tensor(entry, i)
+            if name in features:
+                raise PayloadError(f"input {name!r} appears more than once")
+            features[name] = value
+    except PayloadError:
+        metrics.failures.labels(*labels, "bad_request").inc()
+        raise
+    outs = await run_model(request, vs, features, time.perf_counter() - t0, "infer")
+    t1 = time.perf_counter()
+    names = vs.signature.output_names if vs.signature and vs.signature.output_names else [f"output{i}" for i in range(len(outs))]
+    wanted = obj.get("outputs")
+    wanted_names = {o.get("name") for o in wanted if isinstance(o, dict)} if isinstance(wanted, list) and wanted else None
+    outputs = []
+    for n, o in zip(names, outs):
+        if wanted_names is not None and n not in wanted_names:
+            continue
+        wire = output_to_wire(o)
+        outputs.append({"name": n, "datatype": WIRE_TO_OIP.get(wire.dtype, "FP32"), "shape": list(wire.shape),
+                        "data": o.float().reshape(-1).tolist() if wire.dtype == "bfloat16" else o.reshape(-1).tolist()})
+    resp: dict[str, Any] = {"model_name": vs.model, "model_version": vs.version, "outputs": outputs}
+    if "id" in obj:
+        resp["id"] = obj["id"]
+    data = codec.encode_json(resp)
+    metrics.encode_seconds.labels(*labels).observe(time.perf_counter() - t1)
+    metrics.request_seconds.labels(*labels).observe(time.perf_counter() - t_start)
+    return web.Response(body=data, content_type="application/json")
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    vs = resolve(request, need_ready=False)
+    store = request.app[STORE]
+    out: dict[str, Any] = {"name": vs.model, "versions": store.model_versions(vs.model), "version": vs.version,
+                           "platform": vs.platform, "state": vs.state}
+    if vs.error:
+        out["error"] = vs.error
+    if vs.signature is not None:
+        sig = vs.signature
+        out["inputs"] = [{"name": n, "datatype": WIRE_TO_OIP.get(sig.inputs[n].dtype or "", "") if n in sig.inputs else "",
+                          "shape": list(sig.inputs[n].shape) if n in sig.inputs and sig.inputs[n].shape is not None else [],
+                          **({"default": sig.inputs[n].default} if n in sig.inputs and sig.inputs[n].has_default else {})}
+                         for n in sig.input_names]
+        out["outputs"] = [{**o, "datatype": WIRE_TO_OIP.get(o.get("datatype", ""), "")} if "datatype" in o else o
+                          for o in vs.outputs_meta]
+        out["signature"] = sig.to_json()
+    return web.json_response(out)
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    vs = resolve(request, need_ready=False)
+    body = {"name": vs.model, "version": vs.version, "ready": vs.ready, "state": vs.state}
+    if vs.error:
+        body["error"] = vs.error
+    return web.json_response(body, status=200 if vs.ready else 503)
+
+
+async def health_live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    failed = {f"{vs.model}/{vs.version}": vs.error for vs in store.versions.values() if vs.state == "FAILED"}
+    ready = sorted(f"{vs.model}/{vs.version}" for vs in store.versions.values() if vs.ready)
+    body = {"ready": store.ready, "initial_load_done": store.initial_done, "models": ready, "failed": failed}
+    return web.json_response(body, status=200 if store.ready else 503)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STORE].status())
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_app(store: ModelStore, metrics: LeafMetrics, config: LeafConfig) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
+    app[STORE], app[METRICS], app[CONFIG] = store, metrics, config
+    r = app.router
+    for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"):
+        r.add_post(prefix + "/score", score)
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        r.add_post(prefix + "/infer", infer)
+        r.add_get(prefix, model_metadata)
+        r.add_get(prefix + "/ready", model_ready)
+    r.add_get("/v2/health/live", health_live)
+    r.add_get("/v2/health/ready", health_ready)
+    r.add_get("/v1/models", list_models)
+    r.add_get("/metrics", metrics_endpoint)
+    return app
