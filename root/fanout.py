@@ -1,10 +1,8 @@
 """Per-target trim and send, and the native fan-out on top of it.
 
-A client body is split once into its top-level keys (msgspec Raw views, no
-value decoded) and its `features` map once into Raw views; each target then
-only filters names and writes the kept views back. The output is byte-equal to
-`trimmer.trim.trim` on the same body (tests check it), without paying the
-split once per target.
+Each target's body is `trimmer.trim.trim` of the client body (for the fan-out:
+without its `models` key): feature values are never decoded, kept values'
+bytes are copied verbatim, and msgpack goes through the C accelerator.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import msgspec
 from trimmer.codec import MSGPACK
 from trimmer.errors import PayloadError
 from trimmer.registry import Registry, Resolution
+from trimmer.trim import trim
 
 from .config import RootConfig
 from .metrics import Metrics
@@ -39,24 +38,31 @@ _DECODERS = {
 
 
 class PreparedBody:
-    """A client body split into Raw views once; trimmed per allowlist many times."""
+    """A client body, trimmed per allowlist by trimmer.trim (the C accelerator for msgpack).
 
-    __slots__ = ("body", "media", "_top", "_features", "_untrimmed", "_dec", "_enc", "_fmt", "models_raw")
+    Only the fan-out needs the top level split (to read and drop `models`); the
+    shortcut route forwards the client's bytes untouched when it does not trim.
+    """
+
+    __slots__ = ("body", "media", "strip_models", "models_raw", "_base")
 
     def __init__(self, body: bytes, media: str, strip_models: bool) -> None:
         self.body = body
         self.media = media
-        self._dec, self._enc, _, self._fmt = _DECODERS[media]
-        try:
-            top = self._dec.decode(body)
-        except msgspec.ValidationError as exc:
-            raise PayloadError(f"request must be a map with string keys ({exc})") from None
-        except msgspec.DecodeError as exc:
-            raise PayloadError(f"malformed {self._fmt} body: {exc}") from None
-        self.models_raw = top.pop("models", None) if strip_models else None
-        self._untrimmed = body if (not strip_models or self.models_raw is None) else None
-        self._top = top
-        self._features: dict[str, Raw] | None = None
+        self.strip_models = strip_models
+        self.models_raw: Raw | None = None
+        self._base: bytes | None = None if strip_models else body
+        if strip_models:
+            dec, enc, _, fmt = _DECODERS[media]
+            try:
+                top = dec.decode(body)
+            except msgspec.ValidationError as exc:
+                raise PayloadError(f"request must be a map with string keys ({exc})") from None
+            except msgspec.DecodeError as exc:
+                raise PayloadError(f"malformed {fmt} body: {exc}") from None
+            self.models_raw = top.pop("models", None)
+            # One copy of the body without `models` (Raw values are written back verbatim).
+            self._base = body if self.models_raw is None else enc.encode(top)
 
     def models(self) -> list[ModelRef]:
         if self.models_raw is None:
@@ -70,35 +76,13 @@ class PreparedBody:
         return refs
 
     def untrimmed(self) -> bytes:
-        """The body as forwarded without trimming (without the fan-out `models` key)."""
-        if self._untrimmed is None:
-            self._untrimmed = self._enc.encode(self._top)
-        return self._untrimmed
-
-    def features(self) -> dict[str, Raw] | None:
-        if self._features is None:
-            raw = self._top.get("features")
-            if raw is None:
-                return None
-            try:
-                self._features = self._dec.decode(raw)
-            except msgspec.ValidationError as exc:
-                raise PayloadError(f'"features" must be a map with string keys ({exc})') from None
-            except msgspec.DecodeError as exc:
-                raise PayloadError(f"malformed {self._fmt} body: {exc}") from None
-        return self._features
+        """The body as forwarded without trimming (the fan-out drops its `models` key)."""
+        return self._base  # type: ignore[return-value]
 
     def trim(self, allow: AbstractSet[str]) -> tuple[bytes, int, int]:
         """(body, features_in, features_kept) keeping only allowlisted features, values untouched."""
-        feats = self.features()
-        if feats is None:
-            return self.untrimmed(), 0, 0
-        kept = {k: v for k, v in feats.items() if k in allow}
-        if len(kept) == len(feats):
-            return self.untrimmed(), len(feats), len(feats)
-        top = dict(self._top)
-        top["features"] = Raw(self._enc.encode(kept))
-        return self._enc.encode(top), len(feats), len(kept)
+        r = trim(self._base, allow, self.media)  # type: ignore[arg-type]
+        return r.body, r.features_in, r.features_kept
 
 
 @dataclass(frozen=True, slots=True)

@@ -303,3 +303,50 @@ def test_root_process_never_imports_torch(env):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def small_config(tmp: Path, replica: str, **over) -> dict:
+    bundle = tmp / "small-bundle.json"
+    write_bundle(bundle, {"alpha": {"1": ["f1", "f2"]}})
+    return {"bundles": [str(bundle)], "partitions": {"p": {"replicas": [replica]}},
+            "models": {"alpha": {"partition": "p", "default_version": "1"}}, **over}
+
+
+async def test_workers_share_the_port_and_metrics_add_up(env, tmp_path):
+    import psutil
+
+    root = start_root(tmp_path, "root-w2", small_config(tmp_path, env["sink"].url), "--workers", "2")
+    try:
+        children = psutil.Process(root.pid).children()
+        assert len(children) == 2
+        n = 40
+        for _ in range(n):  # a new connection each time, so the kernel spreads them over both workers
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async with s.post(root.url + "/v1/models/alpha/score", data=body(), headers=MP) as r:
+                    assert r.status == 200
+        for _ in range(6):
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async with s.get(root.url + "/metrics") as r:
+                    text = await r.text()
+            assert metric(text, "trimmer_root_requests_total", model="alpha") == n
+    finally:
+        assert root.stop() == 0
+    assert not any(c.is_running() for c in children)
+
+
+async def test_sigterm_drains_in_flight_requests(tmp_path):
+    slow = start_sink(tmp_path, "slow2", "--delay-ms", "800")
+    root = start_root(tmp_path, "root-drain", small_config(tmp_path, slow.url, timeouts={"request_s": 5, "drain_s": 5}))
+    try:
+        async with aiohttp.ClientSession() as s:
+            pending = asyncio.create_task(post(root.url + "/v1/models/alpha/score", body()))
+            await asyncio.sleep(0.3)
+            root.proc.send_signal(15)
+            status, out = await pending
+            assert status == 200 and out["features"] == ["f1", "f2"]
+        assert root.proc.wait(timeout=10) == 0
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await get_text(root.url + "/healthz")
+    finally:
+        root.stop()
+        slow.stop()
