@@ -2,7 +2,7 @@
 
 Schema (all keys optional except where noted; see docs/loadtest.md):
 
-    out: loadtest-out              # report directory (relative: to the current directory)
+    out: out/loadtest              # report directory (relative: to the current directory)
     repo: null                     # model repository; null = build the demo repository into <out>/models
     leaf_url: null                 # http://host:port of a running leaf to use instead of starting one
     models:                        # target models; 1 = native per-model endpoint, >1 = fan-out POST /v1/score
@@ -112,7 +112,7 @@ def parse_rate(text: Any, where: str = "link rate") -> int:
 def parse_loadtest_config(doc: Any, path: str = "loadtest.yaml", base: Path | None = None) -> LoadtestConfig:
     base = base if base is not None else Path.cwd()
     doc = _section(doc, _TOP, path)
-    out = doc.get("out", "loadtest-out")
+    out = doc.get("out", "out/loadtest")
     if not isinstance(out, str) or not out:
         raise ConfigError(f"{path}: out: must be a directory path")
     repo = doc.get("repo")

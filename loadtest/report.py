@@ -92,6 +92,14 @@ def markdown(report: dict[str, Any]) -> str:
         "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in report["scenarios"]]
+    rss_rows = [r for r in report["scenarios"] if r.get("rss")]
+    if rss_rows:
+        lines += ["", "## Memory (RSS, sampled while under load)", "", "| scenario | process | start MB | end MB | max MB | growth MB |", "|---|---|---|---|---|---|"]
+        for r in rss_rows:
+            for proc in ("root", "leaf"):
+                m = r["rss"].get(proc)
+                if m:
+                    lines.append(f"| {r['scenario']} | {proc} | {m['start_mb']} | {m['end_mb']} | {m['max_mb']} | {m['growth_mb']} |")
     for note in report.get("notes", []):
         lines += ["", f"> {note}"]
     plots = report.get("plots", [])
