@@ -37,7 +37,8 @@ async def serve(config: LeafConfig) -> None:
     metrics = LeafMetrics(config.feature_series_limit)
     store = ModelStore(config.repo, config, metrics, device)
     app = make_app(store, metrics, config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # auto_decompress=False: the leaf decodes Content-Encoding itself (lz4, zstd, gzip) with a size bound
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     try:

@@ -83,6 +83,16 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
             if not d.eof:
                 raise PayloadError("lz4 body is truncated")
             return out
+        if enc in ("gzip", "x-gzip", "deflate"):
+            import zlib
+
+            d = zlib.decompressobj(wbits=47 if enc != "deflate" else 15)
+            out = d.decompress(body, limit + 1)
+            if len(out) > limit:
+                raise HTTPError(413, f"decompressed body exceeds {limit} bytes")
+            if not d.eof:
+                raise PayloadError(f"{enc} body is truncated")
+            return out
         if enc == "zstd":
             import zstandard
 
@@ -101,7 +111,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt compressed data is the client's error
         raise PayloadError(f"cannot decompress {enc} body: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use lz4 or zstd")
+    raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use lz4, zstd or gzip")
 
 
 def resolve(request: web.Request, need_ready: bool = True) -> VersionState:
