@@ -141,19 +141,19 @@ class Converter:
             return ()
         return tuple(shape)
 
-    def _check_shape(self, plan: InputPlan, shape: tuple[int, ...], got: str) -> None:
+    def _check_shape(self, plan: InputPlan, shape: tuple[int, ...], value: Any, as_array: bool = False) -> None:
         want = plan.spec.shape
-        if want is None:
+        if want is None or (len(shape) == len(want) and all(w == -1 or w == s for w, s in zip(want, shape))):
             return
-        if len(shape) != len(want) or any(w != -1 and w != s for w, s in zip(want, shape)):
-            raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got {got}")
+        got = f"{_describe(value)} of shape {list(shape)}" if as_array else _describe(value)
+        raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got {got}")
 
     def _tensor(self, plan: InputPlan, value: Any) -> torch.Tensor:
         if isinstance(value, Tensor):
             if plan.spec.dtype is not None and value.dtype != plan.spec.dtype:
                 raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got {_describe(value)}")
             shape = self._scalar_shape(plan, value.shape)
-            self._check_shape(plan, shape, _describe(value))
+            self._check_shape(plan, shape, value)
             dtype = TORCH_DTYPES[value.dtype]
             if value.nbytes == 0:
                 return torch.empty(shape, dtype=dtype)
@@ -161,7 +161,7 @@ class Converter:
         if isinstance(value, bool) or isinstance(value, (int, float)) or isinstance(value, list):
             arr = self._array(plan, value)
             arr = arr.reshape(self._scalar_shape(plan, arr.shape))
-            self._check_shape(plan, arr.shape, f"{_describe(value)} of shape {list(arr.shape)}")
+            self._check_shape(plan, arr.shape, value, as_array=True)
             t = torch.from_numpy(arr)
             return t.to(torch.bfloat16) if plan.torch_dtype is torch.bfloat16 else t
         raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got {_describe(value)}")

@@ -1,0 +1,140 @@
+"""`trimmer leaf bench`: dynamic batching vs batch size 1, and the share of leaf time spent converting.
+
+Both configurations run as real leaf processes, one after the other in one run, driven by the same
+64-client closed loop with the same payload; figures are ratios measured side by side, not absolute
+targets. Conversion = decode + features-to-tensors (per request) + batch concatenation/split; its share is
+given against the leaf's busy time (convert + assemble + compute + encode) and against the leaf
+process's CPU time over the measured window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from loadtest.payload import make_request, universe_for_models
+from loadtest.procs import free_port, start
+from trimmer.codec import encode_msgpack
+from trimmer.errors import ConfigError
+from trimmer.repository import archive_path
+from trimmer.signature import read_signature
+
+SUMS = ("convert", "assemble", "compute", "encode", "queue", "request")
+
+
+def _scrape(url: str, model: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    pat = re.compile(r'^trimmer_leaf_(\w+?)_(sum|count)\{[^}]*model="' + re.escape(model) + r'"[^}]*\} (\S+)$')
+    for line in text.splitlines():
+        m = pat.match(line)
+        if m:
+            key = f"{m.group(1)}_{m.group(2)}"
+            out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+async def _drive(url: str, path: str, body: bytes, clients: int, seconds: float) -> tuple[int, int, float]:
+    import aiohttp
+
+    done = errors = 0
+    stop_at = 0.0
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal done, errors
+        while time.perf_counter() < stop_at:
+            async with session.post(url + path, data=body, headers={"Content-Type": "application/msgpack"}) as r:
+                await r.read()
+                if r.status == 200:
+                    done += 1
+                else:
+                    errors += 1
+
+    conn = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        stop_at = time.perf_counter() + 1.0  # warm-up
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        done = errors = 0
+        t0 = time.perf_counter()
+        stop_at = t0 + seconds
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        return done, errors, time.perf_counter() - t0
+
+
+def _measure(repo: Path, model: str, version: str, batch: int, body: bytes, clients: int, seconds: float, log_dir: Path) -> dict[str, Any]:
+    port = free_port()
+    proc = start(f"leaf-bench-b{batch}", ["leaf", "--repo", str(repo), "--port", str(port), "--max-batch-size", str(batch),
+                                          "--max-queue-delay-ms", "2", "--torch-threads", "1", "--log-level", "WARNING"],
+                 port, "/v2/health/ready", log_dir, timeout=120)
+    try:
+        ps = psutil.Process(proc.pid)
+        # warm-up is inside _drive; metrics/CPU deltas are taken around the whole drive, so subtract the warm-up by
+        # scraping after it: simpler to drive twice (short warm-up drive first).
+        asyncio.run(_drive(proc.url, f"/v1/models/{model}/versions/{version}/score", body, clients, 1.0))
+        before, cpu0 = _scrape(proc.url, model), sum(ps.cpu_times()[:2])
+        done, errors, wall = asyncio.run(_drive(proc.url, f"/v1/models/{model}/versions/{version}/score", body, clients, seconds))
+        after, cpu1 = _scrape(proc.url, model), sum(ps.cpu_times()[:2])
+    finally:
+        proc.stop()
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    busy = sum(d.get(f"{k}_seconds_sum", 0.0) for k in ("convert", "assemble", "compute", "encode"))
+    conversion = d.get("convert_seconds_sum", 0.0) + d.get("assemble_seconds_sum", 0.0)
+    batches = d.get("batch_size_count", 0.0)
+    return {"max_batch_size": batch, "requests": done, "errors": errors, "seconds": round(wall, 2),
+            "throughput_rps": round(done / wall, 1),
+            "mean_batch": round(d.get("batch_size_sum", 0.0) / batches, 2) if batches else None,
+            "mean_latency_ms": round(1000 * d.get("request_seconds_sum", 0.0) / max(1.0, d.get("request_seconds_count", 0.0)), 2),
+            "leaf_cpu_s": round(cpu1 - cpu0, 2),
+            "conversion_s": round(conversion, 3), "compute_s": round(d.get("compute_seconds_sum", 0.0), 3),
+            "conversion_share_of_busy": round(conversion / busy, 4) if busy else None,
+            "conversion_share_of_cpu": round(conversion / (cpu1 - cpu0), 4) if cpu1 > cpu0 else None}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="leaf-bench-") as tmp:
+        repo = Path(args.bench_repo) if args.bench_repo else Path(tmp) / "repo"
+        if not args.bench_repo:
+            from .demo_models import build_demo
+
+            build_demo(repo, log=lambda msg: console.print(msg))
+        vdirs = sorted((repo / args.model).glob("*")) if (repo / args.model).is_dir() else []
+        archives = [p for p in (archive_path(v) for v in vdirs) if p is not None]
+        if not archives:
+            raise ConfigError(f"{repo}: no versions of model {args.model!r}")
+        sig = read_signature(archives[-1])
+        universe = universe_for_models([sig], usage_ratio=1.0)
+        body = encode_msgpack(make_request(universe, candidates=args.candidates, seed=1))
+        rows = [_measure(repo, args.model, args.version, b, body, args.clients, args.seconds, Path(tmp) / "logs")
+                for b in (args.bench_batch, 1)]
+    batched, single = rows
+    speedup = batched["throughput_rps"] / single["throughput_rps"] if single["throughput_rps"] else float("inf")
+    table = Table(title=f"leaf bench: {args.model}/{args.version}, {args.clients} clients, {args.candidates} candidates/request, "
+                        f"{len(body)} B payload, CPU, torch threads 1")
+    for col in ("max_batch_size", "throughput_rps", "mean_batch", "mean_latency_ms", "errors", "conversion_share_of_busy", "conversion_share_of_cpu"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in ("max_batch_size", "throughput_rps", "mean_batch", "mean_latency_ms", "errors",
+                                             "conversion_share_of_busy", "conversion_share_of_cpu")))
+    console.print(table)
+    console.print(f"batching speed-up: {speedup:.2f}x (target >= 3x); conversion share (batched): "
+                  f"{batched['conversion_share_of_busy']:.1%} of busy time, {batched['conversion_share_of_cpu']:.1%} of leaf CPU (target <= 10%)")
+    result = {"model": args.model, "version": args.version, "clients": args.clients, "candidates": args.candidates, "payload_bytes": len(body),
+              "speedup": round(speedup, 2), "runs": rows}
+    print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0
