@@ -317,7 +317,7 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
 def build_apps(state: RootState) -> tuple[web.Application, web.Application | None]:
     """(main app, separate admin app or None). Admin routes: /metrics and /admin/*."""
     cfg = state.cfg
-    main = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_middleware], handler_args={"max_field_size": 16384})
+    main = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_middleware], handler_args={"max_field_size": 16384, "read_bufsize": 1 << 20})
     main[STATE] = state
     r = main.router
     r.add_post("/v1/score", handle_fanout, name="fanout")

@@ -165,7 +165,7 @@ def _paths(value: Any, where: str, base: Path, kind: str) -> tuple[Path, ...]:
     out = []
     for v in value:
         p = Path(os.path.expandvars(os.path.expanduser(v)))
-        p = p if p.is_absolute() else (base / p)
+        p = (p if p.is_absolute() else (base / p)).resolve()
         if kind == "file" and not p.is_file():
             raise ConfigError(f"{where}: {v}: no such file")
         if kind == "dir" and not p.is_dir():
