@@ -46,7 +46,14 @@ def run_and_report(cfg: LoadtestConfig, out: Path, link_rates: tuple[str, ...] =
             return lambda frac: progress.update(task, completed=frac)
 
         report: dict[str, Any] = run_matrix(cfg, out, factory, rates, notes)
+    for r in report["scenarios"]:
+        if r.get("errors"):
+            what = ", ".join(f"{n} x {k}" for k, n in r["errors"].items())
+            report["notes"].append(f"{r['scenario']}{' @ ' + r['link_rate'] if r.get('link_rate') else ''}: "
+                                   f"{what} failed requests (logs in {out / 'logs'})")
     files = write_report(report, out, with_plots=plots)
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
     console.print(rich_table(report))
     bad = [r["scenario"] for r in report["scenarios"] if not (r.get("crosscheck") or {}).get("ok")]
     if bad:
