@@ -20,8 +20,12 @@ from trimmer.errors import PayloadError
 from trimmer.signature import InputSpec, Signature
 from trimmer.tensor import DTYPES, Tensor
 
-# torch.frombuffer warns once per call on read-only buffers; we never write to them.
+# torch.frombuffer warns (once per process, TORCH_WARN_ONCE) on read-only buffers; we never write to them.
+# Trigger that one warning here, silenced, so it can never surface later whatever the warning filters.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.frombuffer(b"\0\0\0\0", dtype=torch.uint8)
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
