@@ -19,7 +19,6 @@ from aiohttp import web
 
 from trimmer.codec import JSON, MSGPACK, media_type
 from trimmer.errors import ConfigError, PayloadError
-from trimmer.overrides import load_overrides
 from trimmer.registry import BundleSource, Registry, RepositorySource
 from trimmer.trim import trim_oip
 
@@ -50,10 +49,11 @@ class RootState:
     def __init__(self, cfg: RootConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        overrides = load_overrides(cfg.overrides) if cfg.overrides else None
         sources = [BundleSource(p) for p in cfg.bundles] + [RepositorySource(p) for p in cfg.repositories]
         defaults = {m: mc.default_version for m, mc in cfg.models.items() if mc.default_version is not None}
-        self.registry = Registry(sources, overrides, defaults)
+        self.registry = Registry(sources, None, defaults)
+        if cfg.overrides:
+            self.registry.use_overrides_file(cfg.overrides)  # hot-reloaded with the bundles
         self.registry.reload()
         failed = [st for st in self.registry.sources if st.data is None]
         if failed:
@@ -130,8 +130,7 @@ class RootState:
 
     def reload(self) -> None:
         """Re-read the overrides file and every file source (POST /admin/reload)."""
-        if self.cfg.overrides:
-            self.registry.set_overrides(load_overrides(self.cfg.overrides))
+        self.registry.reload_overrides()
         self.registry.reload([st.source.name for st in self.registry.sources if not isinstance(st.source, MetadataSource)])
         self.metrics.registry_reloads.inc()
 

@@ -218,3 +218,39 @@ def test_readers_never_see_a_half_built_map(tmp_path: Path) -> None:
         t.join(10)
     assert not bad
     assert reg.snapshot.generation >= 100
+
+
+def test_bare_yaml_off_means_mode_off(tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text("models:\n  m:\n    mode: off\n")
+    assert load_overrides(path).models["m"].mode == "off"
+
+
+async def test_overrides_file_hot_reload_keeps_last_good(tmp_path: Path) -> None:
+    path = tmp_path / "allowlists.yaml"
+    path.write_text("models:\n  m:\n    keep: [k1]\n")
+    reg = Registry([StaticSource("s", {("m", "1"): sig("a")})])
+    reg.use_overrides_file(path)
+    reg.reload()
+    assert reg.resolve("m", "1").allowlist == {"a", "k1"}
+    stop = asyncio.Event()
+    task = asyncio.create_task(reg.watch(stop, debounce_ms=50))
+    try:
+        await asyncio.sleep(0.3)
+        path.write_text("models:\n  m:\n    keep: [k2]\n    mode: shadow\n")
+        for _ in range(200):
+            if reg.resolve("m", "1").allowlist == {"a", "k2"}:
+                break
+            await asyncio.sleep(0.05)
+        assert reg.resolve("m", "1").allowlist == {"a", "k2"} and reg.resolve("m", "1").mode == "shadow"
+        path.write_text("models:\n  m:\n    mode: trim-everything\n")
+        for _ in range(200):
+            if any(s["kind"] == "overrides" and s["failures"] for s in reg.status()["sources"]):
+                break
+            await asyncio.sleep(0.05)
+        status = next(s for s in reg.status()["sources"] if s["kind"] == "overrides")
+        assert status["failures"] == 1 and "trim-everything" in status["last_error"]
+        assert reg.resolve("m", "1").allowlist == {"a", "k2"}  # last good overrides kept
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

@@ -62,6 +62,8 @@ def _check_keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
 def _mode(value: Any, where: str) -> str | None:
     if value is None:
         return None
+    if value is False:  # YAML 1.1 reads a bare `off` as false
+        return "off"
     if value not in MODES:
         raise ConfigError(f"{where}.mode: {value!r} is not one of {', '.join(MODES)}")
     return str(value)

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 
 from .bundle import read_bundle
 from .errors import TrimmerError
-from .overrides import Overrides
+from .overrides import Overrides, load_overrides
 from .repository import scan_repository
 from .signature import Signature
 
@@ -161,6 +161,8 @@ class Registry:
         self._config_defaults = dict(default_versions or {})
         self._lock = threading.Lock()  # serialises writers only
         self._generation = 0
+        self._overrides_path: Path | None = None
+        self._overrides_state = SourceState(Source("overrides"))
         self.snapshot: Snapshot = self._build()
         for source in sources:
             self.add_source(source, reload=False)
@@ -176,6 +178,31 @@ class Registry:
         with self._lock:
             self._overrides = overrides
             self.snapshot = self._build()
+
+    def use_overrides_file(self, path: str | os.PathLike[str]) -> None:
+        """Load overrides from a YAML file now (errors raise) and hot-reload it from then on."""
+        self._overrides_path = Path(path).absolute()
+        self._overrides_state.source.name = str(self._overrides_path)
+        self.set_overrides(load_overrides(self._overrides_path))
+        self._overrides_state.data = SourceData()
+        self._overrides_state.reloads += 1
+        self._overrides_state.last_reload = time.time()
+
+    def reload_overrides(self) -> bool:
+        """Re-read the overrides file; a bad file keeps the last good overrides (logged, counted)."""
+        if self._overrides_path is None:
+            return False
+        state = self._overrides_state
+        try:
+            self.set_overrides(load_overrides(self._overrides_path))
+        except TrimmerError as exc:
+            state.failures += 1
+            state.last_error, state.last_error_time = str(exc), time.time()
+            log.error("overrides %s failed to load (keeping last good): %s", self._overrides_path, exc)
+            return False
+        state.reloads += 1
+        state.last_reload, state.last_error = time.time(), None
+        return True
 
     def reload(self, names: Iterable[str] | None = None) -> Snapshot:
         """Reload the named sources (all when None) and swap in a new snapshot."""
@@ -290,7 +317,7 @@ class Registry:
             "sources": [
                 {
                     "name": st.source.name,
-                    "kind": st.source.kind,
+                    "kind": "overrides" if st is self._overrides_state else st.source.kind,
                     "loaded": st.data is not None,
                     "versions": len(st.data.signatures) if st.data else 0,
                     "reloads": st.reloads,
@@ -299,10 +326,13 @@ class Registry:
                     "last_error": st.last_error,
                     "last_error_unix": st.last_error_time,
                 }
-                for st in self._states.values()
+                for st in self._all_states()
             ],
             "models": models,
         }
+
+    def _all_states(self) -> list[SourceState]:
+        return list(self._states.values()) + ([self._overrides_state] if self._overrides_path else [])
 
     @property
     def sources(self) -> list[SourceState]:
@@ -313,14 +343,18 @@ class Registry:
         """Reload affected sources whenever their files change, until stop_event is set."""
         from watchfiles import awatch
 
-        paths = sorted({p for st in self._states.values() for p in st.source.watch_paths() if p.exists()})
+        paths = {p for st in self._states.values() for p in st.source.watch_paths() if p.exists()}
+        if self._overrides_path is not None:
+            paths.add(self._overrides_path.parent)
         if not paths:
             return
         loop = asyncio.get_running_loop()
         async for changes in awatch(
-            *paths, debounce=debounce_ms, step=50, stop_event=stop_event, force_polling=force_polling, recursive=True
+            *sorted(paths), debounce=debounce_ms, step=50, stop_event=stop_event, force_polling=force_polling, recursive=True
         ):
             changed = {Path(p).absolute() for _, p in changes}
             names = [n for n, st in self._states.items() if any(st.source.affected_by(p) for p in changed)]
+            if self._overrides_path in changed:
+                await loop.run_in_executor(None, self.reload_overrides)
             if names:
                 await loop.run_in_executor(None, self.reload, names)
