@@ -171,7 +171,17 @@ async def _read_body(request: web.Request, route: str) -> bytes:
     limit = state.cfg.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    body = await request.read()
+    n = request.content_length
+    if n is not None and not request.headers.get("Content-Encoding") and "chunked" not in request.headers.get("Transfer-Encoding", ""):
+        # One copy (readexactly joins the parser's chunks once) instead of
+        # request.read()'s grow-a-bytearray-then-copy-to-bytes: a third of the
+        # root's CPU on 1.8 MB bodies.
+        try:
+            body = await request.content.readexactly(n)
+        except asyncio.IncompleteReadError as exc:
+            raise PayloadError(f"request body truncated: Content-Length {n}, got {len(exc.partial)} bytes") from None
+    else:
+        body = await request.read()
     state.metrics.client_bytes.labels(route).inc(len(body))
     return body
 

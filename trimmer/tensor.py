@@ -77,7 +77,9 @@ class Tensor:
     def from_numpy(cls, array: Any) -> "Tensor":
         import numpy as np
 
-        arr = np.ascontiguousarray(array)
+        arr = np.asarray(array)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # np.ascontiguousarray would also turn 0-d into shape [1]
         name = arr.dtype.name
         if name not in DTYPES or DTYPES[name][2] is None:
             raise PayloadError(f"numpy dtype {arr.dtype} has no wire dtype")
