@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trimmer.errors import ConfigError
+from trimmer.overrides import check_section as _section
 from trimmer.overrides import load_yaml
 
 from .payload import KINDS, REFERENCE_MIX
@@ -66,17 +67,6 @@ class LoadtestConfig:
     root_extra: dict[str, Any] = field(default_factory=dict)
     sample_rss_s: float = 0.0
     leaf_url: str | None = None  # use this running leaf instead of starting one (then `repo` must hold its models)
-
-
-def _section(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{where}: must be a mapping")
-    unknown = sorted(str(k) for k in set(obj) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    return obj
 
 
 def _number(value: Any, where: str, default: Any, *, integer: bool = False, minimum: float | None = None,

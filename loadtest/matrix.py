@@ -124,32 +124,27 @@ def scrape_metrics(url: str, timeout: float = 5.0) -> dict[str, float]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its live children (root workers)."""
-    total = 0.0
+def _tree_sum(pid: int, measure: Callable[[psutil.Process], float]) -> float:
+    """Sum `measure` over a process and its live children (root workers); 0 once it is gone."""
     try:
         p = psutil.Process(pid)
         procs_ = [p, *p.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0.0
+    total = 0.0
     for q in procs_:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            t = q.cpu_times()
-            total += t.user + t.system
+            total += measure(q)
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process tree."""
+    return _tree_sum(pid, lambda q: q.cpu_times().user + q.cpu_times().system)
 
 
 def rss_bytes(pid: int) -> int:
-    total = 0
-    try:
-        p = psutil.Process(pid)
-        procs_ = [p, *p.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for q in procs_:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += q.memory_info().rss
-    return total
+    return int(_tree_sum(pid, lambda q: q.memory_info().rss))
 
 
 class RssSampler:

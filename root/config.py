@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from trimmer.errors import ConfigError
+from trimmer.overrides import check_section as _section
 from trimmer.overrides import load_yaml
 
 PROTOCOLS = ("native", "oip")
@@ -97,17 +98,6 @@ class RootConfig:
         if mc is not None:
             return mc.partition
         return self.unknown_partition if self.unknown_policy == "passthrough" else None
-
-
-def _section(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{where}: must be a mapping")
-    unknown = sorted(str(k) for k in set(obj) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    return obj
 
 
 def _num(value: Any, where: str, default: float, minimum: float = 0.0, integer: bool = False) -> Any:

@@ -48,7 +48,8 @@ class Overrides:
     models: dict[str, ModelOverride] = field(default_factory=dict)
 
 
-def _check_keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
+def check_section(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    """A config mapping (None -> {}) with no keys outside `allowed`; shared by every YAML config."""
     if obj is None:
         return {}
     if not isinstance(obj, dict):
@@ -78,22 +79,22 @@ def _names(value: Any, where: str) -> frozenset[str] | None:
 
 
 def parse_overrides(doc: Any, where: str = "allowlists.yaml") -> Overrides:
-    doc = _check_keys(doc, _TOP_KEYS, where)
-    defaults = _check_keys(doc.get("defaults"), _DEFAULT_KEYS, f"{where}: defaults")
+    doc = check_section(doc, _TOP_KEYS, where)
+    defaults = check_section(doc.get("defaults"), _DEFAULT_KEYS, f"{where}: defaults")
     models: dict[str, ModelOverride] = {}
     raw_models = doc.get("models") or {}
     if not isinstance(raw_models, dict):
         raise ConfigError(f"{where}: models must be a mapping of model name to settings")
     for name, raw in raw_models.items():
         mw = f"{where}: models.{name}"
-        raw = _check_keys(raw, _MODEL_KEYS, mw)
+        raw = check_section(raw, _MODEL_KEYS, mw)
         versions: dict[str, VersionOverride] = {}
         raw_versions = raw.get("versions") or {}
         if not isinstance(raw_versions, dict):
             raise ConfigError(f"{mw}.versions: must be a mapping of version to settings")
         for version, vraw in raw_versions.items():
             vw = f"{mw}.versions.{version}"
-            vraw = _check_keys(vraw, _VERSION_KEYS, vw)
+            vraw = check_section(vraw, _VERSION_KEYS, vw)
             versions[str(version)] = VersionOverride(
                 _mode(vraw.get("mode"), vw), _names(vraw.get("keep"), f"{vw}.keep") or frozenset(), _names(vraw.get("allowlist"), f"{vw}.allowlist")
             )
