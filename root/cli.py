@@ -141,6 +141,85 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", help="also write the figures as JSON here")
     b.set_defaults(func=_run_bench)
 
+    d = sub.add_parser("drift", help="allowlist drift report of a running root: inputs its leaves defaulted, features sent but unused")
+    d.add_argument("--root", required=True, help="the root's admin base URL, e.g. http://127.0.0.1:8080 (admin.port when set)")
+    d.add_argument("--json", action="store_true", help="print the raw JSON report")
+    d.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the root (default 15)")
+    d.set_defaults(func=_run_drift)
+
+
+def _fetch_json(url: str, timeout: float) -> dict:
+    """GET a root admin URL; any failure is one TrimmerError line (unreachable, non-200, not JSON)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from trimmer.errors import TrimmerError
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:300].decode("utf-8", "replace")
+        try:
+            detail = json.loads(detail).get("error", detail)
+        except (ValueError, AttributeError):
+            pass
+        hint = " (admin endpoints off, or on admin.port?)" if exc.code == 404 else ""
+        raise TrimmerError(f"{url} answered {exc.code}{hint}: {detail}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrimmerError(f"cannot reach the root at {url}: {reason}") from None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise TrimmerError(f"{url} did not answer JSON") from None
+    if not isinstance(doc, dict):
+        raise TrimmerError(f"{url} did not answer a JSON object")
+    return doc
+
+
+def _top(counts: dict, n: int = 5) -> str:
+    items = [f"{k} ({v:,})" for k, v in list(counts.items())[:n]]
+    more = len(counts) - n
+    return ", ".join(items) + (f", +{more} more" if more > 0 else "") if items else "-"
+
+
+def _run_drift(args: argparse.Namespace) -> int:
+    """`trimmer drift --root URL`: the root's allowlist drift report (GET /admin/drift) as a table or JSON."""
+    import json
+
+    from trimmer.errors import TrimmerError
+
+    base = args.root.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise TrimmerError(f"--root: expected a URL like http://127.0.0.1:8080, got {args.root!r}")
+    doc = _fetch_json(base + "/admin/drift", args.timeout)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"allowlist drift at {base} (counts since each leaf started)", title_justify="left")
+    for c in ("model", "version", "mode", "requests", "needed, not received (defaulted)", "trimmed by root", "sent but unused",
+              "unused features"):
+        t.add_column(c, justify="right" if c in ("requests", "sent but unused") else "left", overflow="fold")
+    for model, versions in sorted((doc.get("models") or {}).items()):
+        for version, v in sorted(versions.items()):
+            t.add_row(model, version, str(v.get("mode")), f"{v.get('requests', 0):,}", _top(v.get("needed_but_defaulted") or {}),
+                      ", ".join(v.get("defaulted_not_in_allowlist") or []) or "-", f"{v.get('sent_but_unused_count', 0):,}",
+                      _top(v.get("sent_but_unused") or {}))
+    console.print(t)
+    for r in doc.get("replicas") or []:
+        if not r.get("ok"):
+            console.print(f"[red]replica {r.get('replica')} (partition {r.get('partition')}) did not answer: {r.get('error')}[/red]")
+    for name, why in (doc.get("skipped_partitions") or {}).items():
+        console.print(f"partition {name} skipped: {why}")
+    console.print(f"{doc.get('replicas_ok', 0)} replica(s) answered, {doc.get('replicas_failed', 0)} failed")
+    return 0
+
 
 def _root_entry(args: argparse.Namespace) -> int:
     if not args.config:

@@ -24,7 +24,8 @@ BALANCES = ("least_inflight", "round_robin")
 UNKNOWN_POLICIES = ("reject", "passthrough")
 
 _TOP = {"listen", "admin", "workers", "bundles", "repositories", "overrides", "watch", "partitions", "models",
-        "unknown_models", "timeouts", "limits", "deadline_header"}
+        "unknown_models", "timeouts", "limits", "deadline_header", "audit_sample_rate", "audit_max_concurrent",
+        "audit_tolerance"}
 _LISTEN = {"host", "port"}
 _ADMIN = {"enabled", "host", "port"}
 _PARTITION = {"replicas", "protocol", "compression", "balance", "health_path", "max_connections",
@@ -91,6 +92,9 @@ class RootConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body_bytes: int = 64 * 1024 * 1024
     deadline_header: str = "X-Deadline-Ms"
+    audit_sample_rate: float = 0.0  # fraction of trimmed requests also sent untrimmed and compared (root/audit.py)
+    audit_max_concurrent: int = 8  # audits in flight at once; more are dropped and counted
+    audit_tolerance: float = 1e-5  # float outputs within this relative difference are near matches, not mismatches
 
     def partition_for(self, model: str) -> str | None:
         """The partition a model routes to, or None when the unknown-model policy rejects it."""
@@ -260,6 +264,12 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
     watch = doc.get("watch", True)
     if not isinstance(watch, bool):
         raise ConfigError(f"{path}: watch: must be true or false")
+    audit_rate = doc.get("audit_sample_rate", 0.0)
+    if isinstance(audit_rate, bool) or not isinstance(audit_rate, (int, float)) or not 0.0 <= audit_rate <= 1.0:
+        raise ConfigError(f"{path}: audit_sample_rate: must be a number from 0 to 1, got {audit_rate!r}")
+    audit_tol = doc.get("audit_tolerance", 1e-5)
+    if isinstance(audit_tol, bool) or not isinstance(audit_tol, (int, float)) or not 0.0 <= audit_tol < 1.0:
+        raise ConfigError(f"{path}: audit_tolerance: must be a number >= 0 and < 1 (0: bit for bit), got {audit_tol!r}")
     overrides = _paths(doc.get("overrides"), f"{path}: overrides", base, "file")
     if len(overrides) > 1:
         raise ConfigError(f"{path}: overrides: one file, not a list")
@@ -288,6 +298,9 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
         ),
         max_body_bytes=_num(limits.get("max_body_bytes"), f"{path}: limits.max_body_bytes", 64 * 1024 * 1024, 1, integer=True),
         deadline_header=_str(doc.get("deadline_header"), f"{path}: deadline_header", default="X-Deadline-Ms"),
+        audit_sample_rate=float(audit_rate),
+        audit_tolerance=float(audit_tol),
+        audit_max_concurrent=_num(doc.get("audit_max_concurrent"), f"{path}: audit_max_concurrent", 8, 1, integer=True),
     )
 
 

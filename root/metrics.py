@@ -62,6 +62,18 @@ class Metrics:
         self.replica_up = Gauge(
             f"{PREFIX}_replica_up", "1 when the replica's last health check or request succeeded", ("partition", "replica"), registry=r,
             multiprocess_mode="max")
+        # Equivalence audit (root/audit.py): a sampled trimmed request re-sent untrimmed, outputs compared.
+        self.audit_sample_rate = Gauge(
+            f"{PREFIX}_audit_sample_rate", "Configured audit_sample_rate (fraction of trimmed requests audited)", registry=r, multiprocess_mode="max")
+        self.audits = Counter(f"{PREFIX}_audits", "Equivalence audits run: the untrimmed copy was sent upstream", m, registry=r)
+        self.audit_matches = Counter(f"{PREFIX}_audit_matches", "Audits whose trimmed and untrimmed outputs are bit-identical", m, registry=r)
+        self.audit_near_matches = Counter(
+            f"{PREFIX}_audit_near_matches", "Audits whose float outputs differ only within audit_tolerance (batching / float order noise)", m, registry=r)
+        self.audit_mismatches = Counter(f"{PREFIX}_audit_mismatches", "Audits whose outputs differ: the allowlist dropped a feature the model reads", m, registry=r)
+        self.audit_errors = Counter(
+            f"{PREFIX}_audit_errors", "Audits that could not compare (untrimmed copy failed, timed out, or an undecodable answer)", m, registry=r)
+        self.audits_dropped = Counter(f"{PREFIX}_audits_dropped", "Sampled audits not run because audit_max_concurrent were in flight", m, registry=r)
+        self.audit_sent_bytes = Counter(f"{PREFIX}_audit_sent_bytes", "Body bytes of untrimmed audit copies sent upstream (not in upstream_sent_bytes)", m, registry=r)
         self.registry_reloads = Counter(f"{PREFIX}_allowlist_reloads", "Allowlist registry rebuilds (start, hot reload, metadata refresh)", registry=r)
 
     def exposition(self) -> tuple[bytes, str]:
