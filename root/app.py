@@ -22,7 +22,9 @@ from trimmer.errors import ConfigError, PayloadError
 from trimmer.registry import BundleSource, Registry, RepositorySource
 from trimmer.trim import trim_oip
 
+from .audit import Auditor
 from .config import RootConfig
+from .drift import gather_drift
 from .fanout import PreparedBody, RouteError, Router, fan_out, native_path
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
@@ -63,7 +65,9 @@ class RootState:
         self.partitions = {n: Partition(pc, cfg.timeouts, self.metrics) for n, pc in cfg.partitions.items()}
         self.meta_sources: list[MetadataSource] = metadata_sources(
             self.partitions, cfg.partitions, {m: mc.default_version for m, mc in cfg.models.items()})
-        self.router = Router(cfg, self.registry, self.partitions, self.metrics)
+        self.auditor = Auditor(cfg.audit_sample_rate, cfg.audit_max_concurrent, self.metrics, cfg.timeouts.request_s, cfg.deadline_header,
+                               cfg.audit_tolerance)
+        self.router = Router(cfg, self.registry, self.partitions, self.metrics, self.auditor)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.draining = False
@@ -92,6 +96,7 @@ class RootState:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.auditor.stop()
         for p in self.partitions.values():
             await p.close()
 
@@ -293,6 +298,17 @@ async def handle_allowlists(request: web.Request) -> web.Response:
     return json_response(status)
 
 
+async def handle_audit(request: web.Request) -> web.Response:
+    """Equivalence audit settings, this process's counts and its most recent mismatches (root/audit.py)."""
+    return json_response(request.app[STATE].auditor.status())
+
+
+async def handle_drift(request: web.Request) -> web.Response:
+    """Per model/version: inputs the leaves defaulted and features they received unused (root/drift.py)."""
+    state = request.app[STATE]
+    return json_response(await gather_drift(state.partitions, state.registry, min(state.cfg.timeouts.request_s, 10.0)))
+
+
 async def handle_reload(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await asyncio.get_running_loop().run_in_executor(None, state.reload)
@@ -357,6 +373,8 @@ def build_apps(state: RootState) -> tuple[web.Application, web.Application | Non
         ar.add_get("/metrics", handle_metrics, name="metrics")
         ar.add_get("/admin/allowlists", handle_allowlists, name="admin_allowlists")
         ar.add_post("/admin/reload", handle_reload, name="admin_reload")
+        ar.add_get("/admin/audit", handle_audit, name="admin_audit")
+        ar.add_get("/admin/drift", handle_drift, name="admin_drift")
     return main, admin
 
 

@@ -19,6 +19,7 @@ from trimmer.errors import PayloadError
 from trimmer.registry import Registry, Resolution
 from trimmer.trim import trim
 
+from .audit import Auditor, AuditJob
 from .config import RootConfig
 from .metrics import Metrics
 from .upstream import Partition, UpstreamError
@@ -99,11 +100,13 @@ class Outcome:
 class Router:
     """Resolves a (model, version) to a partition and an allowlist, trims, sends, and counts."""
 
-    def __init__(self, cfg: RootConfig, registry: Registry, partitions: dict[str, Partition], metrics: Metrics) -> None:
+    def __init__(self, cfg: RootConfig, registry: Registry, partitions: dict[str, Partition], metrics: Metrics,
+                 auditor: Auditor | None = None) -> None:
         self.cfg = cfg
         self.registry = registry
         self.partitions = partitions
         self.metrics = metrics
+        self.auditor = auditor  # equivalence audit of sampled trimmed requests (root/audit.py)
         self._known: tuple[int, set[str]] = (-1, set())
 
     def labels(self, model: str, version: str | None, partition: str) -> tuple[str, str, str]:
@@ -152,6 +155,7 @@ class Router:
         m.mode_requests.labels(*labels, res.mode if res.allowlist is not None else "miss").inc()
 
         t0 = time.perf_counter()
+        dropped_any = False
         try:
             if prepared is not None:
                 untrimmed_fn = prepared.untrimmed
@@ -173,6 +177,7 @@ class Router:
                 m.trimmed_bytes.labels(*labels).inc(len(trimmed))
                 if res.mode == "enforce":
                     body = trimmed
+                    dropped_any = n_kept < n_in
                     m.features_dropped.labels(*labels).inc(n_in - n_kept)
                 else:  # shadow: measure, send untrimmed
                     body = untrimmed
@@ -186,8 +191,9 @@ class Router:
         if extra_headers:
             headers.update(extra_headers)
         t1 = time.perf_counter()
+        path = path_for(eff_version)
         try:
-            resp = await part.request("POST", path_for(eff_version), body, headers, timeout_s, labels, self.cfg.deadline_header)
+            resp = await part.request("POST", path, body, headers, timeout_s, labels, self.cfg.deadline_header)
         except UpstreamError as exc:
             m.upstream_seconds.labels(*labels).observe(time.perf_counter() - t1)
             return self.error(exc.status, f"model {model!r} (partition {part.name!r}): {exc}", exc.kind, labels)
@@ -195,6 +201,10 @@ class Router:
         if resp.status >= 400:
             m.errors.labels(*labels, f"upstream_{resp.status // 100}xx").inc()
             return Outcome(resp.status, resp.body, resp.content_type, resp.headers, upstream_error_text(resp.body, resp.content_type, resp.status))
+        if dropped_any and self.auditor is not None and self.auditor.sample():
+            # After the answer is in hand and in the background: the client never waits for an audit.
+            self.auditor.submit(AuditJob(model, eff_version, labels, part, resp.replica, path, untrimmed, content_type,
+                                         resp.status, resp.body, resp.content_type, res.allowlist))  # type: ignore[arg-type]
         return Outcome(resp.status, resp.body, resp.content_type, resp.headers)
 
 
