@@ -37,6 +37,8 @@ from .scenarios import SCENARIOS, Scenario, write_scenario_configs
 LEAF_READY = "/v2/health/ready"
 ROOT_READY = "/readyz"
 SENT_METRIC = "trimmer_root_upstream_sent_bytes"
+AUDIT_PREFIX = "trimmer_root_audit"
+AUDIT_OUTCOMES = ("matches", "near_matches", "mismatches", "errors")
 CROSSCHECK_TOLERANCE_PCT = 1.0
 
 
@@ -234,11 +236,38 @@ def run_scenario(ctx: MatrixContext, scenario: Scenario, progress: Callable[[flo
         with sampler or contextlib.nullcontext():
             result = _run_async(run_load(target, cfg.load, progress, cpu_start))
         cpu_end = cpu_seconds(root.pid)
-        metrics = scrape_metrics(root.url)
+        metrics = _settled_metrics(root.url)
         after = ctx.relay.snapshot()
     if root.proc is not None and root.proc.returncode not in (0, None, -15):
         pass  # an unclean root exit is visible in its log; the figures above were taken while it ran
     return _row(ctx, scenario, link_rate, result, after - before, metrics, cpu, cpu_end, sampler)
+
+
+def _audits_pending(metrics: dict[str, float]) -> bool:
+    started = metrics.get("trimmer_root_audits_total", 0.0)
+    return started > sum(metrics.get(f"{AUDIT_PREFIX}_{k}_total", 0.0) for k in AUDIT_OUTCOMES)
+
+
+def _settled_metrics(url: str, wait_s: float = 5.0) -> dict[str, float]:
+    """The root's metrics once its background equivalence audits have finished (bounded wait)."""
+    metrics = scrape_metrics(url)
+    deadline = time.monotonic() + wait_s
+    while _audits_pending(metrics) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        metrics = scrape_metrics(url)
+    return metrics
+
+
+def audit_summary(metrics: dict[str, float]) -> dict[str, Any] | None:
+    """The root's equivalence-audit counters (None when audit_sample_rate is 0 or the root predates audits)."""
+    rate = metrics.get(f"{AUDIT_PREFIX}_sample_rate")
+    if not rate:
+        return None
+    out: dict[str, Any] = {"sample_rate": rate, "run": int(metrics.get("trimmer_root_audits_total", 0.0)),
+                           "dropped": int(metrics.get("trimmer_root_audits_dropped_total", 0.0)),
+                           "sent_bytes": int(metrics.get(f"{AUDIT_PREFIX}_sent_bytes_total", 0.0))}
+    out.update({k: int(metrics.get(f"{AUDIT_PREFIX}_{k}_total", 0.0)) for k in AUDIT_OUTCOMES})
+    return out
 
 
 def _run_async(coro: Any) -> Any:
@@ -253,6 +282,13 @@ def _row(ctx: MatrixContext, scenario: Scenario, link_rate: str | None, result, 
          cpu: dict[str, float], cpu_end: float, sampler: RssSampler | None) -> dict[str, Any]:
     w = ctx.workload
     load = delta.matching(is_load_path)
+    audit = audit_summary(metrics)
+    if audit and audit["run"] and load.requests > audit["run"]:
+        # Audit copies (untrimmed, same paths) pass the relay too: take them out of the per-request figures,
+        # headers estimated at the mean header size. Their bytes stay visible under `audit.sent_bytes`.
+        hdr = load.header_bytes / load.requests
+        load = type(load)(load.requests - audit["run"], max(0, round(load.header_bytes - hdr * audit["run"])),
+                          max(0, load.body_bytes - audit["sent_bytes"]))
     n_targets = len(ctx.cfg.models)
     per_upstream = load.total_bytes / load.requests if load.requests else None
     wire = per_upstream * n_targets if per_upstream is not None else None
@@ -281,6 +317,8 @@ def _row(ctx: MatrixContext, scenario: Scenario, link_rate: str | None, result, 
                                                                                "features_dropped", "shadow_features_dropped", "allowlist_misses")},
         **result.to_json(),
     }
+    if audit is not None:
+        row["audit"] = audit
     if sampler is not None:
         row["rss"] = sampler.summary()
     return row

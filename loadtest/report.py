@@ -49,6 +49,21 @@ def _fmt(x: Any, spec: str, suffix: str = "") -> str:
 
 
 COLUMNS = ("scenario", "link", "bytes/req", "saved", "x min", "p50 ms", "p99 ms", "req/s", "CPU s/1k", "err", "relay vs root")
+AUDIT_COLUMN = "audit"
+
+
+def audit_cell(r: dict[str, Any]) -> str:
+    """`-` without audits; else `ok 0/N` or `MISMATCH m/N` (mismatches over audits run), `+e err` when some failed."""
+    a = r.get("audit")
+    if not a or not a.get("run"):
+        return "none run" if a and r.get("mode") == "enforce" else "-"  # audits only sample trimmed (enforce) requests
+    cell = f"{'MISMATCH' if a.get('mismatches') else 'ok'} {a.get('mismatches', 0)}/{a['run']}"
+    return cell + (f" +{a['errors']} err" if a.get("errors") else "")
+
+
+def columns(report: dict[str, Any]) -> tuple[str, ...]:
+    """The table's columns: `audit` only when some scenario's root had audit_sample_rate > 0."""
+    return COLUMNS + ((AUDIT_COLUMN,) if any(r.get("audit") for r in report.get("scenarios", [])) else ())
 
 
 def row_cells(r: dict[str, Any]) -> list[str]:
@@ -64,17 +79,24 @@ def row_cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def cells(r: dict[str, Any], cols: Sequence[str]) -> list[str]:
+    out = row_cells(r)
+    return out + [audit_cell(r)] if AUDIT_COLUMN in cols else out
+
+
 def rich_table(report: dict[str, Any]) -> Table:
     t = Table(title="root -> leaf bytes, latency and root CPU by mode", title_justify="left")
-    for c in COLUMNS:
-        t.add_column(c, justify="left" if c in ("scenario", "link", "relay vs root") else "right", no_wrap=True)
+    cols = columns(report)
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("scenario", "link", "relay vs root", AUDIT_COLUMN) else "right", no_wrap=True)
     for r in report["scenarios"]:
-        t.add_row(*row_cells(r))
+        t.add_row(*cells(r, cols))
     return t
 
 
 def markdown(report: dict[str, Any]) -> str:
     p = report.get("payload", {})
+    cols = columns(report)
     lines = [
         "# Load test report", "",
         f"Generated {report.get('generated')} from `{report.get('config')}`. "
@@ -88,10 +110,21 @@ def markdown(report: dict[str, Any]) -> str:
         "`x min` is wire bytes per request over the bytes of the request with only the kept features; "
         "`relay vs root` compares the relay's body bytes with the root's `trimmer_root_upstream_sent_bytes` metric "
         "(agreement within 1 % required); `CPU s/1k` is the root process's CPU seconds per 1,000 requests.", "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
     ]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in report["scenarios"]]
+    lines += ["| " + " | ".join(cells(r, cols)) + " |" for r in report["scenarios"]]
+    audited = [r for r in report["scenarios"] if r.get("audit") and (r["audit"].get("run") or r.get("mode") == "enforce")]
+    if audited:
+        lines += ["", "## Equivalence audit", "",
+                  "A sampled share of trimmed requests was also sent untrimmed to the same leaf and the outputs compared "
+                  "bit for bit (root `audit_sample_rate`). A mismatch means the allowlist dropped a feature the model reads; "
+                  "near matches differ only in float noise within `audit_tolerance`. Audit copies are left out of bytes/req.", "",
+                  "| scenario | sample rate | run | matches | near matches | mismatches | errors | dropped |", "|---|---|---|---|---|---|---|---|"]
+        for r in audited:
+            a = r["audit"]
+            lines.append(f"| {r['scenario']} | {a.get('sample_rate')} | {a.get('run', 0)} | {a.get('matches', 0)} | {a.get('near_matches', 0)} "
+                         f"| {a.get('mismatches', 0)} | {a.get('errors', 0)} | {a.get('dropped', 0)} |")
     rss_rows = [r for r in report["scenarios"] if r.get("rss")]
     if rss_rows:
         lines += ["", "## Memory (RSS, sampled while under load)", "", "| scenario | process | start MB | end MB | max MB | growth MB |", "|---|---|---|---|---|---|"]
