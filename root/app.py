@@ -185,8 +185,13 @@ async def _read_body(request: web.Request, route: str) -> bytes:
             body = await request.content.readexactly(n)
         except asyncio.IncompleteReadError as exc:
             raise PayloadError(f"request body truncated: Content-Length {n}, got {len(exc.partial)} bytes") from None
+        except ConnectionError:  # the client went away mid-body: its error, not a 500 with a traceback
+            raise PayloadError(f"request body truncated: client closed the connection before {n} bytes arrived") from None
     else:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except ConnectionError:
+            raise PayloadError("request body truncated: client closed the connection mid-body") from None
     state.metrics.client_bytes.labels(route).inc(len(body))
     return body
 

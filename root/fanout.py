@@ -61,6 +61,8 @@ class PreparedBody:
                 raise PayloadError(f"request must be a map with string keys ({exc})") from None
             except msgspec.DecodeError as exc:
                 raise PayloadError(f"malformed {fmt} body: {exc}") from None
+            except RecursionError:
+                raise PayloadError(f"malformed {fmt} body: nested too deeply") from None
             self.models_raw = top.pop("models", None)
             # One copy of the body without `models` (Raw values are written back verbatim).
             self._base = body if self.models_raw is None else enc.encode(top)
@@ -70,7 +72,7 @@ class PreparedBody:
             raise PayloadError('fan-out request has no "models" list; send [{"name": ...}, ...] or use /v1/models/{name}/score')
         try:
             refs = _DECODERS[self.media][2].decode(self.models_raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
             raise PayloadError(f'"models" must be a list of {{"name": str, "version": str?}} ({exc})') from None
         if not refs:
             raise PayloadError('"models" is empty')
@@ -224,7 +226,7 @@ def upstream_error_text(body: bytes, content_type: str, status: int) -> str:
             obj = msgspec.json.decode(body)
         if isinstance(obj, dict) and isinstance(obj.get("error"), str):
             return obj["error"]
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
         pass
     text = body[:200].decode("utf-8", "replace").strip()
     return f"upstream answered {status}" + (f": {text}" if text else "")
@@ -277,7 +279,7 @@ async def fan_out(router: Router, prepared: PreparedBody, content_type: str, tim
             else:
                 try:
                     results[key] = _decode_any(out.body, out.content_type)
-                except (msgspec.DecodeError, ValueError):
+                except (msgspec.DecodeError, ValueError, RecursionError):
                     errors[key] = {"status": 502, "error": f"model {ref.name!r}: upstream sent an undecodable {out.content_type} body"}
         else:
             errors[key] = {"status": out.status, "error": out.error or f"upstream answered {out.status}"}
