@@ -158,7 +158,10 @@ async def run_model(request: web.Request, vs: VersionState, features: dict[str, 
 
 async def read_body(request: web.Request, vs: VersionState) -> bytes:
     metrics = request.app[METRICS]
-    body = await request.read()
+    try:
+        body = await request.read()
+    except ConnectionError:  # the client went away mid-body: its error, not a 500 with a traceback
+        raise PayloadError("request body truncated: client closed the connection mid-body") from None
     metrics.bytes_received.labels(vs.model, vs.version).inc(len(body))
     return decompress(body, request.headers.get("Content-Encoding"), request.app[CONFIG].max_body_bytes)
 
