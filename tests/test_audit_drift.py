@@ -245,3 +245,51 @@ async def test_drift_reports_an_unreachable_replica(stack, tmp_path):
     failed = [r for r in doc["replicas"] if not r["ok"]]
     assert failed[0]["replica"] == dead and failed[0]["partition"] == "gone" and failed[0]["error"]
     assert "ranker" in doc["models"]
+
+
+async def test_audits_over_the_cap_are_dropped_and_counted(tmp_path):
+    """audit_max_concurrent 1 and a slow upstream: of several audits sampled at once, one runs, the rest are dropped.
+
+    The stand-in upstream (root.sink) answers without `outputs`, so the audit that runs ends as an error.
+    """
+    from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
+
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(json.dumps({"kind": BUNDLE_KIND, "format": BUNDLE_FORMAT, "models": {
+        "m": {"default_version": "1", "versions": {"1": {"input_names": ["f1"], "output_names": ["score"]}}}}}))
+    from loadtest.procs import ManagedProcess
+
+    sport = free_port()
+
+    sink = ManagedProcess("sink", [sys.executable, "-m", "root.sink", "--port", str(sport), "--delay-ms", "400"],
+                          f"http://127.0.0.1:{sport}", tmp_path / "sink.log")
+    sink.start()
+    root = None
+    try:
+        sink.wait_ready("/v2/health/ready", timeout=30)
+        cfg = {"bundles": [str(bundle)], "watch": False, "partitions": {"p": {"replicas": [sink.url]}}, "models": {"m": "p"},
+               "audit_sample_rate": 1.0, "audit_max_concurrent": 1}
+        path = tmp_path / "root.yaml"
+        path.write_text(json.dumps(cfg))
+        port = free_port()
+        root = start("root-cap", ["root", "--config", str(path), "--port", str(port)], port, "/readyz", tmp_path, timeout=60)
+        body = encode_msgpack({"features": {"f1": 1, "f2": 2, "f3": 3}})
+        async with aiohttp.ClientSession() as s:
+            answers = await asyncio.gather(*(post(s, root.url + "/v1/models/m/score", body) for _ in range(6)))
+            assert all(st == 200 for st, _ in answers)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                async with s.get(root.url + "/admin/audit") as r:
+                    doc = await r.json()
+                if doc["counts"]["sampled"] == 6 and doc["in_flight"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            dropped = await metric(s, root, "trimmer_root_audits_dropped_total", model="m", version="1")
+            errors = await metric(s, root, "trimmer_root_audit_errors_total", model="m", version="1")
+    finally:
+        if root is not None:
+            root.stop()
+        sink.stop()
+    c = doc["counts"]
+    assert c["sampled"] == 6 and c["run"] >= 1 and c["dropped"] >= 1 and c["run"] + c["dropped"] == 6, c
+    assert dropped == c["dropped"] and errors == c["errors"] == c["run"]
