@@ -2,7 +2,8 @@
 
 Calling convention (batched, docs/leaf.md): every input gets a leading row axis. Per-candidate inputs
 (spec shape with -1) are concatenated along their candidate axis; per-request inputs (no -1, e.g. user
-features) are repeated once per row of their request (an `expand` view, materialised by the concat).
+features) are repeated once per row of their request (an `expand` view for a single request, one
+repeat_interleave for a batch); raw request buffers are joined once per input per batch.
 Models without a candidate dimension have one row per request. Every output's leading axis is split back
 by rows; for models without a candidate dimension the row axis is dropped again. Any mix of requests can
 therefore share a batch, and each request gets exactly what it would get alone.
@@ -16,13 +17,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from .convert import Converted, Converter
+from trimmer.tensor import Tensor
+
+from .convert import WIRE_DTYPES, Converted, Converter, as_tensor
+from .wire import make_tensor
 
 log = logging.getLogger("leaf.batcher")
 
@@ -45,7 +50,8 @@ class BatchStats:
 
 
 class Runner:
-    """Assembles a batch, runs the module under inference_mode and splits the outputs (in a worker thread)."""
+    """Assembles a batch and splits its outputs (event loop thread); runs the module under inference_mode
+    (model thread)."""
 
     def __init__(self, module: Callable[..., Any], converter: Converter, output_names: tuple[str, ...], device: torch.device) -> None:
         self.module = module
@@ -60,14 +66,44 @@ class Runner:
         return t.contiguous().pin_memory().to(self.device, non_blocking=True)
 
     def assemble(self, convs: list[Converted]) -> list[torch.Tensor]:
+        """One tensor per input for the whole batch: raw parts are joined once and wrapped once (one copy,
+        no per-request torch ops); per-request inputs get one row per candidate (an expand view for a
+        single request, one repeat_interleave for a batch)."""
+        n = len(convs)
+        cand = self.converter.has_candidates
+        rows = [c.rows for c in convs]
+        total = sum(rows)
+        repeats: torch.Tensor | None = None
         inputs = []
         for i, plan in enumerate(self.converter.plans):
-            parts = [c.tensors[i] for c in convs]
-            if plan.cand_axis is not None:
-                t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=plan.cand_axis)
-            else:
-                views = [p.unsqueeze(0).expand(c.rows, *p.shape) for p, c in zip(parts, convs)]
-                t = views[0] if len(views) == 1 else torch.cat(views, dim=0)
+            dtype = plan.torch_dtype
+            assert dtype is not None
+            if n == 1:
+                c = convs[0]
+                t = as_tensor(c.parts[i], dtype, c.shapes[i])  # type: ignore[index]
+                if plan.cand_axis is None:
+                    t = t.unsqueeze(0).expand(c.rows, *t.shape) if cand else t.unsqueeze(0)
+                inputs.append(self._to_device(t))
+                continue
+            parts = [c.parts[i] for c in convs]
+            if plan.cand_axis in (None, 0) and not any(isinstance(p, torch.Tensor) for p in parts):
+                buf = b"".join(parts)
+                if plan.cand_axis == 0:
+                    t = as_tensor(buf, dtype, (total, *plan.rest))
+                else:
+                    t = as_tensor(buf, dtype, (n, *plan.rest))
+                    if cand:
+                        if repeats is None:
+                            repeats = torch.tensor(rows)
+                        t = t.repeat_interleave(repeats, dim=0, output_size=total)
+            else:  # values sent as lists, or a candidate axis that is not the first: per-request tensors
+                ts = [as_tensor(p, dtype, c.shapes[i]) for p, c in zip(parts, convs)]  # type: ignore[index]
+                if plan.cand_axis is not None:
+                    t = torch.cat(ts, dim=plan.cand_axis)
+                elif cand:
+                    t = torch.cat([x.unsqueeze(0).expand(r, *x.shape) for x, r in zip(ts, rows)], dim=0)
+                else:
+                    t = torch.stack(ts, dim=0)
             inputs.append(self._to_device(t))
         return inputs
 
@@ -79,39 +115,63 @@ class Runner:
             raise ModelError(f"model returned {len(outs)} outputs, signature names {len(self.output_names)}")
         return [o.detach().to("cpu") if o.device.type != "cpu" else o.detach() for o in outs]
 
-    def run(self, convs: list[Converted], stats: BatchStats) -> list[list[torch.Tensor]]:
-        """Outputs per request, in order. assemble_s is this thread's CPU time (GIL waits excluded)."""
-        c0 = time.thread_time()
+    def split(self, outs: list[torch.Tensor], rows: list[int]) -> list[list[Tensor]]:
+        """Batch outputs -> per-request wire tensors: one contiguous CPU buffer per output, sliced by rows
+        (memoryview slices, no per-request torch ops); models without a candidate dim lose the row axis."""
+        total = sum(rows)
+        names = self.output_names or tuple(f"output{i}" for i in range(len(outs)))
+        cand = self.converter.has_candidates
+        per_req: list[list[Tensor]] = [[] for _ in rows]
+        for name, o in zip(names, outs):
+            if o.dim() == 0 or o.shape[0] != total:
+                raise ModelError(f"output {name!r} has shape {list(o.shape)}; its leading axis must be the {total} batch rows")
+            wire = WIRE_DTYPES.get(o.dtype)
+            if wire is None:
+                o, wire = o.to(torch.float32), "float32"
+            o = o.contiguous()
+            rest = tuple(int(d) for d in o.shape[1:])
+            row_bytes = o.element_size() * math.prod(rest)
+            mv = memoryview(o.reshape(-1).view(torch.uint8).numpy()) if o.numel() else memoryview(b"")
+            start = 0
+            for req, r in zip(per_req, rows):
+                end = start + r * row_bytes
+                req.append(make_tensor(wire, (r, *rest) if cand else rest, mv[start:end]))
+                start = end
+        return per_req
+
+    def forward(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """The model call (model thread): device copies, forward under inference_mode, outputs on the CPU.
+        Nothing else runs here, so the model thread and the event loop hand the GIL to each other about
+        twice per batch rather than once per tensor op (thread hand-offs are what cost most on few cores)."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if not self.converter.batchable:
-                inputs = [self._to_device(t) for t in convs[0].tensors]
-                t1 = time.perf_counter()
-                outs = self._outputs(self.module(*inputs))
-                stats.compute_s = time.perf_counter() - t1
-                stats.assemble_s = t1 - t0
-                return [outs]
-            inputs = self.assemble(convs)
-            t1 = time.perf_counter()
-            c1 = time.thread_time()
+            inputs = [self._to_device(t) for t in inputs] if self.cuda else inputs
             try:
                 raw = self.module(*inputs)
             except Exception as exc:  # noqa: BLE001 - any model failure becomes a 500 for this batch
                 raise ModelError(f"model forward failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
             outs = self._outputs(raw)
-            t2 = time.perf_counter()
-            c2 = time.thread_time()
-            rows = [c.rows for c in convs]
-            total = sum(rows)
-            for name, o in zip(self.output_names or [f"output{i}" for i in range(len(outs))], outs):
-                if o.dim() == 0 or o.shape[0] != total:
-                    raise ModelError(f"output {name!r} has shape {list(o.shape)}; its leading axis must be the {total} batch rows")
-            per_req = [list(parts) for parts in zip(*(o.split(rows, dim=0) for o in outs))]
-            if not self.converter.has_candidates:
-                per_req = [[p[0] for p in parts] for parts in per_req]
-            stats.compute_s = t2 - t1
-            stats.assemble_s = (c1 - c0) + (time.thread_time() - c2)
-            return per_req
+        return outs, time.perf_counter() - t0
+
+    def prepare(self, convs: list[Converted]) -> list[torch.Tensor]:
+        """Batch inputs (event loop thread): assembled for the batched convention, or one request as is."""
+        with torch.inference_mode():
+            return self.assemble(convs) if self.converter.batchable else convs[0].tensors
+
+    def finish(self, outs: list[torch.Tensor], convs: list[Converted]) -> list[list[Any]]:
+        """Per-request outputs (event loop thread): wire tensors (batched) or the torch tensors (one request)."""
+        return self.split(outs, [c.rows for c in convs]) if self.converter.batchable else [outs]
+
+    def run(self, convs: list[Converted], stats: BatchStats) -> list[list[Any]]:
+        """prepare + forward + finish in the calling thread (warm-up runs). assemble_s is CPU time."""
+        c0 = time.thread_time()
+        inputs = self.prepare(convs)
+        c1 = time.thread_time()
+        outs, stats.compute_s = self.forward(inputs)
+        c2 = time.thread_time()
+        per_req = self.finish(outs, convs)
+        stats.assemble_s = (c1 - c0) + (time.thread_time() - c2)
+        return per_req
 
 
 class Batcher:
@@ -129,6 +189,12 @@ class Batcher:
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self._carry: Job | None = None
         self._task: asyncio.Task | None = None
+        # metric children bound once: labels() costs a lock and a dict lookup per call
+        self._queue_s = metrics.queue_seconds.labels(*key)
+        self._batch_size = metrics.batch_size.labels(*key)
+        self._batch_rows = metrics.batch_rows.labels(*key)
+        self._compute_s = metrics.compute_seconds.labels(*key)
+        self._assemble_s = metrics.assemble_seconds.labels(*key)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.key[0]}-{self.key[1]}")
@@ -176,14 +242,14 @@ class Batcher:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        labels = self.key
         while True:
             batch = await self._collect()
             if not batch:
                 continue
             start = time.perf_counter()
+            observe = self._queue_s.observe
             for job in batch:
-                self.metrics.queue_seconds.labels(*labels).observe(start - job.enqueued)
+                observe(start - job.enqueued)
             results = await self._execute(loop, batch)
             for job, res in zip(batch, results):
                 if job.future.done():
@@ -194,11 +260,22 @@ class Batcher:
                     job.future.set_result(res)
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> list[Any]:
+        """Assemble here (loop thread), forward in the model thread, split here."""
         stats = BatchStats()
+        convs = [j.conv for j in batch]
         try:
-            outs = await loop.run_in_executor(self.executor, self.runner.run, [j.conv for j in batch], stats)
-            self._observe(len(batch), sum(j.conv.rows for j in batch), stats)
-            return outs
+            c0 = time.thread_time()
+            try:
+                inputs = self.runner.prepare(convs)
+            except Exception as exc:  # noqa: BLE001 - inputs the model cannot take become a 500
+                raise ModelError(f"cannot assemble the batch: {exc}") from None
+            c1 = time.thread_time()
+            outs, stats.compute_s = await loop.run_in_executor(self.executor, self.runner.forward, inputs)
+            c2 = time.thread_time()
+            per_req = self.runner.finish(outs, convs)
+            stats.assemble_s = (c1 - c0) + (time.thread_time() - c2)
+            self._observe(len(batch), sum(c.rows for c in convs), stats)
+            return per_req
         except Exception as exc:  # noqa: BLE001
             if len(batch) == 1:
                 return [exc if isinstance(exc, ModelError) else ModelError(f"model failed: {exc}")]
@@ -210,8 +287,7 @@ class Batcher:
         return results
 
     def _observe(self, n: int, rows: int, stats: BatchStats) -> None:
-        m, labels = self.metrics, self.key
-        m.batch_size.labels(*labels).observe(n)
-        m.batch_rows.labels(*labels).observe(rows)
-        m.compute_seconds.labels(*labels).observe(stats.compute_s)
-        m.assemble_seconds.labels(*labels).observe(stats.assemble_s)
+        self._batch_size.observe(n)
+        self._batch_rows.observe(rows)
+        self._compute_s.observe(stats.compute_s)
+        self._assemble_s.observe(stats.assemble_s)

@@ -9,6 +9,7 @@ fail with a 400 that names every missing feature.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -54,28 +55,81 @@ def _describe(value: Any) -> str:
 
 @dataclass(frozen=True)
 class InputPlan:
-    """How one model input is built. cand_axis: where the candidate dim (-1) sits, None if per-request."""
+    """How one model input is built, precomputed once per model version so the per-request path is a few
+    comparisons. cand_axis: where the candidate dim (-1) sits, None if per-request."""
 
     name: str
     spec: InputSpec
     torch_dtype: torch.dtype | None
     cand_axis: int | None
+    shape: tuple[int, ...] | None = None      # declared shape
+    rest: tuple[int, ...] = ()                # declared shape without the candidate dim
+    item_bytes: int = 0                       # bytes per candidate row (cand inputs) or per value (others)
+    default_raw: bytes | None = None          # the default, encoded once: one row (cand inputs) or the whole value
 
     @property
     def expected(self) -> str:
         dtype = self.spec.dtype or "any dtype"
         return f"{dtype} of shape {_shape_text(self.spec.shape)}"
 
+    def match(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The per-request shape a typed tensor of `shape` stands for, or None if it does not fit."""
+        want = self.shape
+        if want is None:
+            return shape
+        if shape == want:
+            return shape
+        if len(shape) == len(want):
+            for w, s in zip(want, shape):
+                if w != -1 and w != s:
+                    return None
+            return shape
+        if not want and all(d == 1 for d in shape):  # one-element value for a declared scalar
+            return ()
+        return None
+
+
+def _raw_default(spec: InputSpec, dtype: torch.dtype | None, cand_axis: int | None) -> bytes | None:
+    """The declared default in the declared dtype, as raw bytes: one candidate row, or the whole value."""
+    if not spec.has_default or dtype is None or spec.shape is None:
+        return None
+    shape = tuple(d for i, d in enumerate(spec.shape) if i != cand_axis)
+    t = torch.full(shape, spec.default, dtype=dtype)
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def as_tensor(part: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A raw buffer (read-only memoryview of the body, or bytes) -> tensor without a copy; tensors pass."""
+    if isinstance(part, torch.Tensor):
+        return part
+    if len(part) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(part, dtype=dtype).view(shape)
+
 
 @dataclass
 class Converted:
-    """One request's model inputs in input order, in their natural (per-request) shapes."""
+    """One request's model inputs in input order, in their natural (per-request) shapes.
 
-    tensors: list[torch.Tensor]
+    `parts` holds, per input, either the raw little-endian bytes in the declared dtype (a zero-copy view
+    of the request body for typed tensors, or a cached default) or a torch tensor (values sent as lists);
+    the batcher turns the raw parts of a whole batch into one tensor per input with a single join.
+    `tensors` materialises one request's tensors (zero-copy views) for callers that want them one by one.
+    """
+
+    parts: list[Any]
     rows: int  # candidates in this request, or 1 for models without a candidate dim
     defaulted: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
     n_features: int = 0
+    shapes: list[tuple[int, ...]] | None = None
+    dtypes: list[torch.dtype] | None = None
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        if self.shapes is None or self.dtypes is None:
+            return self.parts
+        return [as_tensor(p, d, s) for p, d, s in zip(self.parts, self.dtypes, self.shapes)]
 
 
 class Converter:
@@ -87,20 +141,84 @@ class Converter:
         for name in signature.input_names:
             spec = signature.inputs.get(name, InputSpec())
             axis = spec.shape.index(-1) if spec.shape is not None and -1 in spec.shape else None
-            self.plans.append(InputPlan(name, spec, TORCH_DTYPES.get(spec.dtype) if spec.dtype else None, axis))
+            dtype = TORCH_DTYPES.get(spec.dtype) if spec.dtype else None
+            rest = tuple(d for i, d in enumerate(spec.shape or ()) if i != axis)
+            item = (math.prod(rest) * DTYPES[spec.dtype][1]) if spec.dtype else 0
+            self.plans.append(InputPlan(name, spec, dtype, axis, spec.shape, rest, item, _raw_default(spec, dtype, axis)))
         self.allow = frozenset(signature.input_names)
         # batched calling convention needs dtype and shape for every input (docs/leaf.md)
         self.batchable = all(p.spec.dtype is not None and p.spec.shape is not None for p in self.plans)
         self.has_candidates = any(p.cand_axis is not None for p in self.plans)
+        self.dtypes = [p.torch_dtype for p in self.plans] if self.batchable else None
+        self._fast = [(p.name, p.spec.dtype, p, p.cand_axis) for p in self.plans]
 
     # ------------------------------------------------------------------ per request
     def convert(self, features: Mapping[str, Any]) -> Converted:
+        if not self.batchable:
+            return self._convert_tensors(features)
+        parts: list[Any] = []
+        shapes: list[tuple[int, ...]] = []
+        rows = -1
+        found = 0
+        defaulted: list[str] | None = None
+        for name, dtype, plan, axis in self._fast:
+            v = features.get(name, _MISSING)
+            if v is _MISSING and plan.default_raw is not None:
+                if defaulted is None:
+                    defaulted = []
+                defaulted.append(name)
+                parts.append(None)
+                shapes.append(plan.shape)  # type: ignore[arg-type]  # candidate dim filled in below
+                continue
+            if type(v) is not Tensor or v.dtype != dtype:
+                return self._convert_slow(features)  # lists, missing without default, wrong dtype: slow path
+            shape = plan.match(v.shape)
+            if shape is None:
+                return self._convert_slow(features)
+            if axis is not None:
+                c = shape[axis]
+                if rows < 0:
+                    rows = c
+                elif c != rows:
+                    return self._convert_slow(features)
+            parts.append(v.data)
+            shapes.append(shape)
+            found += 1
+        if not self.has_candidates:
+            rows = 1
+        elif rows <= 0:
+            return self._convert_slow(features)  # no per-candidate feature, or zero candidates: the error
+        if defaulted is not None:
+            for i, plan in enumerate(self.plans):
+                if parts[i] is None:
+                    raw = plan.default_raw
+                    parts[i] = raw * rows if plan.cand_axis is not None else raw
+                    shapes[i] = tuple(rows if d == -1 else d for d in plan.shape)  # type: ignore[union-attr]
+        n = len(features)
+        unused = [] if n == found else [k for k in features if k not in self.allow]
+        return Converted(parts, rows, defaulted or [], unused, n, shapes, self.dtypes)
+
+    def _convert_slow(self, features: Mapping[str, Any]) -> Converted:
+        """Everything the fast path does not cover: defaults, unused features, lists, and every error."""
+        conv = self._convert_tensors(features)
+        parts: list[Any] = []
+        shapes: list[tuple[int, ...]] = []
+        for plan, t in zip(self.plans, conv.tensors):
+            if isinstance(t, _Default):
+                parts.append(t.raw)
+                shapes.append(t.shape)
+            else:
+                parts.append(t)
+                shapes.append(tuple(t.shape))
+        return Converted(parts, conv.rows, conv.defaulted, conv.unused, conv.n_features, shapes, self.dtypes)
+
+    def _convert_tensors(self, features: Mapping[str, Any]) -> Converted:
         unused = [k for k in features if k not in self.allow]
         missing = [p.name for p in self.plans if p.name not in features and not p.spec.has_default]
         if missing:
             raise PayloadError(f"missing required feature(s) with no default: {', '.join(missing)}")
         errors: list[str] = []
-        tensors: list[torch.Tensor | None] = []
+        tensors: list[Any] = []
         defaulted: list[str] = []
         cand_sizes: dict[str, int] = {}
         for plan in self.plans:
@@ -134,7 +252,7 @@ class Converter:
         for i, plan in enumerate(self.plans):
             if tensors[i] is None:
                 tensors[i] = self._default(plan, rows)
-        return Converted(tensors, rows, defaulted, unused, len(features))  # type: ignore[arg-type]
+        return Converted(tensors, rows, defaulted, unused, len(features))
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -199,12 +317,26 @@ class Converter:
                 raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got non-boolean values")
         return arr.astype(np_t)
 
-    def _default(self, plan: InputPlan, rows: int) -> torch.Tensor:
+    def _default(self, plan: InputPlan, rows: int) -> Any:
         spec = plan.spec
         shape = tuple(rows if d == -1 else d for d in (spec.shape or ()))
+        if plan.default_raw is not None and self.batchable:
+            return _Default(plan.default_raw * rows if plan.cand_axis is not None else plan.default_raw, shape)
         dtype = plan.torch_dtype or (torch.float32 if isinstance(spec.default, float) else torch.int64)
         base = torch.tensor(spec.default, dtype=dtype)
         return base.expand(shape) if spec.shape is not None else base
+
+
+class _Default:
+    """A default value as raw bytes of the declared dtype (repeated per candidate row), with its shape."""
+
+    __slots__ = ("raw", "shape")
+
+    def __init__(self, raw: bytes, shape: tuple[int, ...]) -> None:
+        self.raw, self.shape = raw, shape
+
+
+_MISSING = object()
 
 
 def output_to_wire(t: torch.Tensor) -> Tensor:

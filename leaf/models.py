@@ -26,7 +26,7 @@ from trimmer.signature import Signature, read_signature
 
 from .batcher import Batcher, Runner
 from .config import LeafConfig
-from .convert import WIRE_DTYPES, Converted, Converter
+from .convert import Converted, Converter
 from .metrics import LeafMetrics
 
 log = logging.getLogger("leaf.models")
@@ -92,12 +92,13 @@ def _load_module(path: Path, device: torch.device) -> tuple[Any, str]:
 
 def _warmup_request(converter: Converter) -> Converted:
     """Two rows of zeros in the declared dtypes: catches models that cannot run in the batched convention."""
-    tensors = []
+    tensors, shapes = [], []
     for plan in converter.plans:
         assert plan.spec.shape is not None and plan.torch_dtype is not None
         shape = tuple(2 if d == -1 else d for d in plan.spec.shape)
         tensors.append(torch.zeros(shape, dtype=plan.torch_dtype))
-    return Converted(tensors, 2 if converter.has_candidates else 1)
+        shapes.append(shape)
+    return Converted(tensors, 2 if converter.has_candidates else 1, shapes=shapes, dtypes=converter.dtypes)
 
 
 class ModelStore:
@@ -161,7 +162,7 @@ class ModelStore:
             outs = runner.run([_warmup_request(converter)], _Stats())[0]
             names = signature.output_names or tuple(f"output{i}" for i in range(len(outs)))
             cand = converter.has_candidates
-            vs.outputs_meta = [{"name": n, "datatype": WIRE_DTYPES.get(o.dtype, "float32"),
+            vs.outputs_meta = [{"name": n, "datatype": o.dtype,
                                 "shape": ([-1] + list(o.shape[1:])) if cand else list(o.shape)} for n, o in zip(names, outs)]
         else:
             vs.outputs_meta = [{"name": n} for n in signature.output_names]

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 from aiohttp import web
 
 from trimmer import codec
@@ -24,9 +25,10 @@ from trimmer.tensor import Tensor
 
 from .batcher import ModelError
 from .config import LeafConfig
-from .convert import output_to_wire
+from .convert import as_tensor, output_to_wire
 from .metrics import LeafMetrics
 from .models import ModelStore, VersionState
+from .wire import decode_request
 
 log = logging.getLogger("leaf.server")
 
@@ -36,6 +38,7 @@ WIRE_TO_OIP = {v: k for k, v in OIP_TO_WIRE.items()}
 STORE = web.AppKey("store", ModelStore)
 METRICS = web.AppKey("metrics", LeafMetrics)
 CONFIG = web.AppKey("config", LeafConfig)
+BOUND = web.AppKey("bound_metrics", dict)
 
 
 class HTTPError(Exception):
@@ -114,6 +117,31 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use lz4, zstd or gzip")
 
 
+class VersionMetrics:
+    """A model version's per-request metric children, bound once (labels() costs a lock and a lookup)."""
+
+    def __init__(self, m: LeafMetrics, model: str, version: str) -> None:
+        self.model, self.version = model, version
+        self.bad_request = m.failures.labels(model, version, "bad_request")
+        self.model_error = m.failures.labels(model, version, "model_error")
+        self.convert_seconds = m.convert_seconds.labels(model, version)
+        self.encode_seconds = m.encode_seconds.labels(model, version)
+        self.request_seconds = m.request_seconds.labels(model, version)
+        self.bytes_received = m.bytes_received.labels(model, version)
+        self.features_received = m.features_received.labels(model, version)
+        self.features_unused = m.features_unused.labels(model, version)
+        self.inputs_defaulted = m.inputs_defaulted.labels(model, version)
+        self.requests = {e: m.requests.labels(model, version, e) for e in ("score", "infer")}
+
+
+def version_metrics(request: web.Request, vs: VersionState) -> VersionMetrics:
+    cache = request.app[BOUND]
+    vm = cache.get((vs.model, vs.version))
+    if vm is None:
+        vm = cache[(vs.model, vs.version)] = VersionMetrics(request.app[METRICS], vs.model, vs.version)
+    return vm
+
+
 def resolve(request: web.Request, need_ready: bool = True) -> VersionState:
     store = request.app[STORE]
     name = request.match_info["name"]
@@ -130,73 +158,82 @@ def resolve(request: web.Request, need_ready: bool = True) -> VersionState:
     return vs
 
 
-async def run_model(request: web.Request, vs: VersionState, features: dict[str, Any], t_convert: float, endpoint: str) -> list:
-    """Convert, count, batch, run; returns the per-request output tensors in output order."""
-    metrics = request.app[METRICS]
-    labels = (vs.model, vs.version)
+async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, features: dict[str, Any], t_convert: float) -> list:
+    """Convert, count, batch, run; returns the per-request outputs in output order."""
     assert vs.converter is not None and vs.batcher is not None
     t0 = time.thread_time()
     try:
         conv = vs.converter.convert(features)
     except PayloadError:
-        metrics.failures.labels(*labels, "bad_request").inc()
+        vm.bad_request.inc()
         raise
-    metrics.convert_seconds.labels(*labels).observe(t_convert + time.thread_time() - t0)
-    metrics.features_received.labels(*labels).inc(conv.n_features)
+    vm.convert_seconds.observe(t_convert + time.thread_time() - t0)
+    vm.features_received.inc(conv.n_features)
     if conv.unused:
-        metrics.features_unused.labels(*labels).inc(len(conv.unused))
+        metrics = request.app[METRICS]
+        vm.features_unused.inc(len(conv.unused))
         metrics.feature_unused.add(vs.model, vs.version, conv.unused)
     if conv.defaulted:
-        metrics.inputs_defaulted.labels(*labels).inc(len(conv.defaulted))
+        metrics = request.app[METRICS]
+        vm.inputs_defaulted.inc(len(conv.defaulted))
         metrics.feature_defaulted.add(vs.model, vs.version, conv.defaulted)
     try:
         return await vs.batcher.submit(conv)
     except ModelError as exc:
-        metrics.failures.labels(*labels, "model_error").inc()
+        vm.model_error.inc()
         raise HTTPError(500, f"model {vs.model!r} version {vs.version!r}: {exc}") from None
 
 
-async def read_body(request: web.Request, vs: VersionState) -> bytes:
-    metrics = request.app[METRICS]
+async def read_body(request: web.Request, vm: VersionMetrics) -> bytes:
     try:
         body = await request.read()
     except ConnectionError:  # the client went away mid-body: its error, not a 500 with a traceback
         raise PayloadError("request body truncated: client closed the connection mid-body") from None
-    metrics.bytes_received.labels(vs.model, vs.version).inc(len(body))
+    vm.bytes_received.inc(len(body))
     return decompress(body, request.headers.get("Content-Encoding"), request.app[CONFIG].max_body_bytes)
+
+
+def _wire(o: Any) -> Tensor:
+    return o if isinstance(o, Tensor) else output_to_wire(o)
+
+
+def _flat(t: Tensor) -> list:
+    """A wire tensor's values as a flat list (OIP JSON `data`)."""
+    if t.dtype == "bfloat16":
+        return as_tensor(t.data, torch.bfloat16, t.shape).float().reshape(-1).tolist()
+    return t.to_numpy().reshape(-1).tolist()
 
 
 # ---------------------------------------------------------------------- native
 async def score(request: web.Request) -> web.Response:
     t_start = time.perf_counter()
     vs = resolve(request)
-    metrics = request.app[METRICS]
-    labels = (vs.model, vs.version)
-    metrics.requests.labels(*labels, "score").inc()
+    vm = version_metrics(request, vs)
+    vm.requests["score"].inc()
     try:
         mtype = codec.media_type(request.headers.get("Content-Type"))
     except PayloadError as exc:
-        metrics.failures.labels(*labels, "bad_request").inc()
+        vm.bad_request.inc()
         raise HTTPError(415, str(exc)) from None
-    t0 = time.perf_counter()
     try:
-        body = await read_body(request, vs)
+        body = await read_body(request, vm)
         t0 = time.thread_time()  # CPU time of this thread: GIL waits behind the model thread are not conversion
-        req = codec.decode_request(body, mtype)
+        req = decode_request(body, mtype)
     except PayloadError:
-        metrics.failures.labels(*labels, "bad_request").inc()
+        vm.bad_request.inc()
         raise
     t_decode = time.thread_time() - t0
-    outs = await run_model(request, vs, req.get("features", {}), t_decode, "score")
+    outs = await run_model(request, vs, vm, req.get("features", {}), t_decode)
     t1 = time.perf_counter()
     names = vs.signature.output_names if vs.signature and vs.signature.output_names else [f"output{i}" for i in range(len(outs))]
     resp: dict[str, Any] = {"model": vs.model, "version": vs.version}
     if "request_id" in req:
         resp["request_id"] = req["request_id"]
-    resp["outputs"] = {n: output_to_wire(o) for n, o in zip(names, outs)}
+    resp["outputs"] = {n: _wire(o) for n, o in zip(names, outs)}
     data = codec.encode(resp, mtype)
-    metrics.encode_seconds.labels(*labels).observe(time.perf_counter() - t1)
-    metrics.request_seconds.labels(*labels).observe(time.perf_counter() - t_start)
+    t2 = time.perf_counter()
+    vm.encode_seconds.observe(t2 - t1)
+    vm.request_seconds.observe(t2 - t_start)
     return web.Response(body=data, content_type=mtype)
 
 
@@ -226,14 +263,13 @@ def _oip_tensor(entry: Any, i: int) -> tuple[str, Any]:
 async def infer(request: web.Request) -> web.Response:
     t_start = time.perf_counter()
     vs = resolve(request)
-    metrics = request.app[METRICS]
-    labels = (vs.model, vs.version)
-    metrics.requests.labels(*labels, "infer").inc()
+    vm = version_metrics(request, vs)
+    vm.requests["infer"].inc()
     if "Inference-Header-Content-Length" in request.headers:
-        metrics.failures.labels(*labels, "bad_request").inc()
+        vm.bad_request.inc()
         raise HTTPError(415, "binary tensor extension (Inference-Header-Content-Length) is not supported; send JSON data")
     try:
-        body = await read_body(request, vs)
+        body = await read_body(request, vm)
         t0 = time.thread_time()
         obj = codec.decode_json(body)
         if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), list):
@@ -245,9 +281,9 @@ async def infer(request: web.Request) -> web.Response:
                 raise PayloadError(f"input {name!r} appears more than once")
             features[name] = value
     except PayloadError:
-        metrics.failures.labels(*labels, "bad_request").inc()
+        vm.bad_request.inc()
         raise
-    outs = await run_model(request, vs, features, time.thread_time() - t0, "infer")
+    outs = await run_model(request, vs, vm, features, time.thread_time() - t0)
     t1 = time.perf_counter()
     names = vs.signature.output_names if vs.signature and vs.signature.output_names else [f"output{i}" for i in range(len(outs))]
     wanted = obj.get("outputs")
@@ -256,15 +292,14 @@ async def infer(request: web.Request) -> web.Response:
     for n, o in zip(names, outs):
         if wanted_names is not None and n not in wanted_names:
             continue
-        wire = output_to_wire(o)
-        outputs.append({"name": n, "datatype": WIRE_TO_OIP.get(wire.dtype, "FP32"), "shape": list(wire.shape),
-                        "data": o.float().reshape(-1).tolist() if wire.dtype == "bfloat16" else o.reshape(-1).tolist()})
+        wire = _wire(o)
+        outputs.append({"name": n, "datatype": WIRE_TO_OIP.get(wire.dtype, "FP32"), "shape": list(wire.shape), "data": _flat(wire)})
     resp: dict[str, Any] = {"model_name": vs.model, "model_version": vs.version, "outputs": outputs}
     if "id" in obj:
         resp["id"] = obj["id"]
     data = codec.encode_json(resp)
-    metrics.encode_seconds.labels(*labels).observe(time.perf_counter() - t1)
-    metrics.request_seconds.labels(*labels).observe(time.perf_counter() - t_start)
+    vm.encode_seconds.observe(time.perf_counter() - t1)
+    vm.request_seconds.observe(time.perf_counter() - t_start)
     return web.Response(body=data, content_type="application/json")
 
 
@@ -320,6 +355,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 def make_app(store: ModelStore, metrics: LeafMetrics, config: LeafConfig) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
     app[STORE], app[METRICS], app[CONFIG] = store, metrics, config
+    app[BOUND] = {}
     r = app.router
     for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"):
         r.add_post(prefix + "/score", score)
