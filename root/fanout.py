@@ -274,13 +274,18 @@ async def fan_out(router: Router, prepared: PreparedBody, content_type: str, tim
     for ref, out in zip(refs, outcomes):
         key = target_key(ref, refs)
         if out.error is None and out.status < 300:
-            if ("msgpack" in out.content_type) == (prepared.media == MSGPACK):
-                results[key] = Raw(out.body)  # the leaf's bytes verbatim: bit-identical outputs
-            else:
-                try:
+            try:
+                if ("msgpack" in out.content_type) == (prepared.media == MSGPACK):
+                    # The leaf's bytes verbatim (bit-identical outputs), once their structure checks out: a broken
+                    # peer's garbage must not corrupt the whole answer. Values are skipped, not decoded.
+                    _DECODERS[prepared.media][0].decode(out.body)
+                    results[key] = Raw(out.body)
+                else:
                     results[key] = _decode_any(out.body, out.content_type)
-                except (msgspec.DecodeError, ValueError, RecursionError):
-                    errors[key] = {"status": 502, "error": f"model {ref.name!r}: upstream sent an undecodable {out.content_type} body"}
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
+                errors[key] = {"status": 502, "error": f"model {ref.name!r}: upstream sent an undecodable {out.content_type} body"}
+                part = router.cfg.partition_for(ref.name) or ""
+                router.metrics.errors.labels(*router.labels(ref.name, ref.version, part), "bad_upstream_body").inc()
         else:
             errors[key] = {"status": out.status, "error": out.error or f"upstream answered {out.status}"}
     enc = _DECODERS[prepared.media][1]
