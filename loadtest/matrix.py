@@ -149,6 +149,9 @@ def rss_bytes(pid: int) -> int:
     return int(_tree_sum(pid, lambda q: q.memory_info().rss))
 
 
+FLAT_PCT = 10.0  # soak verdict: RSS after warm-up may grow at most this much by the end of the run
+
+
 class RssSampler:
     """Samples root and leaf RSS every `interval` seconds in a daemon thread (soak runs)."""
 
@@ -172,13 +175,18 @@ class RssSampler:
         self._stop.set()
         self._thread.join(5)
 
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"interval_s": self.interval, "samples": self.samples}
+    def summary(self, settle_s: float = 0.0) -> dict[str, Any]:
+        """Start/end/max per process, and the soak verdict: `flat` when the end is within FLAT_PCT of the
+        baseline, the first sample after `settle_s` (warm-up: first requests allocate buffers and pools once)."""
+        out: dict[str, Any] = {"interval_s": self.interval, "samples": self.samples, "flat_pct": FLAT_PCT}
         for k in self.pids:
             vals = [s[k] for s in self.samples if s.get(k)]
             if vals:
+                base = next((s[k] for s in self.samples if s.get(k) and s["t_s"] >= settle_s), vals[0])
+                growth_pct = round(100.0 * (vals[-1] - base) / base, 1)
                 out[k] = {"start_mb": round(vals[0] / 2**20, 1), "end_mb": round(vals[-1] / 2**20, 1), "max_mb": round(max(vals) / 2**20, 1),
-                          "growth_mb": round((vals[-1] - vals[0]) / 2**20, 1)}
+                          "growth_mb": round((vals[-1] - vals[0]) / 2**20, 1), "baseline_mb": round(base / 2**20, 1),
+                          "growth_pct": growth_pct, "flat": growth_pct <= FLAT_PCT}
         return out
 
 
@@ -320,7 +328,7 @@ def _row(ctx: MatrixContext, scenario: Scenario, link_rate: str | None, result, 
     if audit is not None:
         row["audit"] = audit
     if sampler is not None:
-        row["rss"] = sampler.summary()
+        row["rss"] = sampler.summary(settle_s=ctx.cfg.load.warmup_s)
     return row
 
 

@@ -127,12 +127,18 @@ def markdown(report: dict[str, Any]) -> str:
                          f"| {a.get('mismatches', 0)} | {a.get('errors', 0)} | {a.get('dropped', 0)} |")
     rss_rows = [r for r in report["scenarios"] if r.get("rss")]
     if rss_rows:
-        lines += ["", "## Memory (RSS, sampled while under load)", "", "| scenario | process | start MB | end MB | max MB | growth MB |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Memory (RSS, sampled while under load)", "",
+                  "`after warm-up` is the first sample after load.warmup_s; `flat` means the end is within "
+                  f"{rss_rows[0]['rss'].get('flat_pct', 10.0):g} % of it.", "",
+                  "| scenario | process | start MB | after warm-up MB | end MB | max MB | growth MB | growth % | flat |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rss_rows:
             for proc in ("root", "leaf"):
                 m = r["rss"].get(proc)
                 if m:
-                    lines.append(f"| {r['scenario']} | {proc} | {m['start_mb']} | {m['end_mb']} | {m['max_mb']} | {m['growth_mb']} |")
+                    flat = "—" if "flat" not in m else ("yes" if m["flat"] else "**NO**")
+                    lines.append(f"| {r['scenario']} | {proc} | {m['start_mb']} | {m.get('baseline_mb', '—')} | {m['end_mb']} | {m['max_mb']} "
+                                 f"| {m['growth_mb']} | {m.get('growth_pct', '—')} | {flat} |")
     for note in report.get("notes", []):
         lines += ["", f"> {note}"]
     plots = report.get("plots", [])
