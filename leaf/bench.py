@@ -44,31 +44,63 @@ def _scrape(url: str, model: str) -> dict[str, float]:
     return out
 
 
+class _Client(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection replaying a prebuilt request in a closed loop. Deliberately lean
+    (no HTTP library): the load generator shares the machine's cores with the leaf and must not be the
+    bottleneck that hides the difference between the two leaf configurations."""
+
+    def __init__(self, request: bytes, stop_at: float, done: asyncio.Future, counts: list[int]) -> None:
+        self.request, self.stop_at, self.done, self.counts = request, stop_at, done, counts
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = bytes(self.buf[:head_end]).lower()
+            i = head.find(b"content-length:")
+            length = int(head[i + 15:].split(b"\r\n", 1)[0]) if i >= 0 else 0
+            if len(self.buf) < head_end + 4 + length:
+                return
+            self.counts[0 if head[9:12] == b"200" else 1] += 1
+            del self.buf[:head_end + 4 + length]
+            if time.perf_counter() >= self.stop_at:
+                self.transport.close()  # type: ignore[union-attr]
+                return
+            self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 async def _drive(url: str, path: str, body: bytes, clients: int, seconds: float) -> tuple[int, int, float]:
-    import aiohttp
+    """`clients` connections, each one request in flight, for `seconds`: (ok, errors, wall seconds)."""
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/msgpack\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    loop = asyncio.get_running_loop()
+    counts = [0, 0]
+    t0 = time.perf_counter()
+    stop_at = t0 + seconds
+    dones = [loop.create_future() for _ in range(clients)]
+    for d in dones:
+        await loop.create_connection(lambda d=d: _Client(request, stop_at, d, counts), host, int(port))
+    await asyncio.wait_for(asyncio.gather(*dones), seconds + 60)
+    return counts[0], counts[1], time.perf_counter() - t0
 
-    done = errors = 0
-    stop_at = 0.0
 
-    async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal done, errors
-        while time.perf_counter() < stop_at:
-            async with session.post(url + path, data=body, headers={"Content-Type": "application/msgpack"}) as r:
-                await r.read()
-                if r.status == 200:
-                    done += 1
-                else:
-                    errors += 1
+def _run(coro: Any) -> Any:
+    import uvloop
 
-    conn = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=conn) as session:
-        stop_at = time.perf_counter() + 1.0  # warm-up
-        await asyncio.gather(*(client(session) for _ in range(clients)))
-        done = errors = 0
-        t0 = time.perf_counter()
-        stop_at = t0 + seconds
-        await asyncio.gather(*(client(session) for _ in range(clients)))
-        return done, errors, time.perf_counter() - t0
+    return uvloop.run(coro)
 
 
 def _measure(repo: Path, model: str, version: str, batch: int, body: bytes, clients: int, seconds: float, log_dir: Path) -> dict[str, Any]:
@@ -80,9 +112,9 @@ def _measure(repo: Path, model: str, version: str, batch: int, body: bytes, clie
         ps = psutil.Process(proc.pid)
         # warm-up is inside _drive; metrics/CPU deltas are taken around the whole drive, so subtract the warm-up by
         # scraping after it: simpler to drive twice (short warm-up drive first).
-        asyncio.run(_drive(proc.url, f"/v1/models/{model}/versions/{version}/score", body, clients, 1.0))
+        _run(_drive(proc.url, f"/v1/models/{model}/versions/{version}/score", body, clients, 1.0))
         before, cpu0 = _scrape(proc.url, model), sum(ps.cpu_times()[:2])
-        done, errors, wall = asyncio.run(_drive(proc.url, f"/v1/models/{model}/versions/{version}/score", body, clients, seconds))
+        done, errors, wall = _run(_drive(proc.url, f"/v1/models/{model}/versions/{version}/score", body, clients, seconds))
         after, cpu1 = _scrape(proc.url, model), sum(ps.cpu_times()[:2])
     finally:
         proc.stop()

@@ -67,7 +67,7 @@ class LeafMetrics:
         self.bad_requests = Counter("trimmer_leaf_bad_requests", "Requests rejected before a model was chosen", ["reason"], registry=r)
         self.request_seconds = Histogram("trimmer_leaf_request_seconds", "Wall time in the leaf per request", mv, buckets=_LAT, registry=r)
         self.convert_seconds = Histogram("trimmer_leaf_convert_seconds", "Decode + features-to-tensors per request (CPU time of the event-loop thread)", mv, buckets=_LAT, registry=r)
-        self.assemble_seconds = Histogram("trimmer_leaf_assemble_seconds", "Batch concatenation + output split per batch (CPU time of the model thread)", mv, buckets=_LAT, registry=r)
+        self.assemble_seconds = Histogram("trimmer_leaf_assemble_seconds", "Batch concatenation + output split per batch (CPU time of the event-loop thread)", mv, buckets=_LAT, registry=r)
         self.encode_seconds = Histogram("trimmer_leaf_encode_seconds", "Response encoding per request", mv, buckets=_LAT, registry=r)
         self.queue_seconds = Histogram("trimmer_leaf_queue_seconds", "Time a request waited for its batch to start", mv, buckets=_LAT, registry=r)
         self.compute_seconds = Histogram("trimmer_leaf_compute_seconds", "Model forward time per batch", mv, buckets=_LAT, registry=r)

@@ -78,3 +78,34 @@ def test_output_to_wire_roundtrip_bfloat16_and_scalars():
     assert w.dtype == "bfloat16" and w.shape == (2,) and len(w.data) == 4
     s = output_to_wire(torch.tensor(3, dtype=torch.int64))
     assert s.shape == () and s.to_numpy() == 3
+
+
+def test_batch_assembly_from_raw_parts_equals_per_request_tensors():
+    """The batcher joins raw request buffers once per input; the result must equal concatenating each
+    request's own tensors (typed tensors, lists, defaults, a one-element scalar, unused features mixed)."""
+    from leaf.batcher import Runner
+
+    conv = Converter(SIG)
+    reqs = [
+        {"cand_ctr": Tensor.from_numpy(np.arange(3, dtype=np.float32)), "cand_emb": Tensor.from_numpy(np.ones((3, 2), np.float32)),
+         "user_dense": Tensor.from_numpy(np.arange(4, dtype=np.float32)), "user_age": Tensor.from_numpy(np.array([41.0], np.float32))},
+        {"cand_ctr": [0.5], "cand_emb": [[1.0, 2.0]], "cand_price": [3], "unused": 1},
+        {"cand_ctr": Tensor.from_numpy(np.full(2, 7, np.float32)), "cand_emb": Tensor.from_numpy(np.zeros((2, 2), np.float32)),
+         "cand_price": Tensor.from_numpy(np.array([1, 2], np.int32)), "other": Tensor.from_numpy(np.zeros(5, np.int64))},
+    ]
+    convs = [conv.convert(received(f)) for f in reqs]
+    assert [c.rows for c in convs] == [3, 1, 2]
+    assert convs[2].unused == ["other"] and convs[0].defaulted == ["cand_price"]
+    runner = Runner(lambda *a: a, conv, ("score",), torch.device("cpu"))
+    batched = runner.assemble(convs)
+    for i, plan in enumerate(conv.plans):
+        per_req = [c.tensors[i] for c in convs]
+        if plan.cand_axis is None:
+            want = torch.cat([t.unsqueeze(0).expand(c.rows, *t.shape) for t, c in zip(per_req, convs)])
+        else:
+            want = torch.cat(per_req)
+        assert batched[i].dtype == want.dtype and torch.equal(batched[i], want), plan.name
+    alone = runner.assemble(convs[:1])
+    assert alone[2].data_ptr() == convs[0].tensors[2].data_ptr()  # a lone request is wrapped, not copied
+    outs = runner.split([torch.arange(6, dtype=torch.float32)], [3, 1, 2])
+    assert [o[0].to_numpy().tolist() for o in outs] == [[0.0, 1.0, 2.0], [3.0], [4.0, 5.0]]
