@@ -148,6 +148,31 @@ static int read_map_header(reader *r, uint64_t *count) {
     return 0;
 }
 
+/* Strict UTF-8 check (as Python's decoder: no overlongs, surrogates or > U+10FFFF),
+ * so the C trim rejects exactly the keys the msgspec fallback rejects. */
+static int valid_utf8(const uint8_t *p, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        uint8_t c = p[i];
+        if (c < 0x80) { i++; continue; }
+        int len;
+        uint32_t cp;
+        if (c >= 0xc2 && c <= 0xdf) { len = 2; cp = c & 0x1f; }
+        else if (c >= 0xe0 && c <= 0xef) { len = 3; cp = c & 0x0f; }
+        else if (c >= 0xf0 && c <= 0xf4) { len = 4; cp = c & 0x07; }
+        else return 0;
+        if (i + len > n) return 0;
+        for (int k = 1; k < len; k++) {
+            if ((p[i + k] & 0xc0) != 0x80) return 0;
+            cp = (cp << 6) | (p[i + k] & 0x3f);
+        }
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
 /* Read a str header; sets *start/*len of the UTF-8 bytes. 0 if not a str. */
 static int read_str(reader *r, Py_ssize_t *start, Py_ssize_t *len) {
     if (!need(r, 1)) return 0;
@@ -164,6 +189,10 @@ static int read_str(reader *r, Py_ssize_t *start, Py_ssize_t *len) {
     }
     r->pos += 1 + w;
     if (!need(r, k)) return 0;
+    if (!valid_utf8(r->p + r->pos, k)) {
+        r->err = "map key is not valid UTF-8";
+        return 0;
+    }
     *start = r->pos;
     *len = k;
     r->pos += k;
