@@ -20,6 +20,7 @@ import torch
 from aiohttp import web
 
 from trimmer import codec
+from trimmer.codec import AUDIT_HEADER
 from trimmer.errors import PayloadError
 from trimmer.tensor import Tensor
 
@@ -169,11 +170,13 @@ async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, 
         raise
     vm.convert_seconds.observe(t_convert + time.thread_time() - t0)
     vm.features_received.inc(conv.n_features)
-    if conv.unused:
+    if request.headers.get(AUDIT_HEADER) == "1":
+        pass  # the root's untrimmed audit copy: not client traffic, so not drift (docs/root.md)
+    elif conv.unused:
         metrics = request.app[METRICS]
         vm.features_unused.inc(len(conv.unused))
         metrics.feature_unused.add(vs.model, vs.version, conv.unused)
-    if conv.defaulted:
+    if conv.defaulted and request.headers.get(AUDIT_HEADER) != "1":
         metrics = request.app[METRICS]
         vm.inputs_defaulted.inc(len(conv.defaulted))
         metrics.feature_defaulted.add(vs.model, vs.version, conv.defaulted)

@@ -28,7 +28,7 @@ import aiohttp
 import msgspec
 import numpy as np
 
-from trimmer.codec import decode
+from trimmer.codec import AUDIT_HEADER, decode
 from trimmer.errors import TrimmerError
 from trimmer.tensor import Tensor
 
@@ -37,7 +37,6 @@ from .upstream import Partition
 
 log = logging.getLogger("trimmer.root.audit")
 
-AUDIT_HEADER = "X-Trimmer-Audit"  # marks the untrimmed copy, so a leaf or a proxy can tell it from client traffic
 RECENT = 50  # mismatches kept for GET /admin/audit (per worker process)
 
 

@@ -262,6 +262,20 @@ def test_unused_and_defaulted_features_are_counted_per_feature(leaf):
     assert _metric_lines(leaf, "trimmer_leaf_inputs_defaulted_total")
 
 
+def test_audit_copies_stay_out_of_drift_counters(leaf):
+    f = ranker_features(9, 3)
+    del f["cand_price"]
+    f["audit_only_probe_feature"] = 1.0
+    path = leaf + "/v1/models/ranker/versions/1/score"
+    status, _ = post(path, encode_msgpack({"features": f}), {**MSGPACK, "X-Trimmer-Audit": "1"})
+    assert status == 200
+    assert not any("audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_feature_unused_total"))
+    # the same request without the header is counted: the check above can fail
+    status, _ = post(path, encode_msgpack({"features": f}))
+    assert status == 200
+    assert any("audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_feature_unused_total"))
+
+
 def test_payload_generator_requests_are_served(leaf, repo):
     sigs = [read_signature(repo / m / "1" / "model.pt") for m in ("ranker", "retrieval")]
     universe = universe_for_models(sigs, usage_ratio=0.2)

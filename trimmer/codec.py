@@ -16,6 +16,9 @@ from .tensor import JSON_TENSOR_KEY, TENSOR_EXT_CODE, Tensor
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 _MSGPACK_ALIASES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
+# Set to "1" on the root's untrimmed audit copy of a request, so leaves and
+# proxies can tell it from client traffic (e.g. keep it out of drift counts).
+AUDIT_HEADER = "X-Trimmer-Audit"
 
 
 def media_type(content_type: str | None) -> str:
