@@ -55,12 +55,4 @@ def decode_request(body: bytes | memoryview, media_type: str) -> dict[str, Any]:
         raise
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError) as exc:
         raise PayloadError(f"malformed msgpack body: {codec._error_text(exc)}") from None
-    if not isinstance(obj, dict):
-        raise PayloadError(f"request must be a map at the top level, got {type(obj).__name__}")
-    features = obj.get("features", {})
-    if not isinstance(features, dict):
-        raise PayloadError(f'"features" must be a map of feature name to value, got {type(features).__name__}')
-    for key in features:
-        if type(key) is not str or not key:
-            raise PayloadError(f'"features" keys must be non-empty strings, got {key!r}')
-    return obj
+    return codec.check_request(obj)

@@ -147,6 +147,15 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
 def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
     """bytes per request by mode, latency percentiles by mode, req/s vs link rate (when measured)."""
     import matplotlib
@@ -170,11 +179,7 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
             ax.annotate(f"{r['saved_pct']:.0f} %", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("root -> leaf kB per request")
     ax.set_title("Bytes per request by mode")
-    fig.tight_layout()
-    path = out_dir / "bytes_per_request.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(_save(fig, out_dir / "bytes_per_request.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     pcts = ("p50", "p90", "p99", "p99.9")
@@ -186,11 +191,7 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
     ax.set_yscale("log")
     ax.set_title("Latency percentiles by mode")
     ax.legend()
-    fig.tight_layout()
-    path = out_dir / "latency_by_mode.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(str(path))
+    written.append(_save(fig, out_dir / "latency_by_mode.png"))
 
     linked = [r for r in report["scenarios"] if r.get("link_rate")]
     if linked:
@@ -205,11 +206,7 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
         ax.set_ylabel("req/s achieved")
         ax.set_title("Throughput vs link rate")
         ax.legend()
-        fig.tight_layout()
-        path = out_dir / "rps_vs_link_rate.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(_save(fig, out_dir / "rps_vs_link_rate.png"))
     return written
 
 

@@ -114,13 +114,17 @@ def encode(obj: Any, content_type: str) -> bytes:
 
 def decode_request(body: bytes | memoryview, content_type: str | None) -> dict[str, Any]:
     """Decode a request and check the protocol's shape: a map whose `features` is a map with string keys."""
-    obj = decode(body, content_type)
+    return check_request(decode(body, content_type))
+
+
+def check_request(obj: Any) -> dict[str, Any]:
+    """The protocol's shape for any decoder: a map whose `features` is a map with non-empty string keys."""
     if not isinstance(obj, dict):
         raise PayloadError(f"request must be a map at the top level, got {type(obj).__name__}")
     features = obj.get("features", {})
     if not isinstance(features, dict):
         raise PayloadError(f'"features" must be a map of feature name to value, got {type(features).__name__}')
     for key in features:
-        if not isinstance(key, str) or not key:
+        if type(key) is not str or not key:
             raise PayloadError(f'"features" keys must be non-empty strings, got {key!r}')
     return obj
