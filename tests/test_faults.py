@@ -145,7 +145,7 @@ async def run_load(url: str, stop: asyncio.Event, clients: int = 4, max_requests
                 load.results.append((-1, time.monotonic() - t0, None, repr(exc).encode()))
                 continue
             dt = time.monotonic() - t0
-            feats = tuple(msgspec.msgpack.decode(raw)["features"]) if status == 200 else None
+            feats = tuple(msgspec.msgpack.decode(raw).get("features", ())) if status == 200 else None
             load.results.append((status, dt, feats, raw[:300]))
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
@@ -366,3 +366,61 @@ async def test_twenty_bundle_swaps_under_load_never_mix_allowlists(env):
     assert after["reloads"] - before >= 5 and after["last_error"] is None  # the swaps were picked up
     flips = sum(1 for a, b in zip(load.results, load.results[1:]) if a[2] != b[2])
     assert flips >= 3
+
+
+# ------------------------------------------------------- the same with real leaves
+@pytest.fixture(scope="module")
+def leaves(tmp_path_factory):
+    """Two real leaf replicas serving the demo models behind one root."""
+    import subprocess
+
+    from trimmer.repository import scan_repository
+
+    tmp = tmp_path_factory.mktemp("real-leaves")
+    repo = tmp / "repo"
+    subprocess.run([sys.executable, "-m", "trimmer", "leaf", "build-demo", "--out", str(repo), "--items", "2000"],
+                   check=True, capture_output=True, timeout=240)
+    procs = []
+    try:
+        for name in ("leaf-a", "leaf-b"):
+            port = free_port()
+            procs.append(start(name, ["leaf", "--repo", str(repo), "--port", str(port)], port, "/v2/health/ready", tmp, timeout=120))
+        cfg = tmp / "root.yaml"
+        cfg.write_text(json.dumps({
+            "repositories": [str(repo)], "watch": False,
+            "partitions": {"leaves": {"replicas": [p.url for p in procs], "health_path": "/v2/health/ready"}},
+            "models": {"ranker": {"partition": "leaves", "default_version": "1"}},
+            "timeouts": {"connect_s": 0.5, "request_s": 5.0, "health_interval_s": 0.5},
+        }))
+        rport = free_port()
+        procs.append(start("root-real", ["root", "--config", str(cfg), "--port", str(rport)], rport, "/readyz", tmp, timeout=60))
+        signatures = [mv.signature for (m, _), mv in scan_repository(repo).versions.items() if m == "ranker"]
+        yield {"tmp": tmp, "leaves": procs[:2], "root": procs[2], "signatures": signatures}
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+async def test_real_leaf_killed_mid_load_root_keeps_serving(leaves):
+    from loadtest.payload import make_request, universe_for_models
+    from trimmer.codec import encode_msgpack
+
+    body = encode_msgpack(make_request(universe_for_models(leaves["signatures"], 0.5), candidates=16, seed=3))
+    root = leaves["root"]
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_load(root.url + "/v1/models/ranker/score", stop, clients=4, max_s=20, body=body,
+                                        max_requests=2000))
+    await asyncio.sleep(1.0)
+    leaves["leaves"][0].kill()  # SIGKILL one replica mid-load
+    await asyncio.sleep(2.0)
+    stop.set()
+    load = await task
+    st = load.statuses()
+    assert st.get(200, 0) > 20, st
+    assert set(st) <= {200, 502, 503}, st  # never a 500 and never a dropped client connection
+    assert len(load.failed) <= 8, st  # only what was in flight on the killed leaf
+    # and the root still serves through the surviving replica
+    async with aiohttp.ClientSession() as s:
+        async with s.post(root.url + "/v1/models/ranker/score", data=body, headers=MP) as r:
+            assert r.status == 200
+            assert "score" in msgspec.msgpack.decode(await r.read())["outputs"]
