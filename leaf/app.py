@@ -11,6 +11,7 @@ import torch
 from aiohttp import web
 
 from trimmer.errors import ConfigError
+from trimmer.malloc import tune_for_large_bodies
 
 from .config import LeafConfig
 from .metrics import LeafMetrics
@@ -73,6 +74,7 @@ def main(config: LeafConfig) -> int:
             build_demo(config.repo, log=log.info)
         else:
             raise ConfigError(f"{config.repo}: model repository is not a directory (build one with `trimmer leaf build-demo --out DIR`)")
+    tune_for_large_bodies()
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     try:

@@ -50,7 +50,11 @@ def _run_root(args: argparse.Namespace) -> int:
     # Import the server only now: uvloop and aiohttp stay out of `trimmer --help`.
     import asyncio
 
+    from trimmer.malloc import tune_for_large_bodies
+
     from .app import serve
+
+    tune_for_large_bodies()
 
     try:
         import uvloop
