@@ -152,6 +152,11 @@ static int read_map_header(reader *r, uint64_t *count) {
  * so the C trim rejects exactly the keys the msgspec fallback rejects. */
 static int valid_utf8(const uint8_t *p, Py_ssize_t n) {
     Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {  /* ASCII fast path: feature names are almost always ASCII */
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        if (w & 0x8080808080808080ull) break;
+    }
     while (i < n) {
         uint8_t c = p[i];
         if (c < 0x80) { i++; continue; }
