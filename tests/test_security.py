@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -115,9 +116,12 @@ def test_default_binds_are_loopback(tmp_path):
     cfg = root_config(minimal)
     assert cfg.host == "127.0.0.1" and cfg.admin_port is None
     assert LeafConfig().host == "127.0.0.1"
-    assert root_config(ROOT_DIR / "configs" / "root.yaml").host == "127.0.0.1"
-    assert root_config(ROOT_DIR / "configs" / "root-sidecar.yaml").host == "127.0.0.1"
-    assert leaf_config(str(ROOT_DIR / "configs" / "leaf.yaml")).host == "127.0.0.1"
+    # the shipped configs, validated in full: they expect the demo repository the leaf builds at build/demo-models
+    shutil.copytree(ROOT_DIR / "configs", tmp_path / "configs")
+    (tmp_path / "build" / "demo-models").mkdir(parents=True)
+    assert root_config(tmp_path / "configs" / "root.yaml").host == "127.0.0.1"
+    assert root_config(tmp_path / "configs" / "root-sidecar.yaml").host == "127.0.0.1"
+    assert leaf_config(str(tmp_path / "configs" / "leaf.yaml")).host == "127.0.0.1"
 
 
 def _status(url: str) -> int:
