@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from trimmer.errors import ConfigError
-from trimmer.overrides import load_yaml
+from trimmer.overrides import check_section, load_yaml
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,9 @@ _BATCH = {f.name for f in fields(Batching)}
 
 
 def _batching(raw: Any, where: str, base: Batching) -> Batching:
-    if not isinstance(raw, dict):
+    if not isinstance(raw, dict):  # stricter than check_section: a null batching section is a mistake here
         raise ConfigError(f"{where} must be a mapping")
-    unknown = set(raw) - _BATCH
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_BATCH))}")
+    check_section(raw, _BATCH, where)
     out = base
     for key, value in raw.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < (0 if key == "max_queue_delay_ms" else 1):
@@ -61,12 +59,7 @@ def load_config(path: str | None) -> LeafConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
-    raw = load_yaml(p) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
-    unknown = set(raw) - _TOP
-    if unknown:
-        raise ConfigError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}")
+    raw = check_section(load_yaml(p), _TOP, str(p))
     kw: dict[str, Any] = {}
     for key, value in raw.items():
         if value is None:

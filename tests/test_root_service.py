@@ -338,12 +338,11 @@ async def test_sigterm_drains_in_flight_requests(tmp_path):
     slow = start_sink(tmp_path, "slow2", "--delay-ms", "800")
     root = start_root(tmp_path, "root-drain", small_config(tmp_path, slow.url, timeouts={"request_s": 5, "drain_s": 5}))
     try:
-        async with aiohttp.ClientSession() as s:
-            pending = asyncio.create_task(post(root.url + "/v1/models/alpha/score", body()))
-            await asyncio.sleep(0.3)
-            root.proc.send_signal(15)
-            status, out = await pending
-            assert status == 200 and out["features"] == ["f1", "f2"]
+        pending = asyncio.create_task(post(root.url + "/v1/models/alpha/score", body()))
+        await asyncio.sleep(0.3)
+        root.proc.send_signal(15)
+        status, out = await pending
+        assert status == 200 and out["features"] == ["f1", "f2"]
         assert root.proc.wait(timeout=10) == 0
         with pytest.raises(aiohttp.ClientConnectionError):
             await get_text(root.url + "/healthz")

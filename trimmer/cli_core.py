@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from .bundle import build_bundle, read_bundle, write_bundle
-from .errors import TrimmerError
 from .repository import scan_repository
 from .signature import read_signature
 
@@ -69,4 +68,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_bench_trim)
 
 
-__all__ = ["register", "TrimmerError"]
+__all__ = ["register"]

@@ -124,7 +124,6 @@ class Snapshot:
     fallbacks: dict[str, Resolution]  # model -> model-wide explicit allowlist
     modes: dict[str, str]
     default_mode: str
-    signatures: dict[Key, Signature]
     default_versions: dict[str, str]
     conflicts: tuple[str, ...] = ()
 
@@ -240,7 +239,6 @@ class Registry:
         state.last_reload = now
 
     def _build(self) -> Snapshot:
-        signatures: dict[Key, Signature] = {}
         allow: dict[Key, frozenset[str]] = {}
         bundle_defaults: dict[str, str] = {}
         conflicts: list[str] = []
@@ -255,7 +253,6 @@ class Registry:
                     allow[key] = allow[key] | sig.allowlist
                 else:
                     allow.setdefault(key, sig.allowlist)
-                signatures.setdefault(key, sig)
 
         ov = self._overrides
         default_versions = {**bundle_defaults, **self._config_defaults}
@@ -292,7 +289,7 @@ class Registry:
                 defaults[model] = Resolution(model, version, hit.allowlist, hit.mode, "default_version")
         self._generation += 1
         return Snapshot(
-            self._generation, entries, defaults, fallbacks, modes, ov.default_mode, signatures, default_versions, tuple(conflicts)
+            self._generation, entries, defaults, fallbacks, modes, ov.default_mode, default_versions, tuple(conflicts)
         )
 
     # ------------------------------------------------------------------ readers
