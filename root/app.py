@@ -17,12 +17,13 @@ from typing import Any, Awaitable, Callable
 import msgspec
 from aiohttp import web
 
-from trimmer.codec import JSON, media_type
+from trimmer.codec import JSON, MSGPACK, media_type
 from trimmer.errors import ConfigError, PayloadError
 from trimmer.registry import BundleSource, Registry, RepositorySource
-from trimmer.trim import trim_oip
+from trimmer.trim import ACCELERATED, StreamTrim, trim_oip
 
 from .audit import Auditor
+from .body import Body, read_chunks
 from .config import RootConfig
 from .drift import gather_drift
 from .fanout import PreparedBody, RouteError, Router, fan_out, native_path
@@ -171,24 +172,19 @@ def _timeout(request: web.Request, cfg: RootConfig) -> float:
     return min(cfg.timeouts.request_s, ms / 1000.0)
 
 
-async def _read_body(request: web.Request, route: str) -> bytes:
+async def _read_body(request: web.Request, route: str, stream: StreamTrim | None = None) -> Body:
     state = request.app[STATE]
     limit = state.cfg.max_body_bytes
     n = request.content_length
     if n is not None and n > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=n)
     if n is not None and not request.headers.get("Content-Encoding") and "chunked" not in request.headers.get("Transfer-Encoding", ""):
-        # One copy (readexactly joins the parser's chunks once) instead of
-        # request.read()'s grow-a-bytearray-then-copy-to-bytes.
-        try:
-            body = await request.content.readexactly(n)
-        except asyncio.IncompleteReadError as exc:
-            raise PayloadError(f"request body truncated: Content-Length {n}, got {len(exc.partial)} bytes") from None
-        except ConnectionError:  # the client went away mid-body: its error, not a 500 with a traceback
-            raise PayloadError(f"request body truncated: client closed the connection before {n} bytes arrived") from None
+        body = await read_chunks(request, n, stream.feed if stream is not None else None)  # as received: no copy
     else:
         try:
-            body = await request.read()
+            body = Body.of(await request.read())
+            if stream is not None:
+                stream.feed(body.joined())
         except ConnectionError:
             raise PayloadError("request body truncated: client closed the connection mid-body") from None
     state.metrics.client_bytes.labels(route).inc(len(body))
@@ -214,7 +210,6 @@ async def handle_model_score(request: web.Request) -> web.Response:
     state = request.app[STATE]
     model = request.match_info["name"]
     version = request.match_info.get("version")
-    body = await _read_body(request, "model")
     media = media_type(request.content_type)
     try:
         part = state.router.route(model)
@@ -222,14 +217,18 @@ async def handle_model_score(request: web.Request) -> web.Response:
         return error_response(exc.status, exc.message)
     if part.cfg.protocol != "native":
         return error_response(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open Inference Protocol; use /v2/models/{model}/infer")
-    prepared = PreparedBody(body, media, strip_models=False)
+    # The allowlist is known before the body arrives, so msgpack is trimmed chunk by chunk as it is received.
+    res = state.registry.resolve(model, version)
+    stream = StreamTrim(res.allowlist) if media == MSGPACK and ACCELERATED and res.allowlist is not None and res.mode != "off" else None
+    body = await _read_body(request, "model", stream)
+    prepared = PreparedBody(body, media, strip_models=False, stream=stream)
     out = await state.router.send(model, version, native_path(model), prepared, None, media, _timeout(request, state.cfg),
                                   client_bytes=len(body))
     return _outcome_response(out)
 
 
-def _oip_trim(body: bytes, allow) -> tuple[bytes, int, int]:
-    r = trim_oip(body, allow)
+def _oip_trim(body: Body, allow) -> tuple[bytes, int, int]:
+    r = trim_oip(body.joined(), allow)
     return r.body, r.features_in, r.features_kept
 
 

@@ -17,9 +17,10 @@ import msgspec
 from trimmer.codec import MSGPACK
 from trimmer.errors import PayloadError
 from trimmer.registry import Registry, Resolution
-from trimmer.trim import trim
+from trimmer.trim import StreamTrim, trim, trim_msgpack_chunks
 
 from .audit import Auditor, AuditJob
+from .body import Body
 from .config import RootConfig
 from .metrics import Metrics
 from .upstream import Partition, UpstreamError
@@ -42,21 +43,22 @@ class PreparedBody:
     """A client body, trimmed per allowlist by trimmer.trim (the C accelerator for msgpack).
 
     Only the fan-out needs the top level split (to read and drop `models`); the
-    shortcut route forwards the client's bytes untouched when it does not trim.
+    shortcut route forwards the client's chunks untouched when it does not trim,
+    and trims msgpack straight from them.
     """
 
-    __slots__ = ("body", "media", "strip_models", "models_raw", "_base")
+    __slots__ = ("media", "strip_models", "models_raw", "_base", "_stream")
 
-    def __init__(self, body: bytes, media: str, strip_models: bool) -> None:
-        self.body = body
+    def __init__(self, body: Body, media: str, strip_models: bool, stream: StreamTrim | None = None) -> None:
+        self._stream = stream  # a trim already fed with the body as it arrived (shortcut route only)
         self.media = media
         self.strip_models = strip_models
         self.models_raw: Raw | None = None
-        self._base: bytes | None = None if strip_models else body
+        self._base = body
         if strip_models:
             dec, enc, _, fmt = _DECODERS[media]
             try:
-                top = dec.decode(body)
+                top = dec.decode(body.joined())
             except msgspec.ValidationError as exc:
                 raise PayloadError(f"request must be a map with string keys ({exc})") from None
             except msgspec.DecodeError as exc:
@@ -64,8 +66,9 @@ class PreparedBody:
             except RecursionError:
                 raise PayloadError(f"malformed {fmt} body: nested too deeply") from None
             self.models_raw = top.pop("models", None)
-            # One copy of the body without `models` (Raw values are written back verbatim).
-            self._base = body if self.models_raw is None else enc.encode(top)
+            if self.models_raw is not None:
+                # One copy of the body without `models` (Raw values are written back verbatim).
+                self._base = Body.of(enc.encode(top))
 
     def models(self) -> list[ModelRef]:
         if self.models_raw is None:
@@ -78,13 +81,19 @@ class PreparedBody:
             raise PayloadError('"models" is empty')
         return refs
 
-    def untrimmed(self) -> bytes:
+    def untrimmed(self) -> Body:
         """The body as forwarded without trimming (the fan-out drops its `models` key)."""
-        return self._base  # type: ignore[return-value]
+        return self._base
 
     def trim(self, allow: AbstractSet[str]) -> tuple[bytes, int, int]:
         """(body, features_in, features_kept) keeping only allowlisted features, values untouched."""
-        r = trim(self._base, allow, self.media)  # type: ignore[arg-type]
+        stream, self._stream = self._stream, None
+        if stream is not None and stream.allow is allow:  # else the allowlists were reloaded meanwhile
+            r = stream.finish(self._base.chunks)
+        elif self.media == MSGPACK:
+            r = trim_msgpack_chunks(self._base.chunks, allow)
+        else:
+            r = trim(self._base.joined(), allow, self.media)
         return r.body, r.features_in, r.features_kept
 
 
@@ -136,7 +145,7 @@ class Router:
             self.metrics.errors.labels(*labels, kind).inc()
         return Outcome(status, msgspec.json.encode({"error": message}), "application/json", {}, message)
 
-    async def send(self, model: str, version: str | None, path_for, prepared: PreparedBody | None, raw_body: bytes | None,
+    async def send(self, model: str, version: str | None, path_for, prepared: PreparedBody | None, raw_body: Body | None,
                    content_type: str, timeout_s: float, trim_fn=None, extra_headers: dict[str, str] | None = None,
                    client_bytes: int = 0) -> Outcome:
         """Trim for one target and send it. `path_for(version)` builds the upstream path.
@@ -205,7 +214,7 @@ class Router:
             return Outcome(resp.status, resp.body, resp.content_type, resp.headers, upstream_error_text(resp.body, resp.content_type, resp.status))
         if dropped_any and self.auditor is not None and self.auditor.sample():
             # After the answer is in hand and in the background: the client never waits for an audit.
-            self.auditor.submit(AuditJob(model, eff_version, labels, part, resp.replica, path, untrimmed, content_type,
+            self.auditor.submit(AuditJob(model, eff_version, labels, part, resp.replica, path, untrimmed.joined(), content_type,
                                          resp.status, resp.body, resp.content_type, res.allowlist))  # type: ignore[arg-type]
         return Outcome(resp.status, resp.body, resp.content_type, resp.headers)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from .body import Body, outgoing
 from .config import PartitionConfig, Timeouts
 from .metrics import Metrics
 
@@ -155,14 +156,15 @@ class Partition:
         return sorted(ordered, key=lambda r: not r.up)  # stable: keeps the balance order among up replicas
 
     # ------------------------------------------------------------------ send
-    async def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str], timeout_s: float,
+    async def request(self, method: str, path: str, body: Body | bytes | None, headers: dict[str, str], timeout_s: float,
                       labels: tuple[str, str, str] | None = None, deadline_header: str | None = None) -> UpstreamResponse:
         """Send to one replica, failing over once on a connect failure. Raises UpstreamError (503/504)."""
         assert self.session is not None, "partition not started"
         if body is not None and self._compress is not None:
-            body = self._compress(body)
+            body = self._compress(body.joined() if isinstance(body, Body) else body)
             headers = {**headers, "Content-Encoding": self.cfg.compression}
         sent = len(body) if body is not None else 0
+        data = outgoing(body, headers.get("Content-Type", "application/octet-stream"))
         deadline = time.monotonic() + timeout_s
         order = self._order()
         errors: list[str] = []
@@ -177,7 +179,7 @@ class Partition:
             gauge = self.metrics.inflight.labels(self.name, replica.url)
             gauge.inc()
             try:
-                async with self.session.request(method, replica.url + path, data=body, headers=h,
+                async with self.session.request(method, replica.url + path, data=data, headers=h,
                                                 timeout=aiohttp.ClientTimeout(total=remaining, sock_connect=min(remaining, self.timeouts.connect_s))) as resp:
                     data = await resp.read()
                     ctype = resp.headers.get("Content-Type", "application/octet-stream")

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from root.body import Body
 from root.config import load_config, parse_config
 from root.fanout import PreparedBody
 from trimmer.codec import JSON, MSGPACK, encode_json, encode_msgpack
@@ -109,11 +110,15 @@ def test_prepared_trim_equals_trimmer_trim(feats, allow, json_mode, with_models)
     body = enc(doc)
     without_models = enc({k: v for k, v in doc.items() if k != "models"})
     allow = set(allow) | set(list(feats)[: len(feats) // 2])
-    p = PreparedBody(body, media, strip_models=True)
+    p = PreparedBody(Body.of(body), media, strip_models=True)
     out, n_in, n_kept = p.trim(allow)
     expected = trim(without_models, allow, media)
     assert out == expected.body and (n_in, n_kept) == (expected.features_in, expected.features_kept)
-    assert p.untrimmed() == without_models
+    assert p.untrimmed().joined() == without_models
+    # the shortcut route trims the body as received, in chunks (3 bytes: every header and key straddles)
+    chunked = PreparedBody(Body([without_models[i:i + 3] for i in range(0, len(without_models), 3)]), media, strip_models=False)
+    assert chunked.trim(allow) == (expected.body, expected.features_in, expected.features_kept)
+    assert chunked.untrimmed().joined() == without_models
 
 
 def test_prepared_trim_keeps_tensor_bytes():
@@ -121,7 +126,7 @@ def test_prepared_trim_keeps_tensor_bytes():
 
     t = Tensor.from_numpy(np.arange(6, dtype=np.float32))
     body = encode_msgpack({"models": [{"name": "m"}], "features": {"a": t, "b": 1}})
-    p = PreparedBody(body, MSGPACK, strip_models=True)
+    p = PreparedBody(Body.of(body), MSGPACK, strip_models=True)
     out, _, _ = p.trim({"a"})
     assert out == encode_msgpack({"features": {"a": t}})
     assert [r.name for r in p.models()] == ["m"]
@@ -131,4 +136,4 @@ def test_prepared_trim_keeps_tensor_bytes():
 def test_bad_models_lists(models):
     doc = {"features": {}} if models is None else {"models": models, "features": {}}
     with pytest.raises(PayloadError):
-        PreparedBody(msgspec.msgpack.encode(doc), MSGPACK, strip_models=True).models()
+        PreparedBody(Body.of(msgspec.msgpack.encode(doc)), MSGPACK, strip_models=True).models()

@@ -21,6 +21,7 @@ import pytest
 
 from loadtest.procs import ManagedProcess, free_port, start
 from trimmer.bundle import BUNDLE_KIND, BUNDLE_FORMAT
+from trimmer.trim import trim
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
@@ -149,6 +150,25 @@ async def test_fanout_json_and_shortcut(env):
     assert status == 200 and out["features"] == ["f1", "f2", "f3"] and out["version"] == "2"
     status, out = await post(env["root"].url + "/v1/models/unknown/score", body())
     assert status == 404 and "unknown" in out["error"]
+
+
+async def test_megabyte_bodies_are_trimmed_and_forwarded_from_their_chunks(env):
+    """A body that arrives in many chunks: trimmed while it arrives (enforce), forwarded chunk by chunk (miss, shadow)."""
+    big = {**FEATURES, **{f"pad{i:03d}": bytes([i % 251]) * 10_000 for i in range(300)}}
+    data = msgspec.msgpack.encode({"request_id": "big", "features": big, "tail": "end"})
+    assert len(data) > 3_000_000
+    expected_trim = trim(data, frozenset({"f1", "f2"}), "application/msgpack").body
+    status, out = await post(env["root"].url + "/v1/models/alpha/score", data)
+    assert status == 200, out
+    assert out["features"] == ["f1", "f2"] and out["keys"] == ["request_id", "features", "tail"]
+    assert out["body_bytes"] == len(expected_trim)
+    for model in ("nolist", "shadowed"):  # untrimmed: every byte arrives
+        status, out = await post(env["root"].url + f"/v1/models/{model}/score", data)
+        assert status == 200, out
+        assert out["body_bytes"] == len(data) and out["features"] == list(big)
+    truncated = data[: len(data) // 2]  # a body cut off mid-feature is a 400, not a partial trim
+    status, out = await post(env["root"].url + "/v1/models/alpha/score", truncated)
+    assert status == 400 and "truncated" in out["error"]
 
 
 @pytest.mark.parametrize("data,ctype,needle", [

@@ -17,9 +17,15 @@ from trimmer.codec import decode_request, encode_json, encode_msgpack
 from trimmer.errors import PayloadError
 from trimmer.tensor import TENSOR_EXT_CODE, Tensor
 
+def _in_chunks(body: bytes, size: int = 5) -> list[bytes]:
+    """Small chunks so that headers, keys and values straddle chunk boundaries."""
+    return [body[i:i + size] for i in range(0, len(body), size)] or [b""]
+
+
 IMPLS = {"python": trim_mod.trim_msgpack_py}
 if trim_mod.ACCELERATED:
     IMPLS["c"] = trim_mod.trim_msgpack_c
+    IMPLS["c_chunks"] = lambda body, allow: trim_mod.trim_msgpack_chunks(_in_chunks(body), allow)
 
 
 def test_accelerator_is_built() -> None:
@@ -84,6 +90,27 @@ def test_truncated_or_garbled_bodies_raise_payload_error_only(impl: str, feats: 
             IMPLS[impl](candidate, frozenset(feats))
         except PayloadError as exc:
             assert "\n" not in str(exc)
+
+
+def _outcome(fn, *args):
+    try:
+        r = fn(*args)
+        return (r.body, r.features_in, r.features_kept)
+    except PayloadError as exc:
+        return str(exc)
+
+
+@pytest.mark.skipif(not trim_mod.ACCELERATED, reason="C accelerator not built")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(feats=features, other=others, data=st.data())
+def test_chunked_trim_equals_one_shot_for_any_split(feats: dict, other: dict, data: st.DataObject) -> None:
+    """Fed chunk by chunk (scanning as they arrive), the trim gives the same bytes or the same error."""
+    body = msgpack.packb({**other, "features": feats}, use_bin_type=True)
+    body = body[: data.draw(st.integers(len(body) - 8, len(body)))] + data.draw(st.binary(max_size=3))  # also broken bodies
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=12)))
+    chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+    allow = frozenset(list(feats)[::2])
+    assert _outcome(trim_mod.trim_msgpack_chunks, chunks, allow) == _outcome(trim_mod.trim_msgpack_c, body, allow)
 
 
 def test_c_and_python_agree_on_the_reference_payload() -> None:

@@ -7,10 +7,18 @@
  * skipping values here costs a few nanoseconds each. Values are only skipped
  * (bounds-checked, depth-limited); kept bytes are memcpy'd verbatim.
  *
+ * The body may come as several chunks (as the HTTP server received it), so
+ * the root never joins a megabyte body just to trim it: the reader walks the
+ * chunk list, and only a header or key that straddles two chunks is gathered
+ * into a small scratch buffer.
+ *
  * trim(body: buffer, allow: set|frozenset[str]) ->
  *     None                             if the top-level map has no "features"
  *     (bytes, features_in, features_kept)
- * raises ValueError("...") with a one-line message on malformed input.
+ * Trimmer(allow): .feed(chunk) scans what has arrived (a feature whose bytes
+ *     are not all in yet is rescanned on the next feed); .finish() returns
+ *     what trim() returns for the concatenated chunks.
+ * Both raise ValueError("...") with a one-line message on malformed input.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,18 +29,82 @@
 
 typedef struct {
     const uint8_t *p;
-    Py_ssize_t n;
+    Py_ssize_t start;  /* absolute offset of p[0] in the body */
+    Py_ssize_t len;    /* > 0: empty chunks are never stored */
+} chunk_t;
+
+/* Invariant: when pos < total, chunk ci holds pos and (cp, cbeg, cend) cache it. */
+typedef struct {
+    chunk_t *chunks;
+    Py_ssize_t n_chunks;
+    Py_ssize_t total;
     Py_ssize_t pos;
+    Py_ssize_t ci;
+    const uint8_t *cp;
+    Py_ssize_t cbeg, cend;
+    uint8_t *scratch;
+    Py_ssize_t scratch_cap;
     const char *err;
+    int short_data;  /* err means "not enough bytes yet": a streaming feed waits for more */
 } reader;
 
+static void set_chunk(reader *r, Py_ssize_t ci) {
+    r->ci = ci;
+    r->cp = r->chunks[ci].p;
+    r->cbeg = r->chunks[ci].start;
+    r->cend = r->cbeg + r->chunks[ci].len;
+}
+
+/* Re-establish the invariant after pos moved (forward, or back on a rewind). */
+static void seek(reader *r) {
+    if (r->n_chunks == 0) return;
+    while (r->pos >= r->cend && r->ci + 1 < r->n_chunks) set_chunk(r, r->ci + 1);
+    while (r->pos < r->cbeg && r->ci > 0) set_chunk(r, r->ci - 1);
+}
+
+static inline void advance(reader *r, Py_ssize_t k) {
+    r->pos += k;
+    if (r->pos >= r->cend) seek(r);
+}
+
 static inline int need(reader *r, Py_ssize_t k) {
-    if (k < 0 || r->n - r->pos < k) {
+    if (k < 0 || r->total - r->pos < k) {
         r->err = "truncated msgpack body";
+        r->short_data = 1;
         return 0;
     }
     return 1;
 }
+
+/* Copy k bytes at pos that straddle chunks into scratch. NULL (err set) on no memory. */
+static const uint8_t *gather(reader *r, Py_ssize_t k) {
+    if (k > r->scratch_cap) {
+        Py_ssize_t cap = r->scratch_cap ? r->scratch_cap : 64;
+        while (cap < k) cap *= 2;
+        uint8_t *s = (uint8_t *)PyMem_Realloc(r->scratch, cap);
+        if (!s) { r->err = "out of memory"; return NULL; }
+        r->scratch = s;
+        r->scratch_cap = cap;
+    }
+    Py_ssize_t copied = 0, ci = r->ci, off = r->pos - r->cbeg;
+    while (copied < k) {
+        Py_ssize_t take = r->chunks[ci].len - off;
+        if (take > k - copied) take = k - copied;
+        memcpy(r->scratch + copied, r->chunks[ci].p + off, take);
+        copied += take;
+        ci++;
+        off = 0;
+    }
+    return r->scratch;
+}
+
+/* Pointer to k contiguous bytes at pos; call need(r, k) first. */
+static inline const uint8_t *peek(reader *r, Py_ssize_t k) {
+    if (r->pos + k <= r->cend) return r->cp + (r->pos - r->cbeg);
+    return gather(r, k);
+}
+
+static inline uint8_t byte_at_pos(const reader *r) { return r->cp[r->pos - r->cbeg]; }
 
 static inline uint64_t be(const uint8_t *p, int k) {
     uint64_t v = 0;
@@ -40,75 +112,23 @@ static inline uint64_t be(const uint8_t *p, int k) {
     return v;
 }
 
-/* Skip `count` objects; returns 0 on error (r->err set). */
-static int skip_n(reader *r, uint64_t count, int depth);
+/* Read a w-byte big-endian length at pos and step over it. */
+static inline int read_be(reader *r, int w, uint64_t *out) {
+    if (!need(r, w)) return 0;
+    const uint8_t *q = peek(r, w);
+    if (!q) return 0;
+    *out = be(q, w);
+    advance(r, w);
+    return 1;
+}
 
-static int skip_one(reader *r, int depth) {
-    if (depth > MAX_DEPTH) {
-        r->err = "msgpack body nested too deeply";
+static inline int skip_bytes(reader *r, uint64_t len) {
+    if (len > (uint64_t)PY_SSIZE_T_MAX || !need(r, (Py_ssize_t)len)) {
+        r->err = "truncated msgpack body";
+        r->short_data = 1;
         return 0;
     }
-    if (!need(r, 1)) return 0;
-    uint8_t t = r->p[r->pos++];
-    if (t <= 0x7f || t >= 0xe0 || t == 0xc0 || t == 0xc2 || t == 0xc3) return 1;
-    if (t >= 0x80 && t <= 0x8f) return skip_n(r, 2ull * (t & 0x0f), depth + 1);
-    if (t >= 0x90 && t <= 0x9f) return skip_n(r, t & 0x0f, depth + 1);
-    if (t >= 0xa0 && t <= 0xbf) {
-        Py_ssize_t k = t & 0x1f;
-        if (!need(r, k)) return 0;
-        r->pos += k;
-        return 1;
-    }
-    Py_ssize_t len;
-    switch (t) {
-    case 0xc4: case 0xc5: case 0xc6:  /* bin 8/16/32 */
-    case 0xd9: case 0xda: case 0xdb: {/* str 8/16/32 */
-        int w = (t == 0xc4 || t == 0xd9) ? 1 : (t == 0xc5 || t == 0xda) ? 2 : 4;
-        if (!need(r, w)) return 0;
-        len = (Py_ssize_t)be(r->p + r->pos, w);
-        r->pos += w;
-        if (!need(r, len)) return 0;
-        r->pos += len;
-        return 1;
-    }
-    case 0xc7: case 0xc8: case 0xc9: { /* ext 8/16/32 */
-        int w = t == 0xc7 ? 1 : t == 0xc8 ? 2 : 4;
-        if (!need(r, w + 1)) return 0;
-        len = (Py_ssize_t)be(r->p + r->pos, w);
-        r->pos += w + 1;
-        if (!need(r, len)) return 0;
-        r->pos += len;
-        return 1;
-    }
-    case 0xca: case 0xce: case 0xd2: len = 4; break;           /* float32, uint32, int32 */
-    case 0xcb: case 0xcf: case 0xd3: len = 8; break;           /* float64, uint64, int64 */
-    case 0xcc: case 0xd0: len = 1; break;
-    case 0xcd: case 0xd1: len = 2; break;
-    case 0xd4: len = 2; break;  /* fixext 1 */
-    case 0xd5: len = 3; break;
-    case 0xd6: len = 5; break;
-    case 0xd7: len = 9; break;
-    case 0xd8: len = 17; break;
-    case 0xdc: case 0xdd: {     /* array 16/32 */
-        int w = t == 0xdc ? 2 : 4;
-        if (!need(r, w)) return 0;
-        uint64_t c = be(r->p + r->pos, w);
-        r->pos += w;
-        return skip_n(r, c, depth + 1);
-    }
-    case 0xde: case 0xdf: {     /* map 16/32 */
-        int w = t == 0xde ? 2 : 4;
-        if (!need(r, w)) return 0;
-        uint64_t c = be(r->p + r->pos, w);
-        r->pos += w;
-        return skip_n(r, 2 * c, depth + 1);
-    }
-    default: /* 0xc1: never used */
-        r->err = "invalid msgpack type byte 0xc1";
-        return 0;
-    }
-    if (!need(r, len)) return 0;
-    r->pos += len;
+    advance(r, (Py_ssize_t)len);
     return 1;
 }
 
@@ -129,18 +149,67 @@ static void fixed_size_init(void) {
     FIXED_SIZE[0xd4] = 3; FIXED_SIZE[0xd5] = 4; FIXED_SIZE[0xd6] = 6; FIXED_SIZE[0xd7] = 10; FIXED_SIZE[0xd8] = 18;  /* fixext */
 }
 
+/* Skip `count` objects; returns 0 on error (r->err set). */
+static int skip_n(reader *r, uint64_t count, int depth);
+
+static int skip_one(reader *r, int depth) {
+    if (depth > MAX_DEPTH) {
+        r->err = "msgpack body nested too deeply";
+        return 0;
+    }
+    if (!need(r, 1)) return 0;
+    uint8_t t = byte_at_pos(r);
+    Py_ssize_t k = FIXED_SIZE[t];
+    if (k) {
+        if (!need(r, k)) return 0;
+        advance(r, k);
+        return 1;
+    }
+    advance(r, 1);
+    if (t >= 0x80 && t <= 0x8f) return skip_n(r, 2ull * (t & 0x0f), depth + 1);
+    if (t >= 0x90 && t <= 0x9f) return skip_n(r, t & 0x0f, depth + 1);
+    uint64_t len;
+    switch (t) {
+    case 0xc4: case 0xc5: case 0xc6:  /* bin 8/16/32 */
+    case 0xd9: case 0xda: case 0xdb: {/* str 8/16/32 */
+        int w = (t == 0xc4 || t == 0xd9) ? 1 : (t == 0xc5 || t == 0xda) ? 2 : 4;
+        if (!read_be(r, w, &len)) return 0;
+        return skip_bytes(r, len);
+    }
+    case 0xc7: case 0xc8: case 0xc9: { /* ext 8/16/32: length, type byte, data */
+        int w = t == 0xc7 ? 1 : t == 0xc8 ? 2 : 4;
+        if (!need(r, w + 1)) return 0;
+        if (!read_be(r, w, &len)) return 0;
+        advance(r, 1);
+        return skip_bytes(r, len);
+    }
+    case 0xdc: case 0xdd: {     /* array 16/32 */
+        if (!read_be(r, t == 0xdc ? 2 : 4, &len)) return 0;
+        return skip_n(r, len, depth + 1);
+    }
+    case 0xde: case 0xdf: {     /* map 16/32 */
+        if (!read_be(r, t == 0xde ? 2 : 4, &len)) return 0;
+        return skip_n(r, 2 * len, depth + 1);
+    }
+    default: /* 0xc1: never used */
+        r->err = "invalid msgpack type byte 0xc1";
+        return 0;
+    }
+}
+
 static int skip_n(reader *r, uint64_t count, int depth) {
     /* Every object takes at least one byte, so a huge declared count fails fast on truncation. */
-    if (count > (uint64_t)(r->n - r->pos)) {
+    if (count > (uint64_t)(r->total - r->pos)) {
         r->err = "truncated msgpack body (container declares more items than bytes remain)";
+        r->short_data = 1;
         return 0;
     }
     for (uint64_t i = 0; i < count; i++) {
         if (!need(r, 1)) return 0;
-        Py_ssize_t k = FIXED_SIZE[r->p[r->pos]];
+        Py_ssize_t k = FIXED_SIZE[byte_at_pos(r)];
         if (k) {  /* scalars inline; containers and variable-size values recurse */
             if (!need(r, k)) return 0;
-            r->pos += k;
+            advance(r, k);
             continue;
         }
         if (!skip_one(r, depth)) return 0;
@@ -148,33 +217,28 @@ static int skip_n(reader *r, uint64_t count, int depth) {
     return 1;
 }
 
+/* 0 with r->err NULL when the object there is not a map. */
 static int read_map_header(reader *r, uint64_t *count) {
     if (!need(r, 1)) return 0;
-    uint8_t t = r->p[r->pos];
+    uint8_t t = byte_at_pos(r);
     if (t >= 0x80 && t <= 0x8f) {
-        r->pos += 1;
+        advance(r, 1);
         *count = t & 0x0f;
         return 1;
     }
     if (t == 0xde || t == 0xdf) {
         int w = t == 0xde ? 2 : 4;
         if (!need(r, 1 + w)) return 0;
-        *count = be(r->p + r->pos + 1, w);
-        r->pos += 1 + w;
-        return 1;
+        advance(r, 1);
+        return read_be(r, w, count);
     }
     return 0;
 }
 
 /* Strict UTF-8 check (as Python's decoder: no overlongs, surrogates or > U+10FFFF),
  * so the C trim rejects exactly the keys the msgspec fallback rejects. */
-static int valid_utf8(const uint8_t *p, Py_ssize_t n) {
+static int valid_utf8_slow(const uint8_t *p, Py_ssize_t n) {
     Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8) {  /* ASCII fast path: feature names are almost always ASCII */
-        uint64_t w;
-        memcpy(&w, p + i, 8);
-        if (w & 0x8080808080808080ull) break;
-    }
     while (i < n) {
         uint8_t c = p[i];
         if (c < 0x80) { i++; continue; }
@@ -196,29 +260,53 @@ static int valid_utf8(const uint8_t *p, Py_ssize_t n) {
     return 1;
 }
 
-/* Read a str header; sets *start/*len of the UTF-8 bytes. 0 if not a str. */
-static int read_str(reader *r, Py_ssize_t *start, Py_ssize_t *len) {
+static inline int valid_utf8(const uint8_t *p, Py_ssize_t n) {
+    /* ASCII fast path (feature names are almost always ASCII): OR the bytes a word at a time */
+    if (n >= 8) {
+        uint64_t acc = 0, w;
+        for (Py_ssize_t i = 0; i + 8 <= n; i += 8) { memcpy(&w, p + i, 8); acc |= w; }
+        memcpy(&w, p + n - 8, 8);  /* overlapping tail */
+        acc |= w;
+        if (!(acc & 0x8080808080808080ull)) return 1;
+    } else {
+        uint8_t acc = 0;
+        for (Py_ssize_t i = 0; i < n; i++) acc |= p[i];
+        if (!(acc & 0x80)) return 1;
+    }
+    return valid_utf8_slow(p, n);
+}
+
+/* Read a str; *key points at its UTF-8 bytes (valid until the next peek).
+ * 0 with r->err NULL when the object there is not a str. */
+static int read_str(reader *r, const uint8_t **key, Py_ssize_t *len) {
     if (!need(r, 1)) return 0;
-    uint8_t t = r->p[r->pos];
-    Py_ssize_t k;
-    int w;
-    if (t >= 0xa0 && t <= 0xbf) { k = t & 0x1f; w = 0; }
-    else if (t == 0xd9 || t == 0xda || t == 0xdb) {
-        w = t == 0xd9 ? 1 : t == 0xda ? 2 : 4;
+    uint8_t t = byte_at_pos(r);
+    uint64_t k;
+    if (t >= 0xa0 && t <= 0xbf) {
+        k = t & 0x1f;
+        advance(r, 1);
+    } else if (t == 0xd9 || t == 0xda || t == 0xdb) {
+        int w = t == 0xd9 ? 1 : t == 0xda ? 2 : 4;
         if (!need(r, 1 + w)) return 0;
-        k = (Py_ssize_t)be(r->p + r->pos + 1, w);
+        advance(r, 1);
+        if (!read_be(r, w, &k)) return 0;
     } else {
         return 0;
     }
-    r->pos += 1 + w;
-    if (!need(r, k)) return 0;
-    if (!valid_utf8(r->p + r->pos, k)) {
+    if (k > (uint64_t)PY_SSIZE_T_MAX || !need(r, (Py_ssize_t)k)) {
+        r->err = "truncated msgpack body";
+        r->short_data = 1;
+        return 0;
+    }
+    const uint8_t *q = peek(r, (Py_ssize_t)k);
+    if (!q) return 0;
+    if (!valid_utf8(q, (Py_ssize_t)k)) {
         r->err = "map key is not valid UTF-8";
         return 0;
     }
-    *start = r->pos;
-    *len = k;
-    r->pos += k;
+    *key = q;
+    *len = (Py_ssize_t)k;
+    advance(r, (Py_ssize_t)k);
     return 1;
 }
 
@@ -239,11 +327,9 @@ static uint8_t *write_map_header(uint8_t *o, uint64_t c) {
     return o;
 }
 
-typedef struct { Py_ssize_t start, end; } span;
-
-/* Open-addressing set of allowlisted names as UTF-8 bytes, built per call
- * (about 20 ns per allowlisted name) so the per-feature lookup creates no
- * Python object. */
+/* Open-addressing set of allowlisted names as UTF-8 bytes (about 20 ns per
+ * name to build) so the per-feature lookup creates no Python object. The
+ * slots point into the set's str objects, which the owner keeps alive. */
 typedef struct { const char *s; Py_ssize_t n; uint64_t h; } slot;
 typedef struct { slot *slots; uint64_t mask; } nameset;
 
@@ -311,96 +397,330 @@ static inline int nameset_has(const nameset *ns, const uint8_t *p, Py_ssize_t n)
     return 0;
 }
 
-static PyObject *fail(const char *msg) {
-    PyErr_SetString(PyExc_ValueError, msg);
-    return NULL;
+/* One feature entry (fixstr ASCII-or-UTF-8 key, then a scalar, str, bin or ext
+ * value, or a list of scalars) whose key and value header lie in the current chunk: parsed straight
+ * from the chunk, without a bounds check per field. Returns the entry's length
+ * (the value may run into later chunks), or 0 to leave it to the general path,
+ * which also reports any error. */
+static inline Py_ssize_t fast_entry(const reader *r, const uint8_t **key, Py_ssize_t *kl) {
+    Py_ssize_t avail = r->cend - r->pos;
+    if (avail < 8) return 0;
+    const uint8_t *p = r->cp + (r->pos - r->cbeg);
+    uint8_t t = p[0];
+    if (t < 0xa0 || t > 0xbf) return 0;
+    Py_ssize_t k = t & 0x1f, h = 1 + k;  /* h: offset of the value */
+    if (h + 6 > avail) return 0;          /* the value's longest header (ext 32) must be here */
+    if (!valid_utf8(p + 1, k)) return 0;
+    uint8_t v = p[h];
+    Py_ssize_t n = FIXED_SIZE[v];
+    if (!n) {
+        switch (v) {
+        case 0xc4: case 0xd9: n = 2 + (Py_ssize_t)p[h + 1]; break;
+        case 0xc5: case 0xda: n = 3 + (Py_ssize_t)be(p + h + 1, 2); break;
+        case 0xc6: case 0xdb: n = 5 + (Py_ssize_t)be(p + h + 1, 4); break;
+        case 0xc7: n = 3 + (Py_ssize_t)p[h + 1]; break;
+        case 0xc8: n = 4 + (Py_ssize_t)be(p + h + 1, 2); break;
+        case 0xc9: n = 6 + (Py_ssize_t)be(p + h + 1, 4); break;
+        default: {
+            /* a list of scalars (history ids and the like), all in this chunk */
+            Py_ssize_t count, q;
+            if (v >= 0x90 && v <= 0x9f) { count = v & 0x0f; q = h + 1; }
+            else if (v == 0xdc) { count = (Py_ssize_t)be(p + h + 1, 2); q = h + 3; }
+            else return 0;  /* maps, big arrays (and 0xc1) */
+            for (Py_ssize_t i = 0; i < count; i++) {
+                if (q >= avail) return 0;
+                Py_ssize_t e = FIXED_SIZE[p[q]];
+                if (!e) return 0;
+                q += e;
+            }
+            if (q > avail) return 0;
+            n = q - h;
+        }
+        }
+    }
+    if (n > r->total - r->pos - h) return 0;  /* not all in yet (or truncated) */
+    *key = p + 1;
+    *kl = k;
+    return h + n;
+}
+
+typedef struct { Py_ssize_t start, end; } span;
+
+/* One trim in progress: the chunks seen so far and how far the scan got.
+ * The scan resumes at feature granularity: an entry whose bytes are not all
+ * in yet is rewound and rescanned when more arrive. */
+typedef struct {
+    reader r;
+    Py_buffer *views;          /* one per chunk, released at the end */
+    Py_ssize_t cap_chunks;
+    nameset names;
+    int phase;                 /* 0 top header, 1 top entries, 2 feature entries, 3 top map done */
+    uint64_t n_top, top_i, n_feat, feat_j;
+    Py_ssize_t top_hdr_end, feat_val_start, feat_val_end;
+    span *kept;
+    Py_ssize_t n_spans, cap_spans, kept_bytes, kept_count;
+    const char *error;         /* sticky: the body is malformed */
+    int nomem;
+} trim_state;
+
+static void state_init(trim_state *s) {
+    memset(s, 0, sizeof(*s));
+    s->feat_val_start = s->feat_val_end = -1;
+}
+
+static void state_free(trim_state *s) {
+    for (Py_ssize_t i = 0; i < s->r.n_chunks; i++) PyBuffer_Release(&s->views[i]);
+    PyMem_Free(s->views);
+    PyMem_Free(s->r.chunks);
+    PyMem_Free(s->r.scratch);
+    PyMem_Free(s->kept);
+    PyMem_Free(s->names.slots);
+    memset(s, 0, sizeof(*s));
+}
+
+/* Takes a buffer view of obj (kept until state_free). 0 with a Python error set on failure. */
+static int state_add_chunk(trim_state *s, PyObject *obj) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return 0;
+    if (view.len == 0) { PyBuffer_Release(&view); return 1; }
+    if (s->r.n_chunks == s->cap_chunks) {
+        Py_ssize_t cap = s->cap_chunks ? s->cap_chunks * 2 : 16;
+        Py_buffer *v = (Py_buffer *)PyMem_Realloc(s->views, cap * sizeof(Py_buffer));
+        if (v) s->views = v;
+        chunk_t *c = v ? (chunk_t *)PyMem_Realloc(s->r.chunks, cap * sizeof(chunk_t)) : NULL;
+        if (!v || !c) { PyBuffer_Release(&view); PyErr_NoMemory(); return 0; }
+        s->r.chunks = c;
+        s->cap_chunks = cap;
+    }
+    Py_ssize_t i = s->r.n_chunks++;
+    s->views[i] = view;
+    s->r.chunks[i].p = (const uint8_t *)view.buf;
+    s->r.chunks[i].start = s->r.total;
+    s->r.chunks[i].len = view.len;
+    s->r.total += view.len;
+    if (i == 0) set_chunk(&s->r, 0);
+    else seek(&s->r);  /* pos may have been waiting at the old end */
+    return 1;
+}
+
+static int add_span(trim_state *s, Py_ssize_t start, Py_ssize_t end) {
+    if (s->n_spans && s->kept[s->n_spans - 1].end == start) {  /* merge neighbours */
+        s->kept[s->n_spans - 1].end = end;
+        return 1;
+    }
+    if (s->n_spans == s->cap_spans) {
+        Py_ssize_t cap = s->cap_spans ? s->cap_spans * 2 : 64;
+        span *k = (span *)PyMem_Realloc(s->kept, cap * sizeof(span));
+        if (!k) return 0;
+        s->kept = k;
+        s->cap_spans = cap;
+    }
+    s->kept[s->n_spans].start = start;
+    s->kept[s->n_spans].end = end;
+    s->n_spans++;
+    return 1;
+}
+
+/* Scan as far as the bytes allow. `final`: no more bytes will come, so a
+ * short read is an error. Returns 0 once the body is known malformed (s->error). */
+static int state_scan(trim_state *s, int final) {
+    reader *r = &s->r;
+    if (s->error) return 0;
+    for (;;) {
+        Py_ssize_t mark = r->pos;
+        const char *why = NULL;  /* message when the step fails without r->err */
+        r->err = NULL;
+        r->short_data = 0;
+        if (s->phase == 0) {
+            why = "request must be a map at the top level";
+            if (!read_map_header(r, &s->n_top)) goto failed;
+            s->top_hdr_end = r->pos;
+            s->phase = 1;
+        } else if (s->phase == 1) {
+            if (s->top_i == s->n_top) { s->phase = 3; continue; }
+            const uint8_t *key;
+            Py_ssize_t kl;
+            why = "request keys must be strings";
+            if (!read_str(r, &key, &kl)) goto failed;
+            if (!(kl == 8 && memcmp(key, "features", 8) == 0)) {
+                if (!skip_one(r, 1)) goto failed;
+                s->top_i++;
+                continue;
+            }
+            if (s->feat_val_start >= 0) { r->err = "duplicate \"features\" key in request"; goto failed; }
+            Py_ssize_t fvs = r->pos;
+            why = "\"features\" must be a map of feature name to value";
+            if (!read_map_header(r, &s->n_feat)) goto failed;
+            if (s->n_feat > (uint64_t)(r->total - r->pos)) {
+                r->err = "truncated msgpack body";
+                r->short_data = 1;
+                goto failed;
+            }
+            s->feat_val_start = fvs;
+            s->feat_j = 0;
+            s->phase = 2;
+        } else if (s->phase == 2) {
+            if (s->feat_j == s->n_feat) {
+                s->feat_val_end = r->pos;
+                s->top_i++;
+                s->phase = 1;
+                continue;
+            }
+            const uint8_t *key;
+            Py_ssize_t kl, len = fast_entry(r, &key, &kl);
+            int keep;
+            if (len) {
+                keep = nameset_has(&s->names, key, kl);
+                advance(r, len);
+            } else {
+                why = "\"features\" keys must be strings";
+                if (!read_str(r, &key, &kl)) goto failed;
+                keep = nameset_has(&s->names, key, kl);  /* before the skip: key may live in scratch */
+                if (!skip_one(r, 2)) goto failed;
+            }
+            if (keep) {
+                if (!add_span(s, mark, r->pos)) { s->nomem = 1; r->err = "out of memory"; goto failed; }
+                s->kept_bytes += r->pos - mark;
+                s->kept_count++;
+            }
+            s->feat_j++;
+        } else {
+            if (final && r->pos != r->total) { r->err = "trailing bytes after the msgpack request map"; goto failed; }
+            return 1;
+        }
+        continue;
+    failed:
+        if (r->short_data && !final) {  /* wait for more bytes: rescan this entry then */
+            r->pos = mark;
+            seek(r);
+            return 1;
+        }
+        if (r->err && strcmp(r->err, "out of memory") == 0) s->nomem = 1;
+        s->error = r->err ? r->err : why;
+        return 0;
+    }
+}
+
+/* Copy body bytes [start, end) into o, across chunks; *hint is a chunk index at or before start. */
+static uint8_t *copy_range(const reader *r, uint8_t *o, Py_ssize_t start, Py_ssize_t end, Py_ssize_t *hint) {
+    Py_ssize_t ci = *hint;
+    while (start < end) {
+        while (start >= r->chunks[ci].start + r->chunks[ci].len) ci++;
+        const chunk_t *c = &r->chunks[ci];
+        Py_ssize_t off = start - c->start, take = c->len - off;
+        if (take > end - start) take = end - start;
+        memcpy(o, c->p + off, take);
+        o += take;
+        start += take;
+    }
+    *hint = ci;
+    return o;
+}
+
+/* The result of a finished scan: None, or (bytes, features_in, features_kept). */
+static PyObject *state_result(trim_state *s) {
+    if (s->nomem) return PyErr_NoMemory();
+    if (s->error) { PyErr_SetString(PyExc_ValueError, s->error); return NULL; }
+    if (s->feat_val_start < 0) Py_RETURN_NONE;
+    reader *r = &s->r;
+    Py_ssize_t head = s->feat_val_start - s->top_hdr_end, tail = r->total - s->feat_val_end;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 5 + head + 5 + s->kept_bytes + tail);
+    if (!out) return NULL;
+    uint8_t *o0 = (uint8_t *)PyBytes_AS_STRING(out), *o = o0;
+    Py_ssize_t hint = 0;
+    o = write_map_header(o, s->n_top);
+    o = copy_range(r, o, s->top_hdr_end, s->feat_val_start, &hint);
+    o = write_map_header(o, (uint64_t)s->kept_count);
+    for (Py_ssize_t i = 0; i < s->n_spans; i++) o = copy_range(r, o, s->kept[i].start, s->kept[i].end, &hint);
+    o = copy_range(r, o, s->feat_val_end, r->total, &hint);
+    if (_PyBytes_Resize(&out, o - o0) < 0) return NULL;
+    return Py_BuildValue("(NKn)", out, (unsigned long long)s->n_feat, s->kept_count);
+}
+
+static int check_allow(PyObject *allow) {
+    if (!PyAnySet_Check(allow)) {
+        PyErr_SetString(PyExc_TypeError, "allow must be a set or frozenset of str");
+        return 0;
+    }
+    return 1;
 }
 
 static PyObject *trim(PyObject *self, PyObject *args) {
-    Py_buffer view;
-    PyObject *allow;
-    if (!PyArg_ParseTuple(args, "y*O", &view, &allow)) return NULL;
-    if (!PyAnySet_Check(allow)) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_TypeError, "allow must be a set or frozenset of str");
-        return NULL;
+    PyObject *body, *allow, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OO", &body, &allow)) return NULL;
+    if (!check_allow(allow)) return NULL;
+    trim_state s;
+    state_init(&s);
+    if (state_add_chunk(&s, body) && nameset_build(&s.names, allow)) {
+        state_scan(&s, 1);
+        result = state_result(&s);
     }
-    reader r = {(const uint8_t *)view.buf, view.len, 0, NULL};
-    PyObject *result = NULL;
-    span *kept = NULL;
-    nameset names = {NULL, 0};
-    uint64_t n_top;
-
-    if (!read_map_header(&r, &n_top)) {
-        result = fail(r.err ? r.err : "request must be a map at the top level");
-        goto done;
-    }
-    Py_ssize_t top_hdr_end = r.pos, feat_val_start = -1, feat_val_end = -1;
-    Py_ssize_t n_spans = 0, kept_bytes = 0, kept_count = 0;
-    uint64_t n_feat = 0;
-    for (uint64_t i = 0; i < n_top; i++) {
-        Py_ssize_t ks, kl;
-        if (!read_str(&r, &ks, &kl)) {
-            result = fail(r.err ? r.err : "request keys must be strings");
-            goto done;
-        }
-        if (!(kl == 8 && memcmp(r.p + ks, "features", 8) == 0)) {
-            if (!skip_one(&r, 1)) { result = fail(r.err); goto done; }
-            continue;
-        }
-        if (feat_val_start >= 0) { result = fail("duplicate \"features\" key in request"); goto done; }
-        feat_val_start = r.pos;
-        if (!read_map_header(&r, &n_feat)) {
-            result = fail(r.err ? r.err : "\"features\" must be a map of feature name to value");
-            goto done;
-        }
-        if (n_feat > (uint64_t)(r.n - r.pos)) { result = fail("truncated msgpack body"); goto done; }
-        kept = (span *)PyMem_Malloc(sizeof(span) * (n_feat ? n_feat : 1));
-        if (!kept) { result = PyErr_NoMemory(); goto done; }
-        if (!nameset_build(&names, allow)) goto done;
-        for (uint64_t j = 0; j < n_feat; j++) {
-            Py_ssize_t entry = r.pos;
-            if (!read_str(&r, &ks, &kl)) {
-                result = fail(r.err ? r.err : "\"features\" keys must be strings");
-                goto done;
-            }
-            if (!skip_one(&r, 2)) { result = fail(r.err); goto done; }
-            if (nameset_has(&names, r.p + ks, kl)) {
-                if (n_spans && kept[n_spans - 1].end == entry) kept[n_spans - 1].end = r.pos;  /* merge neighbours */
-                else { kept[n_spans].start = entry; kept[n_spans].end = r.pos; n_spans++; }
-                kept_bytes += r.pos - entry;
-                kept_count++;
-            }
-        }
-        feat_val_end = r.pos;
-    }
-    if (r.pos != r.n) { result = fail("trailing bytes after the msgpack request map"); goto done; }
-    if (feat_val_start < 0) { Py_INCREF(Py_None); result = Py_None; goto done; }
-
-    Py_ssize_t head = feat_val_start - top_hdr_end, tail = r.n - feat_val_end;
-    Py_ssize_t cap = 5 + head + 5 + kept_bytes + tail;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
-    if (!out) goto done;
-    uint8_t *o0 = (uint8_t *)PyBytes_AS_STRING(out), *o = o0;
-    o = write_map_header(o, n_top);
-    memcpy(o, r.p + top_hdr_end, head);
-    o += head;
-    o = write_map_header(o, (uint64_t)kept_count);
-    for (Py_ssize_t i = 0; i < n_spans; i++) {
-        memcpy(o, r.p + kept[i].start, kept[i].end - kept[i].start);
-        o += kept[i].end - kept[i].start;
-    }
-    memcpy(o, r.p + feat_val_end, tail);
-    o += tail;
-    if (_PyBytes_Resize(&out, o - o0) < 0) goto done;
-    result = Py_BuildValue("(NKn)", out, (unsigned long long)n_feat, kept_count);
-
-done:
-    if (kept) PyMem_Free(kept);
-    if (names.slots) PyMem_Free(names.slots);
-    PyBuffer_Release(&view);
+    state_free(&s);
     return result;
 }
+
+/* ------------------------------------------------------------------ Trimmer */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *allow;  /* owns the names the nameset points into */
+    trim_state s;
+    int done;
+} Trimmer;
+
+static int Trimmer_init(Trimmer *self, PyObject *args, PyObject *kwds) {
+    PyObject *allow;
+    static char *kwlist[] = {"allow", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &allow)) return -1;
+    if (!check_allow(allow)) return -1;
+    state_free(&self->s);
+    state_init(&self->s);
+    Py_XSETREF(self->allow, Py_NewRef(allow));
+    self->done = 0;
+    return nameset_build(&self->s.names, allow) ? 0 : -1;
+}
+
+static void Trimmer_dealloc(Trimmer *self) {
+    state_free(&self->s);
+    Py_XDECREF(self->allow);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Trimmer_feed(Trimmer *self, PyObject *chunk) {
+    if (self->done) { PyErr_SetString(PyExc_RuntimeError, "Trimmer.feed after finish"); return NULL; }
+    if (!self->allow) { PyErr_SetString(PyExc_RuntimeError, "Trimmer not initialised"); return NULL; }
+    if (!state_add_chunk(&self->s, chunk)) return NULL;
+    state_scan(&self->s, 0);  /* a malformed body is reported by finish() */
+    Py_RETURN_NONE;
+}
+
+static PyObject *Trimmer_finish(Trimmer *self, PyObject *unused) {
+    if (self->done) { PyErr_SetString(PyExc_RuntimeError, "Trimmer.finish called twice"); return NULL; }
+    if (!self->allow) { PyErr_SetString(PyExc_RuntimeError, "Trimmer not initialised"); return NULL; }
+    self->done = 1;
+    state_scan(&self->s, 1);
+    PyObject *result = state_result(&self->s);
+    state_free(&self->s);  /* release the chunks now, not at garbage collection */
+    return result;
+}
+
+static PyMethodDef Trimmer_methods[] = {
+    {"feed", (PyCFunction)Trimmer_feed, METH_O, "feed(chunk): add the next bytes of the body and scan what can be scanned"},
+    {"finish", (PyCFunction)Trimmer_finish, METH_NOARGS, "finish() -> None | (bytes, features_in, features_kept)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TrimmerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "trimmer._fasttrim.Trimmer",
+    .tp_basicsize = sizeof(Trimmer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Trimmer(allow): trim a msgpack body fed chunk by chunk",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Trimmer_init,
+    .tp_dealloc = (destructor)Trimmer_dealloc,
+    .tp_methods = Trimmer_methods,
+};
 
 static PyMethodDef methods[] = {
     {"trim", trim, METH_VARARGS, "trim(body, allow) -> None | (bytes, features_in, features_kept)"},
@@ -411,5 +731,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fasttrim", NULL, -1
 
 PyMODINIT_FUNC PyInit__fasttrim(void) {
     fixed_size_init();
-    return PyModule_Create(&module);
+    if (PyType_Ready(&TrimmerType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Trimmer", (PyObject *)&TrimmerType) < 0) { Py_DECREF(m); return NULL; }
+    return m;
 }

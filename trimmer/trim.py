@@ -8,7 +8,7 @@ features alone and every non-feature key leaves byte-identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AbstractSet
+from typing import AbstractSet, Sequence
 
 import msgspec
 
@@ -81,13 +81,55 @@ def trim_msgpack_c(body: bytes, allow: AbstractSet[str]) -> TrimResult:
     return TrimResult(*out)
 
 
+class StreamTrim:
+    """A msgpack trim fed chunk by chunk while the body arrives (C accelerator only).
+
+    Each chunk is scanned as soon as it is received, while it is still in
+    cache; scanning it later, after the whole body is in, means one cache miss
+    per feature key (slower than joining the body and trimming the copy).
+    """
+
+    __slots__ = ("allow", "_trimmer")
+
+    def __init__(self, allow: AbstractSet[str]) -> None:
+        self.allow = allow
+        self._trimmer = _fasttrim.Trimmer(allow if isinstance(allow, (set, frozenset)) else frozenset(allow))
+
+    def feed(self, chunk: bytes) -> None:
+        self._trimmer.feed(chunk)
+
+    def finish(self, chunks: Sequence[bytes]) -> TrimResult:
+        """The trim of everything fed; `chunks` (the same bytes) only for a body without "features"."""
+        try:
+            out = self._trimmer.finish()
+        except ValueError as exc:
+            raise PayloadError(f"malformed msgpack body: {exc}") from None
+        if out is None:
+            return TrimResult(b"".join(chunks), 0, 0)
+        return TrimResult(*out)
+
+
+def trim_msgpack_chunks_c(chunks: Sequence[bytes], allow: AbstractSet[str]) -> TrimResult:
+    stream = StreamTrim(allow)
+    for chunk in chunks:
+        stream.feed(chunk)
+    return stream.finish(chunks)
+
+
+def trim_msgpack_chunks_py(chunks: Sequence[bytes], allow: AbstractSet[str]) -> TrimResult:
+    return trim_msgpack_py(b"".join(chunks), allow)
+
+
 try:
     from . import _fasttrim  # type: ignore[attr-defined]
 
     trim_msgpack = trim_msgpack_c
+    # A body as the server received it (a list of chunks), trimmed without joining it first.
+    trim_msgpack_chunks = trim_msgpack_chunks_c
     ACCELERATED = True
 except ImportError:  # no compiler at install time
     trim_msgpack = trim_msgpack_py
+    trim_msgpack_chunks = trim_msgpack_chunks_py
     ACCELERATED = False
 
 
@@ -118,4 +160,4 @@ def trim_oip(body: bytes, allow: AbstractSet[str]) -> TrimResult:
     return TrimResult(_js_encoder.encode(top), len(inputs), len(kept))
 
 
-__all__ = ["TrimResult", "trim", "trim_msgpack", "trim_json", "trim_oip", "MSGPACK", "JSON"]
+__all__ = ["TrimResult", "StreamTrim", "trim", "trim_msgpack", "trim_msgpack_chunks", "trim_json", "trim_oip", "MSGPACK", "JSON"]
