@@ -187,7 +187,7 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
                 stream.feed(body.joined())
         except ConnectionError:
             raise PayloadError("request body truncated: client closed the connection mid-body") from None
-    state.metrics.client_bytes.labels(route).inc(len(body))
+    state.metrics.child(state.metrics.client_bytes, (route,)).inc(len(body))
     return body
 
 
@@ -338,7 +338,7 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
     except Exception as exc:  # a bug: one line to the client, traceback to the log
         log.exception("unhandled error on %s %s", request.method, request.path)
         resp = error_response(500, f"internal error: {type(exc).__name__}")
-    metrics.client_requests.labels(route, str(resp.status)).inc()
+    metrics.child(metrics.client_requests, (route, str(resp.status))).inc()
     return resp
 
 

@@ -142,7 +142,7 @@ class Router:
 
     def error(self, status: int, message: str, kind: str, labels: tuple[str, str, str] | None) -> Outcome:
         if labels is not None:
-            self.metrics.errors.labels(*labels, kind).inc()
+            self.metrics.child(self.metrics.errors, (*labels, kind)).inc()
         return Outcome(status, msgspec.json.encode({"error": message}), "application/json", {}, message)
 
     async def send(self, model: str, version: str | None, path_for, prepared: PreparedBody | None, raw_body: Body | None,
@@ -161,9 +161,9 @@ class Router:
         eff_version = version if version is not None else res.version
         labels = self.labels(model, eff_version, part.name)
         m = self.metrics
-        m.requests.labels(*labels).inc()
-        m.model_client_bytes.labels(*labels).inc(client_bytes)
-        m.mode_requests.labels(*labels, res.mode if res.allowlist is not None else "miss").inc()
+        m.child(m.requests, labels).inc()
+        m.child(m.model_client_bytes, labels).inc(client_bytes)
+        m.child(m.mode_requests, (*labels, res.mode if res.allowlist is not None else "miss")).inc()
 
         t0 = time.perf_counter()
         dropped_any = False
@@ -177,26 +177,26 @@ class Router:
             untrimmed = untrimmed_fn()
             if res.allowlist is None:
                 body = untrimmed
-                m.allowlist_misses.labels(*labels).inc()
-                m.trimmed_bytes.labels(*labels).inc(len(untrimmed))
+                m.child(m.allowlist_misses, labels).inc()
+                m.child(m.trimmed_bytes, labels).inc(len(untrimmed))
             elif res.mode == "off":
                 body = untrimmed
-                m.trimmed_bytes.labels(*labels).inc(len(untrimmed))
+                m.child(m.trimmed_bytes, labels).inc(len(untrimmed))
             else:
                 trimmed, n_in, n_kept = trim_call(res.allowlist)
-                m.features_in.labels(*labels).inc(n_in)
-                m.trimmed_bytes.labels(*labels).inc(len(trimmed))
+                m.child(m.features_in, labels).inc(n_in)
+                m.child(m.trimmed_bytes, labels).inc(len(trimmed))
                 if res.mode == "enforce":
                     body = trimmed
                     dropped_any = n_kept < n_in
-                    m.features_dropped.labels(*labels).inc(n_in - n_kept)
+                    m.child(m.features_dropped, labels).inc(n_in - n_kept)
                 else:  # shadow: measure, send untrimmed
                     body = untrimmed
-                    m.shadow_features_dropped.labels(*labels).inc(n_in - n_kept)
+                    m.child(m.shadow_features_dropped, labels).inc(n_in - n_kept)
         except PayloadError as exc:
             return self.error(400, str(exc), "bad_request", labels)
-        m.untrimmed_bytes.labels(*labels).inc(len(untrimmed))
-        m.trim_seconds.labels(*labels).observe(time.perf_counter() - t0)
+        m.child(m.untrimmed_bytes, labels).inc(len(untrimmed))
+        m.child(m.trim_seconds, labels).observe(time.perf_counter() - t0)
 
         headers = {"Content-Type": content_type, "Accept": content_type}
         if extra_headers:
@@ -206,11 +206,11 @@ class Router:
         try:
             resp = await part.request("POST", path, body, headers, timeout_s, labels, self.cfg.deadline_header)
         except UpstreamError as exc:
-            m.upstream_seconds.labels(*labels).observe(time.perf_counter() - t1)
+            m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
             return self.error(exc.status, f"model {model!r} (partition {part.name!r}): {exc}", exc.kind, labels)
-        m.upstream_seconds.labels(*labels).observe(time.perf_counter() - t1)
+        m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
         if resp.status >= 400:
-            m.errors.labels(*labels, f"upstream_{resp.status // 100}xx").inc()
+            m.child(m.errors, (*labels, f"upstream_{resp.status // 100}xx")).inc()
             return Outcome(resp.status, resp.body, resp.content_type, resp.headers, upstream_error_text(resp.body, resp.content_type, resp.status))
         if dropped_any and self.auditor is not None and self.auditor.sample():
             # After the answer is in hand and in the background: the client never waits for an audit.

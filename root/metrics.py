@@ -30,6 +30,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._children: dict = {}
         r = self.registry
         m = MODEL_LABELS
         self.client_requests = Counter(f"{PREFIX}_client_requests", "HTTP requests received, by route and status", ("route", "status"), registry=r)
@@ -75,6 +76,17 @@ class Metrics:
         self.audits_dropped = Counter(f"{PREFIX}_audits_dropped", "Sampled audits not run because audit_max_concurrent were in flight", m, registry=r)
         self.audit_sent_bytes = Counter(f"{PREFIX}_audit_sent_bytes", "Body bytes of untrimmed audit copies sent upstream (not in upstream_sent_bytes)", m, registry=r)
         self.registry_reloads = Counter(f"{PREFIX}_allowlist_reloads", "Allowlist registry rebuilds (start, hot reload, metadata refresh)", registry=r)
+
+    def child(self, metric, key: tuple[str, ...]):
+        """`metric.labels(*key)`, memoised: labels() validates and locks (about 1.5 us), a dict hit costs ~0.1 us.
+
+        Label values are bounded (unlisted model names collapse to `_unlisted`), so the memo is too.
+        """
+        try:
+            return self._children[metric, key]
+        except KeyError:
+            child = self._children[metric, key] = metric.labels(*key)
+            return child
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) for GET /metrics; aggregated over all workers in multiprocess mode."""

@@ -105,7 +105,7 @@ class Partition:
             replica.last_change = time.time()
         replica.up = up
         replica.last_error = error
-        self.metrics.replica_up.labels(self.name, replica.url).set(1 if up else 0)
+        self.metrics.child(self.metrics.replica_up, (self.name, replica.url)).set(1 if up else 0)
 
     async def check_health(self) -> None:
         """One GET of health_path on every replica, concurrently; bounded by the connect and request timeouts."""
@@ -176,7 +176,7 @@ class Partition:
             if deadline_header:
                 h = {**headers, deadline_header: str(max(1, int(remaining * 1000)))}
             replica.inflight += 1
-            gauge = self.metrics.inflight.labels(self.name, replica.url)
+            gauge = self.metrics.child(self.metrics.inflight, (self.name, replica.url))
             gauge.inc()
             try:
                 async with self.session.request(method, replica.url + path, data=data, headers=h,
@@ -188,8 +188,8 @@ class Partition:
                 if not replica.up:
                     self._mark(replica, True)
                 if labels is not None:
-                    self.metrics.sent_bytes.labels(*labels).inc(sent)
-                    self.metrics.received_bytes.labels(*labels).inc(len(data))
+                    self.metrics.child(self.metrics.sent_bytes, labels).inc(sent)
+                    self.metrics.child(self.metrics.received_bytes, labels).inc(len(data))
                 return UpstreamResponse(resp.status, data, ctype, out_headers, replica.url, sent)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 self._count_attempt(replica, "connect_error")
@@ -199,13 +199,13 @@ class Partition:
             except asyncio.TimeoutError:
                 self._count_attempt(replica, "timeout")
                 if labels is not None:  # connected, so the body went out (or began to)
-                    self.metrics.sent_bytes.labels(*labels).inc(sent)
+                    self.metrics.child(self.metrics.sent_bytes, labels).inc(sent)
                 raise UpstreamError(504, "timeout", f"upstream timed out after {timeout_s:.3g}s at {replica.url}") from None
             except aiohttp.ClientError as exc:
                 # Reached the replica (or may have): not retried, the model may have run.
                 self._count_attempt(replica, "error")
                 if labels is not None:
-                    self.metrics.sent_bytes.labels(*labels).inc(sent)
+                    self.metrics.child(self.metrics.sent_bytes, labels).inc(sent)
                 raise UpstreamError(502, "bad_gateway", f"upstream {replica.url} failed: {type(exc).__name__}: {str(exc)[:200]}") from None
             finally:
                 replica.inflight -= 1
@@ -215,7 +215,7 @@ class Partition:
         raise UpstreamError(503, "unavailable", "no replica reachable (" + "; ".join(errors) + ")")
 
     def _count_attempt(self, replica: Replica, outcome: str) -> None:
-        self.metrics.attempts.labels(self.name, replica.url, outcome).inc()
+        self.metrics.child(self.metrics.attempts, (self.name, replica.url, outcome)).inc()
 
 
 __all__ = ["Partition", "Replica", "UpstreamError", "UpstreamResponse"]

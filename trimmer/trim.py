@@ -70,15 +70,29 @@ def trim_msgpack_py(body: bytes, allow: AbstractSet[str]) -> TrimResult:
 
 
 def trim_msgpack_c(body: bytes, allow: AbstractSet[str]) -> TrimResult:
-    if not isinstance(allow, (set, frozenset)):
-        allow = frozenset(allow)
     try:
-        out = _fasttrim.trim(body, allow)
+        out = _fasttrim.trim(body, _compiled_names(allow))
     except ValueError as exc:
         raise PayloadError(f"malformed msgpack body: {exc}") from None
     if out is None:
         return TrimResult(body, 0, 0)
     return TrimResult(*out)
+
+
+_COMPILED_MAX = 1024
+_compiled: dict[int, object] = {}
+
+
+def _compiled_names(allow: AbstractSet[str]):
+    """The C lookup table for an allowlist, built once per frozenset (registry allowlists are frozensets)."""
+    if not isinstance(allow, frozenset):
+        return allow if isinstance(allow, set) else frozenset(allow)
+    names = _compiled.get(id(allow))
+    if names is None or names.allow is not allow:  # type: ignore[attr-defined]
+        if len(_compiled) >= _COMPILED_MAX:  # reloads make new frozensets; drop the old tables wholesale
+            _compiled.clear()
+        names = _compiled[id(allow)] = _fasttrim.Names(allow)  # holds `allow`, so its id is not reused meanwhile
+    return names
 
 
 class StreamTrim:
@@ -93,7 +107,7 @@ class StreamTrim:
 
     def __init__(self, allow: AbstractSet[str]) -> None:
         self.allow = allow
-        self._trimmer = _fasttrim.Trimmer(allow if isinstance(allow, (set, frozenset)) else frozenset(allow))
+        self._trimmer = _fasttrim.Trimmer(_compiled_names(allow))
 
     def feed(self, chunk: bytes) -> None:
         self._trimmer.feed(chunk)
