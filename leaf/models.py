@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import time
 import warnings
@@ -99,6 +100,20 @@ def _warmup_request(converter: Converter) -> Converted:
         tensors.append(torch.zeros(shape, dtype=plan.torch_dtype))
         shapes.append(shape)
     return Converted(tensors, 2 if converter.has_candidates else 1, shapes=shapes, dtypes=converter.dtypes)
+
+
+def settle_gc(collect: bool) -> None:
+    """Move everything alive now (torch, the loaded modules: ~300k objects) out of the cyclic GC's reach.
+
+    Otherwise each full collection walks them all: about 170 ms with the demo models, landing on whatever
+    request allocated at that moment, and inflating conversion time by a third on average. After a version
+    was replaced or removed, one full collection first reclaims its cycles (a torch.export module leaves
+    thousands), so unloading does not leak: one pause per model change instead of one every few seconds.
+    """
+    if collect:
+        gc.unfreeze()
+        gc.collect()
+    gc.freeze()
 
 
 class ModelStore:
@@ -202,6 +217,7 @@ class ModelStore:
         async with self._scan_lock:
             found = await asyncio.get_running_loop().run_in_executor(self._load_pool, self._discover)
             now_ns = time.time_ns()
+            loaded = dropped = False
             for key, (path, fp) in sorted(found.items()):
                 old = self.versions.get(key)
                 if old is not None and old.path == path and old.fingerprint == fp:
@@ -210,8 +226,10 @@ class ModelStore:
                     self._wake.set()  # still being written: look again shortly
                     continue
                 await self._load(key, path, fp)
+                loaded, dropped = True, dropped or old is not None
             for key in [k for k in self.versions if k not in found]:
                 vs = self.versions.pop(key)
+                dropped = True
                 if vs.batcher is not None:
                     await vs.batcher.close()
                 try:
@@ -219,6 +237,8 @@ class ModelStore:
                 except KeyError:
                     pass
                 log.info("unloaded %s/%s (removed from %s)", key[0], key[1], self.repo)
+            if loaded or dropped:
+                settle_gc(collect=dropped)
             if initial:
                 self.initial_done = True
 
