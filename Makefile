@@ -13,7 +13,7 @@ $(PY):
 
 # torch: the CPU wheel 2.13.0 is pinned only when torch is absent; an unpinned
 # `torch` would pull a multi-GB CUDA build. pyproject keeps `torch>=2.4`.
-$(STAMP): $(PY) pyproject.toml setup.py trimmer/_fasttrim.c
+$(STAMP): $(PY) pyproject.toml setup.py trimmer/_fasttrim.c trimmer/_tensorext.c
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)

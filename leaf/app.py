@@ -14,6 +14,7 @@ from trimmer.errors import ConfigError
 from trimmer.malloc import tune_for_large_bodies
 
 from .config import LeafConfig
+from .gctune import tune_gc
 from .metrics import LeafMetrics
 from .models import ModelStore
 from .server import make_app
@@ -75,6 +76,7 @@ def main(config: LeafConfig) -> int:
         else:
             raise ConfigError(f"{config.repo}: model repository is not a directory (build one with `trimmer leaf build-demo --out DIR`)")
     tune_for_large_bodies()
+    tune_gc()
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     try:

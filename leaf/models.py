@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gc
 import logging
 import time
 import warnings
@@ -28,6 +27,7 @@ from trimmer.signature import Signature, read_signature
 from .batcher import Batcher, Runner
 from .config import LeafConfig
 from .convert import Converted, Converter
+from .gctune import settle_gc
 from .metrics import LeafMetrics
 
 log = logging.getLogger("leaf.models")
@@ -100,20 +100,6 @@ def _warmup_request(converter: Converter) -> Converted:
         tensors.append(torch.zeros(shape, dtype=plan.torch_dtype))
         shapes.append(shape)
     return Converted(tensors, 2 if converter.has_candidates else 1, shapes=shapes, dtypes=converter.dtypes)
-
-
-def settle_gc(collect: bool) -> None:
-    """Move everything alive now (torch, the loaded modules: ~300k objects) out of the cyclic GC's reach.
-
-    Otherwise each full collection walks them all: about 170 ms with the demo models, landing on whatever
-    request allocated at that moment, and inflating conversion time by a third on average. After a version
-    was replaced or removed, one full collection first reclaims its cycles (a torch.export module leaves
-    thousands), so unloading does not leak: one pause per model change instead of one every few seconds.
-    """
-    if collect:
-        gc.unfreeze()
-        gc.collect()
-    gc.freeze()
 
 
 class ModelStore:

@@ -29,7 +29,6 @@ from .config import LeafConfig
 from .convert import as_tensor, output_to_wire
 from .metrics import LeafMetrics
 from .models import ModelStore, VersionState
-from .wire import decode_request
 
 log = logging.getLogger("leaf.server")
 
@@ -221,7 +220,7 @@ async def score(request: web.Request) -> web.Response:
     try:
         body = await read_body(request, vm)
         t0 = time.thread_time()  # CPU time of this thread: GIL waits behind the model thread are not conversion
-        req = decode_request(body, mtype)
+        req = codec.decode_request(body, mtype)
     except PayloadError:
         vm.bad_request.inc()
         raise

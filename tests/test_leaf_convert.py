@@ -116,7 +116,7 @@ def test_settle_gc_freezes_loaded_objects_and_reclaims_dropped_cycles():
     import gc
     import weakref
 
-    from leaf.models import settle_gc
+    from leaf.gctune import settle_gc
 
     class Node:
         pass
