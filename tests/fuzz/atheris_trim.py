@@ -13,7 +13,8 @@ PayloadError with a one-line message; a successful trim equals decoding the
 input, filtering `features` and re-encoding. Anything else (another exception,
 a crash in the C extension, a hang caught by -timeout) is a finding; libFuzzer
 writes the input to crash-<sha1> for replay: `python tests/fuzz/atheris_trim.py crash-<sha1>`.
-The C accelerator and the pure-Python msgpack trim are also checked against each other.
+The C accelerator, its chunk-by-chunk form and the pure-Python msgpack trim are also checked
+against each other.
 Without atheris, `python tests/fuzz/atheris_trim.py --smoke` runs the same property over
 20,000 mutated seeds (seconds).
 """
@@ -79,6 +80,12 @@ def _c_agrees_with_python(data: bytes) -> None:
     c, py = _outcome(trim_mod.trim_msgpack_c, data), _outcome(trim_mod.trim_msgpack_py, data)
     if c != py:
         raise AssertionError(f"C trim {c[0]} vs Python trim {py[0]} disagree")
+    # the streaming trim (chunks as the server receives them), cut at points derived from the input
+    cuts = sorted({(b * 7 + i) % (len(data) + 1) for i, b in enumerate(data[:6])})
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    streamed = _outcome(lambda _d, allow: trim_mod.trim_msgpack_chunks(chunks, allow), data)
+    if streamed != c:
+        raise AssertionError(f"chunked trim {streamed[0]} vs one-shot trim {c[0]} disagree")
 
 
 def test_one_input(data: bytes) -> None:
