@@ -74,6 +74,7 @@ class Runner:
         rows = [c.rows for c in convs]
         total = sum(rows)
         repeats: torch.Tensor | None = None
+        all_raw = all(c.all_raw for c in convs)
         inputs = []
         for i, plan in enumerate(self.converter.plans):
             dtype = plan.torch_dtype
@@ -86,7 +87,7 @@ class Runner:
                 inputs.append(self._to_device(t))
                 continue
             parts = [c.parts[i] for c in convs]
-            if plan.cand_axis in (None, 0) and not any(isinstance(p, torch.Tensor) for p in parts):
+            if plan.cand_axis in (None, 0) and (all_raw or not any(isinstance(p, torch.Tensor) for p in parts)):
                 buf = b"".join(parts)
                 if plan.cand_axis == 0:
                     t = as_tensor(buf, dtype, (total, *plan.rest))

@@ -124,6 +124,7 @@ class Converted:
     n_features: int = 0
     shapes: list[tuple[int, ...]] | None = None
     dtypes: list[torch.dtype] | None = None
+    all_raw: bool = False  # no part is a torch tensor: the batcher joins every input's parts without checking
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -196,7 +197,7 @@ class Converter:
                     shapes[i] = tuple(rows if d == -1 else d for d in plan.shape)  # type: ignore[union-attr]
         n = len(features)
         unused = [] if n == found else [k for k in features if k not in self.allow]
-        return Converted(parts, rows, defaulted or [], unused, n, shapes, self.dtypes)
+        return Converted(parts, rows, defaulted or [], unused, n, shapes, self.dtypes, all_raw=True)
 
     def _convert_slow(self, features: Mapping[str, Any]) -> Converted:
         """Everything the fast path does not cover: defaults, unused features, lists, and every error."""
