@@ -210,13 +210,15 @@ async def handle_model_score(request: web.Request) -> web.Response:
     state = request.app[STATE]
     model = request.match_info["name"]
     version = request.match_info.get("version")
-    media = media_type(request.content_type)
     try:
         part = state.router.route(model)
+        if part.cfg.protocol != "native":
+            raise RouteError(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open Inference Protocol; "
+                                  f"use /v2/models/{model}/infer")
     except RouteError as exc:
+        await _read_body(request, "model")  # received and counted like any body (and a 413 stays a 413)
         return error_response(exc.status, exc.message)
-    if part.cfg.protocol != "native":
-        return error_response(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open Inference Protocol; use /v2/models/{model}/infer")
+    media = media_type(request.content_type)
     # The allowlist is known before the body arrives, so msgpack is trimmed chunk by chunk as it is received.
     res = state.registry.resolve(model, version)
     stream = StreamTrim(res.allowlist) if media == MSGPACK and ACCELERATED and res.allowlist is not None and res.mode != "off" else None

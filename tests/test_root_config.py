@@ -137,3 +137,25 @@ def test_bad_models_lists(models):
     doc = {"features": {}} if models is None else {"models": models, "features": {}}
     with pytest.raises(PayloadError):
         PreparedBody(Body.of(msgspec.msgpack.encode(doc)), MSGPACK, strip_models=True).models()
+
+
+def test_streamed_trim_is_used_only_for_the_allowlist_it_was_fed_with():
+    """A reload between the handler's resolve and the send: the fresh allowlist wins, from the chunks."""
+    from trimmer.trim import StreamTrim
+
+    body = encode_msgpack({"request_id": "r", "features": {"a": 1, "b": 2, "c": 3}})
+    chunks = [body[i:i + 4] for i in range(0, len(body), 4)]
+    old, new = frozenset({"a"}), frozenset({"b", "c"})
+    stream = StreamTrim(old)
+    for c in chunks:
+        stream.feed(c)
+    fresh = PreparedBody(Body(chunks), MSGPACK, strip_models=False, stream=stream).trim(new)
+    assert fresh == (trim(body, new, MSGPACK).body, 3, 2)
+    assert stream.finish(chunks).features_kept == 1  # left unused for the other allowlist
+    stream = StreamTrim(old)
+    for c in chunks:
+        stream.feed(c)
+    same = PreparedBody(Body(chunks), MSGPACK, strip_models=False, stream=stream).trim(old)
+    assert same == (trim(body, old, MSGPACK).body, 3, 1)
+    with pytest.raises(RuntimeError, match="twice"):  # the streamed result was the one used
+        stream.finish(chunks)
