@@ -97,14 +97,20 @@ def test_batch_assembly_from_raw_parts_equals_per_request_tensors():
     assert [c.rows for c in convs] == [3, 1, 2]
     assert convs[2].unused == ["other"] and convs[0].defaulted == ["cand_price"]
     runner = Runner(lambda *a: a, conv, ("score",), torch.device("cpu"))
-    batched = runner.assemble(convs)
-    for i, plan in enumerate(conv.plans):
-        per_req = [c.tensors[i] for c in convs]
-        if plan.cand_axis is None:
-            want = torch.cat([t.unsqueeze(0).expand(c.rows, *t.shape) for t, c in zip(per_req, convs)])
-        else:
-            want = torch.cat(per_req)
-        assert batched[i].dtype == want.dtype and torch.equal(batched[i], want), plan.name
+
+    def check(convs):
+        batched = runner.assemble(convs)
+        for i, plan in enumerate(conv.plans):
+            per_req = [c.tensors[i] for c in convs]
+            if plan.cand_axis is None:
+                want = torch.cat([t.unsqueeze(0).expand(c.rows, *t.shape) for t, c in zip(per_req, convs)])
+            else:
+                want = torch.cat(per_req)
+            assert batched[i].dtype == want.dtype and torch.equal(batched[i], want), plan.name
+
+    check(convs)  # uneven candidate counts: repeat_interleave
+    uniform = [{**reqs[0], "user_dense": Tensor.from_numpy(np.full(4, k, np.float32))} for k in range(3)]
+    check([conv.convert(received(f)) for f in uniform])  # equal counts: expand + reshape
     alone = runner.assemble(convs[:1])
     assert alone[2].data_ptr() == convs[0].tensors[2].data_ptr()  # a lone request is wrapped, not copied
     outs = runner.split([torch.arange(6, dtype=torch.float32)], [3, 1, 2])
