@@ -47,10 +47,11 @@ class PreparedBody:
     and trims msgpack straight from them.
     """
 
-    __slots__ = ("media", "strip_models", "models_raw", "_base", "_stream")
+    __slots__ = ("media", "strip_models", "models_raw", "stream_seconds", "_base", "_stream")
 
     def __init__(self, body: Body, media: str, strip_models: bool, stream: StreamTrim | None = None) -> None:
         self._stream = stream  # a trim already fed with the body as it arrived (shortcut route only)
+        self.stream_seconds = 0.0  # trim time spent while the body arrived, when that trim was used
         self.media = media
         self.strip_models = strip_models
         self.models_raw: Raw | None = None
@@ -90,6 +91,7 @@ class PreparedBody:
         stream, self._stream = self._stream, None
         if stream is not None and stream.allow is allow:  # else the allowlists were reloaded meanwhile
             r = stream.finish(self._base.chunks)
+            self.stream_seconds = stream.seconds
         elif self.media == MSGPACK:
             r = trim_msgpack_chunks(self._base.chunks, allow)
         else:
@@ -196,7 +198,7 @@ class Router:
         except PayloadError as exc:
             return self.error(400, str(exc), "bad_request", labels)
         m.child(m.untrimmed_bytes, labels).inc(len(untrimmed))
-        m.child(m.trim_seconds, labels).observe(time.perf_counter() - t0)
+        m.child(m.trim_seconds, labels).observe(time.perf_counter() - t0 + (prepared.stream_seconds if prepared is not None else 0.0))
 
         headers = {"Content-Type": content_type, "Accept": content_type}
         if extra_headers:
