@@ -61,16 +61,17 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* The Tensor, or NULL without an error set when the payload is not plainly well formed. */
-static PyObject *build(PyObject *data) {
+/* 1: *out is the Tensor; 0: the payload is not plainly well formed (no error set); -1: error set. */
+static int build(PyObject *data, PyObject **out) {
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
         PyErr_Clear();
-        return NULL;
+        return 0;
     }
     const uint8_t *p = (const uint8_t *)view.buf;
     Py_ssize_t n = view.len;
-    PyObject *result = NULL, *shape = NULL, *slice = NULL, *sub = NULL;
+    int status = 0;
+    PyObject *shape = NULL, *slice = NULL, *sub = NULL;
     if (n < 2) goto done;
     int code = p[0], nd = p[1];
     PyObject *name = dtype_names[code];
@@ -105,21 +106,18 @@ static PyObject *build(PyObject *data) {
         Py_DECREF(obj);
         goto error;
     }
-    result = obj;
+    *out = obj;
+    status = 1;
     goto done;
 error:
     if (!PyErr_Occurred()) PyErr_NoMemory();
-    PyBuffer_Release(&view);
-    Py_XDECREF(shape);
-    Py_XDECREF(slice);
-    Py_XDECREF(sub);
-    return (PyObject *)-1;  /* a real error (set) */
+    status = -1;
 done:
     PyBuffer_Release(&view);
     Py_XDECREF(shape);
     Py_XDECREF(slice);
     Py_XDECREF(sub);
-    return result;
+    return status;
 }
 
 static PyObject *hook(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -134,9 +132,10 @@ static PyObject *hook(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long code = PyLong_AsLong(args[0]);
     if (code == -1 && PyErr_Occurred()) return NULL;
     if (code == ext_code) {
-        PyObject *t = build(args[1]);
-        if (t == (PyObject *)-1) return NULL;
-        if (t) return t;
+        PyObject *t = NULL;
+        int status = build(args[1], &t);
+        if (status < 0) return NULL;
+        if (status > 0) return t;
     }
     return PyObject_Vectorcall(fallback, args, nargs, NULL);  /* the library's hook: its tensor, or its error */
 }
