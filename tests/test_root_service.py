@@ -369,3 +369,28 @@ async def test_sigterm_drains_in_flight_requests(tmp_path):
     finally:
         root.stop()
         slow.stop()
+
+
+async def test_body_dripped_in_small_pieces_is_trimmed_exactly(env):
+    """A slow client: the body arrives in hundreds of small reads, so most features straddle reads and are
+    rescanned when the rest arrives; the upstream still gets exactly the trimmed body."""
+    big = {**FEATURES, **{f"pad{i:04d}": [i % 200] * 40 for i in range(2000)}}
+    data = msgspec.msgpack.encode({"request_id": "drip", "features": big})
+    assert len(data) > 100_000  # > 100 pieces
+    expected = trim(data, frozenset({"f1", "f2"}), "application/msgpack").body
+    host, port = env["root"].url.split("://", 1)[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"POST /v1/models/alpha/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/msgpack\r\n"
+                     f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode())
+        for i in range(0, len(data), 997):  # a prime step: keys and headers land across every kind of boundary
+            writer.write(data[i:i + 997])
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    out = msgspec.msgpack.decode(payload)
+    assert out["features"] == ["f1", "f2"] and out["body_bytes"] == len(expected)
