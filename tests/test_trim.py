@@ -198,3 +198,17 @@ def test_tensor_roundtrip_is_zero_copy_on_decode() -> None:
     np.testing.assert_array_equal(decoded.to_numpy(), arr)
     js = decode_request(encode_json({"features": {"x": arr}}), "application/json")["features"]["x"]
     np.testing.assert_array_equal(js.to_numpy(), arr)
+
+
+@pytest.mark.skipif(not trim_mod.ACCELERATED, reason="C accelerator not built")
+def test_values_spanning_many_chunks_are_not_rescanned_per_chunk() -> None:
+    """A value that arrives over thousands of chunks (here a 4.9 MB non-feature map) is rescanned a few
+    times as more of it arrives, not once per chunk (which was quadratic in the chunk count)."""
+    from trimmer import _fasttrim
+
+    body = msgpack.packb({"context": {"ids": list(range(1_000_000))}, "features": {"a": [1] * 1000, "b": 2}})
+    trimmer = _fasttrim.Trimmer(frozenset({"b"}))
+    for i in range(0, len(body), 1000):
+        trimmer.feed(body[i:i + 1000])
+    assert trimmer.finish() == _fasttrim.trim(body, frozenset({"b"}))
+    assert trimmer.rescanned <= 2 * len(body)  # per-chunk rescans would be ~2,400x the body

@@ -461,6 +461,8 @@ typedef struct {
     Py_ssize_t top_hdr_end, feat_val_start, feat_val_end;
     span *kept;
     Py_ssize_t n_spans, cap_spans, kept_bytes, kept_count;
+    Py_ssize_t retry_at;       /* after a short entry: rescan once this many bytes are in */
+    Py_ssize_t rescanned;      /* bytes scanned and then rewound to wait for more (a diagnostic) */
     const char *error;         /* sticky: the body is malformed */
     int nomem;
 } trim_state;
@@ -528,6 +530,7 @@ static int add_span(trim_state *s, Py_ssize_t start, Py_ssize_t end) {
 static int state_scan(trim_state *s, int final) {
     reader *r = &s->r;
     if (s->error) return 0;
+    if (!final && r->total < s->retry_at) return 1;
     for (;;) {
         Py_ssize_t mark = r->pos;
         const char *why = NULL;  /* message when the step fails without r->err */
@@ -593,6 +596,10 @@ static int state_scan(trim_state *s, int final) {
         continue;
     failed:
         if (r->short_data && !final) {  /* wait for more bytes: rescan this entry then */
+            /* Not before the bytes past its start have doubled: an entry (or a non-feature value)
+             * spanning many chunks is rescanned O(log) times, not once per chunk (quadratic). */
+            s->retry_at = mark + 2 * (r->total - mark);
+            s->rescanned += r->pos - mark;
             r->pos = mark;
             seek(r);
             return 1;
@@ -738,6 +745,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *allow;  /* owns the names the nameset points into (a set, or a Names) */
     trim_state s;
+    Py_ssize_t rescanned;  /* kept past finish(), which frees the state */
     int done;
 } Trimmer;
 
@@ -763,6 +771,7 @@ static PyObject *Trimmer_feed(Trimmer *self, PyObject *chunk) {
     if (!self->allow) { PyErr_SetString(PyExc_RuntimeError, "Trimmer not initialised"); return NULL; }
     if (!state_add_chunk(&self->s, chunk)) return NULL;
     state_scan(&self->s, 0);  /* a malformed body is reported by finish() */
+    self->rescanned = self->s.rescanned;
     Py_RETURN_NONE;
 }
 
@@ -775,6 +784,15 @@ static PyObject *Trimmer_finish(Trimmer *self, PyObject *unused) {
     state_free(&self->s);  /* release the chunks now, not at garbage collection */
     return result;
 }
+
+static PyObject *Trimmer_get_rescanned(Trimmer *self, void *closure) {
+    return PyLong_FromSsize_t(self->rescanned);
+}
+
+static PyGetSetDef Trimmer_getset[] = {
+    {"rescanned", (getter)Trimmer_get_rescanned, NULL, "bytes scanned, then rewound to wait for the rest of an entry", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
 
 static PyMethodDef Trimmer_methods[] = {
     {"feed", (PyCFunction)Trimmer_feed, METH_O, "feed(chunk): add the next bytes of the body and scan what can be scanned"},
@@ -792,6 +810,7 @@ static PyTypeObject TrimmerType = {
     .tp_init = (initproc)Trimmer_init,
     .tp_dealloc = (destructor)Trimmer_dealloc,
     .tp_methods = Trimmer_methods,
+    .tp_getset = Trimmer_getset,
 };
 
 static PyMethodDef methods[] = {
