@@ -371,6 +371,34 @@ async def test_sigterm_drains_in_flight_requests(tmp_path):
         slow.stop()
 
 
+async def test_untrimmed_chunked_body_is_resent_whole_on_failover(env):
+    """A multi-chunk body goes upstream chunk by chunk; when the replica tried first refuses the connection,
+    the same chunks go to the next replica in full (the partition, in-process, against the real sink)."""
+    from root.body import Body
+    from root.config import PartitionConfig, Timeouts
+    from root.metrics import Metrics
+    from root.upstream import Partition
+
+    data = msgspec.msgpack.encode({"request_id": "fo", "features": {f"pad{i:03d}": bytes([i]) * 10_000 for i in range(200)}})
+    chunks = [data[i:i + 256_000] for i in range(0, len(data), 256_000)]
+    dead = f"http://127.0.0.1:{free_port()}"
+    metrics = Metrics()
+    part = Partition(PartitionConfig("p", (dead, env["sink"].url), balance="round_robin"), Timeouts(), metrics)
+    await part.start()
+    try:
+        for _ in range(4):  # round robin: every other request starts at the dead replica (marked up: never checked)
+            for r in part.replicas:
+                r.up = True
+            resp = await part.request("POST", "/v1/models/x/score", Body(chunks), dict(MP), 5.0, ("x", "", "p"))
+            assert resp.status == 200 and resp.replica == env["sink"].url
+            assert msgspec.msgpack.decode(resp.body)["body_bytes"] == len(data)
+    finally:
+        await part.close()
+    refused = metrics.registry.get_sample_value("trimmer_root_upstream_attempts_total",
+                                                {"partition": "p", "replica": dead, "outcome": "connect_error"})
+    assert refused is not None and refused >= 2
+
+
 async def test_body_dripped_in_small_pieces_is_trimmed_exactly(env):
     """A slow client: the body arrives in hundreds of small reads, so most features straddle reads and are
     rescanned when the rest arrives; the upstream still gets exactly the trimmed body."""
