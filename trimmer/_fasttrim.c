@@ -34,6 +34,9 @@ typedef struct {
     Py_ssize_t len;    /* > 0: empty chunks are never stored */
 } chunk_t;
 
+/* The one error that is not about the body: reported as MemoryError, matched by address. */
+static const char OUT_OF_MEMORY[] = "out of memory";
+
 /* Invariant: when pos < total, chunk ci holds pos and (cp, cbeg, cend) cache it. */
 typedef struct {
     chunk_t *chunks;
@@ -83,7 +86,7 @@ static const uint8_t *gather(reader *r, Py_ssize_t k) {
         Py_ssize_t cap = r->scratch_cap ? r->scratch_cap : 64;
         while (cap < k) cap *= 2;
         uint8_t *s = (uint8_t *)PyMem_Realloc(r->scratch, cap);
-        if (!s) { r->err = "out of memory"; return NULL; }
+        if (!s) { r->err = OUT_OF_MEMORY; return NULL; }
         r->scratch = s;
         r->scratch_cap = cap;
     }
@@ -584,7 +587,7 @@ static int state_scan(trim_state *s, int final) {
                 if (!skip_one(r, 2)) goto failed;
             }
             if (keep) {
-                if (!add_span(s, mark, r->pos)) { s->nomem = 1; r->err = "out of memory"; goto failed; }
+                if (!add_span(s, mark, r->pos)) { r->err = OUT_OF_MEMORY; goto failed; }
                 s->kept_bytes += r->pos - mark;
                 s->kept_count++;
             }
@@ -604,7 +607,7 @@ static int state_scan(trim_state *s, int final) {
             seek(r);
             return 1;
         }
-        if (r->err && strcmp(r->err, "out of memory") == 0) s->nomem = 1;
+        if (r->err == OUT_OF_MEMORY) s->nomem = 1;
         s->error = r->err ? r->err : why;
         return 0;
     }
