@@ -47,13 +47,12 @@ class PreparedBody:
     and trims msgpack straight from them.
     """
 
-    __slots__ = ("media", "strip_models", "models_raw", "stream_seconds", "_base", "_stream")
+    __slots__ = ("media", "models_raw", "stream_seconds", "_base", "_stream")
 
     def __init__(self, body: Body, media: str, strip_models: bool, stream: StreamTrim | None = None) -> None:
         self._stream = stream  # a trim already fed with the body as it arrived (shortcut route only)
         self.stream_seconds = 0.0  # trim time spent while the body arrived, when that trim was used
         self.media = media
-        self.strip_models = strip_models
         self.models_raw: Raw | None = None
         self._base = body
         if strip_models:
