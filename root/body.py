@@ -8,7 +8,6 @@ and a passthrough forwards them as they are (`ChunksPayload`).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Callable
 
 from aiohttp import payload, web
@@ -77,7 +76,7 @@ def outgoing(body: Body | bytes | None, content_type: str) -> Any:
 async def read_chunks(request: web.Request, n: int, on_chunk: Callable[[bytes], None] | None = None) -> Body:
     """Exactly the Content-Length bytes of a plain (not chunked, not encoded) body, without joining them.
 
-    `on_chunk` sees each chunk as it arrives (the streaming trim scans it while it is in cache).
+    `on_chunk` sees each chunk as it arrives (the streaming trim scans it then).
     """
     chunks: list[bytes] = []
     got = 0
@@ -93,8 +92,6 @@ async def read_chunks(request: web.Request, n: int, on_chunk: Callable[[bytes], 
                 on_chunk(chunk)
     except ConnectionError:  # the client went away mid-body: its error, not a 500 with a traceback
         raise PayloadError(f"request body truncated: client closed the connection before {n} bytes arrived") from None
-    except asyncio.IncompleteReadError as exc:
-        raise PayloadError(f"request body truncated: Content-Length {n}, got {len(exc.partial)} bytes") from None
     if got > n:  # the parser never hands out more than Content-Length; guard anyway
         raise PayloadError(f"request body longer than its Content-Length {n}")
     return Body(chunks)
