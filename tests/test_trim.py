@@ -212,3 +212,35 @@ def test_values_spanning_many_chunks_are_not_rescanned_per_chunk() -> None:
         trimmer.feed(body[i:i + 1000])
     assert trimmer.finish() == _fasttrim.trim(body, frozenset({"b"}))
     assert trimmer.rescanned <= 2 * len(body)  # per-chunk rescans would be ~2,400x the body
+
+
+def _list_cases() -> dict[str, list]:
+    big = 2**62
+    return {
+        "uniform uint64": [big + i for i in range(50)],
+        "uniform fixint": list(range(100)),
+        "uniform float64": [0.5 + i for i in range(40)],
+        "one narrower element": [big + i for i in range(20)] + [7] + [big + i for i in range(20)],
+        "one wider element last": [5] * 30 + [big],
+        "type byte repeats at the stride inside values": [0xCF, big, 0xCF, big],  # 0xcf = uint64's type byte, also as a value
+        "strings": ["ab", "cd", "ef"],
+        "nested list": [[1, 2], [3, 4]],
+        "mixed": [1, "x", 2.5, None, True, big],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_list_cases()))
+def test_list_features_skip_exactly_whatever_their_element_encodings(case: str) -> None:
+    """List values are skipped by element type bytes (a stride check when every element is encoded alike):
+    uniform, almost-uniform and mixed lists all trim to the reference bytes, whole or cut anywhere."""
+    value = _list_cases()[case]
+    body = msgpack.packb({"features": {"before": 1, "hist": value, "after": [value, "z"], "last": value}, "id": "r"})
+    for allow in (frozenset({"hist", "last"}), frozenset({"before", "after"})):
+        expected = trim_mod.trim_msgpack_py(body, allow)
+        for name, fn in IMPLS.items():
+            assert fn(body, allow) == expected, name
+        for cut in range(1, len(body)):  # every split point: the list header or elements straddle the chunk boundary
+            if trim_mod.ACCELERATED:
+                assert trim_mod.trim_msgpack_chunks([body[:cut], body[cut:]], allow) == expected
+    with pytest.raises(PayloadError):
+        trim_mod.trim(body[:-3], frozenset({"hist"}), "application/msgpack")

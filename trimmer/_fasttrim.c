@@ -431,7 +431,19 @@ static inline Py_ssize_t fast_entry(const reader *r, const uint8_t **key, Py_ssi
             if (v >= 0x90 && v <= 0x9f) { count = v & 0x0f; q = h + 1; }
             else if (v == 0xdc) { count = (Py_ssize_t)be(p + h + 1, 2); q = h + 3; }
             else return 0;  /* maps, big arrays (and 0xc1) */
-            for (Py_ssize_t i = 0; i < count; i++) {
+            Py_ssize_t i = 0;
+            if (count > 0 && q < avail) {
+                /* Homogeneous lists (the common case: one encoding for every element) are
+                 * checked at a fixed stride: independent loads instead of a dependent chain. */
+                uint8_t t0 = p[q];
+                Py_ssize_t e0 = FIXED_SIZE[t0];
+                if (e0 && q + count * e0 <= avail) {
+                    Py_ssize_t same = 0;
+                    for (Py_ssize_t j = 0; j < count; j++) same += p[q + j * e0] == t0;
+                    if (same == count) { i = count; q += count * e0; }
+                }
+            }
+            for (; i < count; i++) {
                 if (q >= avail) return 0;
                 Py_ssize_t e = FIXED_SIZE[p[q]];
                 if (!e) return 0;
@@ -443,6 +455,7 @@ static inline Py_ssize_t fast_entry(const reader *r, const uint8_t **key, Py_ssi
         }
     }
     if (n > r->total - r->pos - h) return 0;  /* not all in yet (or truncated) */
+    if (h + n < avail) __builtin_prefetch(p + h + n);  /* the next entry's header: fetched while this key is looked up */
     *key = p + 1;
     *kl = k;
     return h + n;
