@@ -202,6 +202,8 @@ async def handle_fanout(request: web.Request) -> web.Response:
     body = await _read_body(request, "fanout")
     media = media_type(request.content_type)
     prepared = PreparedBody(body, media, strip_models=True)
+    if prepared.untrimmed() is not body:
+        body.release()  # each target is trimmed from the copy without `models`; the client's bytes are not read again
     status, out = await fan_out(state.router, prepared, media, _timeout(request, state.cfg), {}, len(body))
     return web.Response(body=out, status=status, content_type=media)
 
@@ -225,7 +227,7 @@ async def handle_model_score(request: web.Request) -> web.Response:
     body = await _read_body(request, "model", stream)
     prepared = PreparedBody(body, media, strip_models=False, stream=stream)
     out = await state.router.send(model, version, native_path(model), prepared, None, media, _timeout(request, state.cfg),
-                                  client_bytes=len(body))
+                                  client_bytes=len(body), sole_target=True)
     return _outcome_response(out)
 
 
@@ -250,7 +252,7 @@ async def handle_oip_infer(request: web.Request) -> web.Response:
 
     trim_fn = (lambda b, allow: (b, 0, 0)) if binary is not None else _oip_trim  # binary tensors: forwarded untrimmed
     out = await state.router.send(model, version, path_for, None, body, ctype, _timeout(request, state.cfg), trim_fn=trim_fn,
-                                  extra_headers=extra, client_bytes=len(body))
+                                  extra_headers=extra, client_bytes=len(body), sole_target=True)
     return _outcome_response(out)
 
 

@@ -33,8 +33,15 @@ class Body:
     def joined(self) -> bytes:
         """One buffer (one copy, made once) for the paths that decode or compress the whole body."""
         if self._joined is None:
+            if self.size and not self.chunks:
+                raise RuntimeError("request body used after release()")
             self._joined = b"".join(self.chunks)
         return self._joined
+
+    def release(self) -> None:
+        """Drop the bytes, keep the size: a trimmed request need not hold its whole body while the model runs."""
+        self.chunks = []
+        self._joined = None
 
 
 class ChunksPayload(payload.Payload):

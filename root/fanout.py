@@ -65,8 +65,10 @@ class PreparedBody:
                 raise PayloadError(f"malformed {fmt} body: {exc}") from None
             except RecursionError:
                 raise PayloadError(f"malformed {fmt} body: nested too deeply") from None
-            self.models_raw = top.pop("models", None)
-            if self.models_raw is not None:
+            models_raw = top.pop("models", None)
+            if models_raw is not None:
+                # Its own bytes: a Raw is a view that would keep the whole joined client body alive.
+                self.models_raw = models_raw.copy()
                 # One copy of the body without `models` (Raw values are written back verbatim).
                 self._base = Body.of(enc.encode(top))
 
@@ -148,10 +150,12 @@ class Router:
 
     async def send(self, model: str, version: str | None, path_for, prepared: PreparedBody | None, raw_body: Body | None,
                    content_type: str, timeout_s: float, trim_fn=None, extra_headers: dict[str, str] | None = None,
-                   client_bytes: int = 0) -> Outcome:
+                   client_bytes: int = 0, sole_target: bool = False) -> Outcome:
         """Trim for one target and send it. `path_for(version)` builds the upstream path.
 
         Either `prepared` (native) or `raw_body` + `trim_fn(body, allow) -> (body, in, kept)` (OIP) is given.
+        `sole_target`: nothing else reads the client body, so once trimmed it is released (unless audited)
+        instead of being held, five times the size of what is sent, for as long as the model takes.
         """
         try:
             part = self.route(model)
@@ -198,6 +202,9 @@ class Router:
             return self.error(400, str(exc), "bad_request", labels)
         m.child(m.untrimmed_bytes, labels).inc(len(untrimmed))
         m.child(m.trim_seconds, labels).observe(time.perf_counter() - t0 + (prepared.stream_seconds if prepared is not None else 0.0))
+        audit = dropped_any and self.auditor is not None and self.auditor.sample()  # drawn now: an audit needs the untrimmed body
+        if sole_target and body is not untrimmed and not audit:
+            untrimmed.release()
 
         headers = {"Content-Type": content_type, "Accept": content_type}
         if extra_headers:
@@ -213,7 +220,7 @@ class Router:
         if resp.status >= 400:
             m.child(m.errors, (*labels, f"upstream_{resp.status // 100}xx")).inc()
             return Outcome(resp.status, resp.body, resp.content_type, resp.headers, upstream_error_text(resp.body, resp.content_type, resp.status))
-        if dropped_any and self.auditor is not None and self.auditor.sample():
+        if audit:
             # After the answer is in hand and in the background: the client never waits for an audit.
             self.auditor.submit(AuditJob(model, eff_version, labels, part, resp.replica, path, untrimmed.joined(), content_type,
                                          resp.status, resp.body, resp.content_type, res.allowlist))  # type: ignore[arg-type]

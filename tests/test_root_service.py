@@ -422,3 +422,65 @@ async def test_body_dripped_in_small_pieces_is_trimmed_exactly(env):
     assert head.startswith(b"HTTP/1.1 200"), head
     out = msgspec.msgpack.decode(payload)
     assert out["features"] == ["f1", "f2"] and out["body_bytes"] == len(expected)
+
+
+@pytest.mark.parametrize("model, audit_rate, released", [
+    ("alpha", 0.0, True),       # enforce: trimmed, nothing else needs the client body
+    ("alpha", 1.0, False),      # sampled for the equivalence audit: the untrimmed body is re-sent later
+    ("shadowed", 0.0, False),   # shadow: the untrimmed body is what goes upstream
+    ("nolist", 0.0, False),     # no allowlist: forwarded untrimmed
+])
+async def test_a_trimmed_body_is_released_before_the_upstream_answers(env, model, audit_rate, released):
+    """One target (the shortcut route): once the trim is taken, the client's chunks are dropped instead of being
+    held for the model's whole latency; whatever still needs them (shadow, miss, audit) keeps them. In process,
+    against the real sink."""
+    from root.app import RootState
+    from root.body import Body
+    from root.config import parse_config
+    from root.fanout import PreparedBody, native_path
+    from trimmer.trim import StreamTrim
+
+    cfg = parse_config({**env["config"], "audit_sample_rate": audit_rate}, str(env["tmp"] / "root.yaml"))
+    state = RootState(cfg)
+    await state.start()
+    try:
+        data = msgspec.msgpack.encode({"request_id": "rel", "features": {**FEATURES, "pad": b"x" * 300_000}})
+        chunks = [data[i:i + 65536] for i in range(0, len(data), 65536)]
+        res = state.registry.resolve(model, None)
+        stream = StreamTrim(res.allowlist) if res.allowlist is not None and res.mode != "off" else None
+        for c in chunks:
+            if stream is not None:
+                stream.feed(c)
+        body = Body(chunks)
+        prepared = PreparedBody(body, "application/msgpack", strip_models=False, stream=stream)
+        out = await state.router.send(model, None, native_path(model), prepared, None, "application/msgpack", 5.0,
+                                      client_bytes=len(body), sole_target=True)
+        assert out.status == 200, out.body
+        got = msgspec.msgpack.decode(out.body)
+        assert ("pad" in got["features"]) == (res.allowlist is None or res.mode != "enforce")
+        assert (body.chunks == []) == released and len(body) == len(data)
+        if not released:
+            assert body.joined() == data
+        else:
+            with pytest.raises(RuntimeError):
+                body.joined()
+    finally:
+        await state.stop()
+
+
+def test_fanout_prepared_body_keeps_no_view_into_the_client_body():
+    """The fan-out trims every target from its copy without `models`, so the client's bytes can go at once:
+    nothing it keeps (not even the `models` value) may be a view that pins the joined client body."""
+    import sys as _sys
+
+    from root.body import Body
+    from root.fanout import PreparedBody
+
+    data = body(models=[{"name": "alpha"}, {"name": "beta"}], pad=b"x" * 100_000)
+    client = Body([data[:40_000], data[40_000:]])
+    joined = client.joined()
+    prepared = PreparedBody(client, "application/msgpack", strip_models=True)
+    client.release()
+    assert _sys.getrefcount(joined) == 2  # this local and getrefcount's argument: nothing else holds the joined body
+    assert [r.name for r in prepared.models()] == ["alpha", "beta"]
+    assert msgspec.msgpack.decode(prepared.untrimmed().joined())["pad"] == b"x" * 100_000
