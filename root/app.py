@@ -26,6 +26,8 @@ from .audit import Auditor
 from .body import Body, read_chunks
 from .config import RootConfig
 from .drift import gather_drift
+from .eager import handler_of as eager_handler_of
+from .eager import install as install_eager
 from .fanout import PreparedBody, RouteError, Router, fan_out, native_path
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
@@ -208,23 +210,58 @@ async def handle_fanout(request: web.Request) -> web.Response:
     return web.Response(body=out, status=status, content_type=media)
 
 
+def _native_partition(state: RootState, model: str) -> Partition:
+    part = state.router.route(model)
+    if part.cfg.protocol != "native":
+        raise RouteError(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open Inference Protocol; "
+                              f"use /v2/models/{model}/infer")
+    return part
+
+
+def _stream_trim(state: RootState, model: str, version: str | None) -> StreamTrim | None:
+    """The trim to feed with a shortcut-route msgpack body as it arrives (the allowlist is known from the URL)."""
+    res = state.registry.resolve(model, version)
+    return StreamTrim(res.allowlist) if ACCELERATED and res.allowlist is not None and res.mode != "off" else None
+
+
+def eager_stream_factory(state: RootState):
+    """For root/eager.py: the same decision as handle_model_score's, from the request's headers alone."""
+    def start(model: str, version: str | None, content_length: int) -> StreamTrim | None:
+        if content_length > state.cfg.max_body_bytes:
+            return None
+        try:
+            _native_partition(state, model)
+        except RouteError:
+            return None
+        return _stream_trim(state, model, version)
+    return start
+
+
 async def handle_model_score(request: web.Request) -> web.Response:
     state = request.app[STATE]
     model = request.match_info["name"]
     version = request.match_info.get("version")
+    eager = eager_handler_of(request)
     try:
-        part = state.router.route(model)
-        if part.cfg.protocol != "native":
-            raise RouteError(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open Inference Protocol; "
-                                  f"use /v2/models/{model}/infer")
+        _native_partition(state, model)
     except RouteError as exc:
         await _read_body(request, "model")  # received and counted like any body (and a 413 stays a 413)
+        if eager is not None:
+            eager.take(request.content)
         return error_response(exc.status, exc.message)
     media = media_type(request.content_type)
-    # The allowlist is known before the body arrives, so msgpack is trimmed chunk by chunk as it is received.
-    res = state.registry.resolve(model, version)
-    stream = StreamTrim(res.allowlist) if media == MSGPACK and ACCELERATED and res.allowlist is not None and res.mode != "off" else None
-    body = await _read_body(request, "model", stream)
+    # The allowlist is known before the body arrives, so msgpack is trimmed chunk by chunk as it is received:
+    # by the protocol as the parser produces each chunk (root/eager.py), else here as each chunk is read.
+    if eager is not None and eager.streaming(request.content):
+        body = await _read_body(request, "model")
+        stream = eager.take(request.content)  # None if it could not follow: trimmed from the chunks instead
+        if stream is not None:
+            state.metrics.eager_trims.inc()
+    else:
+        if eager is not None:
+            eager.take(request.content)
+        stream = _stream_trim(state, model, version) if media == MSGPACK else None
+        body = await _read_body(request, "model", stream)
     prepared = PreparedBody(body, media, strip_models=False, stream=stream)
     out = await state.router.send(model, version, native_path(model), prepared, None, media, _timeout(request, state.cfg),
                                   client_bytes=len(body), sole_target=True)
@@ -397,6 +434,8 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
                 continue
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.timeouts.drain_s, access_log=None)
             await runner.setup()
+            if app is main and not install_eager(runner, eager_stream_factory(state)):
+                log.info("trims start when the handler reads the body (eager trim off or unavailable)")
             site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
             await site.start()
             runners.append(runner)

@@ -53,6 +53,8 @@ class Metrics:
         self.allowlist_misses = Counter(
             f"{PREFIX}_allowlist_misses", "Requests forwarded untrimmed because no allowlist is known for the (model, version)", m, registry=r)
         self.mode_requests = Counter(f"{PREFIX}_mode_requests", "Per-model requests by trimming mode applied", (*m, "mode"), registry=r)
+        self.eager_trims = Counter(
+            f"{PREFIX}_eager_trims", "Trims scanned as the HTTP parser produced the body (root/eager.py); the rest as the handler read it", registry=r)
         self.trim_seconds = Histogram(f"{PREFIX}_trim_seconds", "Time to trim one body for one model", m, buckets=_TRIM_BUCKETS, registry=r)
         self.upstream_seconds = Histogram(
             f"{PREFIX}_upstream_seconds", "Upstream round trip (send body, read whole response), including a failover retry", m, buckets=_LAT_BUCKETS, registry=r)

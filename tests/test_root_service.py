@@ -484,3 +484,69 @@ def test_fanout_prepared_body_keeps_no_view_into_the_client_body():
     assert _sys.getrefcount(joined) == 2  # this local and getrefcount's argument: nothing else holds the joined body
     assert [r.name for r in prepared.models()] == ["alpha", "beta"]
     assert msgspec.msgpack.decode(prepared.untrimmed().joined())["pad"] == b"x" * 100_000
+
+
+def _big_request(tag: str) -> tuple[bytes, bytes]:
+    """(body, the body alpha v1 should receive): a multi-chunk body, so its trim is fed as it arrives."""
+    feats = {**FEATURES, **{f"pad{i:03d}": bytes([i]) * 3000 for i in range(200)}}
+    data = msgspec.msgpack.encode({"request_id": tag, "features": feats})
+    return data, trim(data, frozenset({"f1", "f2"}), "application/msgpack").body
+
+
+async def _eager_trims(root_url: str) -> float:
+    return metric((await get_text(root_url + "/metrics"))[1], "trimmer_root_eager_trims_total")
+
+
+async def test_shortcut_trims_are_scanned_as_the_body_arrives(env):
+    """The shortcut route's msgpack trim is fed by the protocol as the parser produces the body (root/eager.py),
+    and what goes upstream is exactly the trim; a JSON body and an unknown model are left to the handler."""
+    url = env["root"].url
+    before = await _eager_trims(url)
+    for i in range(4):
+        data, expected = _big_request(f"eager{i}")
+        status, out = await post(url + "/v1/models/alpha/score", data)
+        assert status == 200 and out["features"] == ["f1", "f2"] and out["body_bytes"] == len(expected)
+    status, _ = await post(url + "/v1/models/alpha/versions/2/score", body())
+    assert status == 200
+    status, _ = await post(url + "/v1/models/alpha/score", json.dumps({"features": FEATURES}).encode(), {"Content-Type": "application/json"})
+    assert status == 200
+    status, _ = await post(url + "/v1/models/nosuch/score", body())
+    assert status == 404
+    assert await _eager_trims(url) - before == 5
+
+
+async def test_pipelined_requests_on_one_connection_are_each_trimmed_exactly(env):
+    """Two requests written back to back before any answer: the second's headers can arrive while the first is
+    being handled; each still gets exactly its own trim."""
+    host, port = env["root"].url.split("://", 1)[1].rsplit(":", 1)
+    reqs = [_big_request("p1"), _big_request("p2")]
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for data, _ in reqs:
+            writer.write(f"POST /v1/models/alpha/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/msgpack\r\n"
+                         f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        await writer.drain()
+        for _, expected in reqs:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            out = msgspec.msgpack.decode(await asyncio.wait_for(reader.readexactly(length), 10))
+            assert out["features"] == ["f1", "f2"] and out["body_bytes"] == len(expected)
+    finally:
+        writer.close()
+
+
+async def test_eager_trim_off_gives_the_same_bytes(env, tmp_path):
+    """TRIMMER_EAGER_TRIM=0: the handler feeds the trim as it reads the body; upstream gets the same bytes."""
+    cfg_path = tmp_path / "plain.yaml"
+    cfg_path.write_text(json.dumps(env["config"]))
+    port = free_port()
+    root = start("plain", ["root", "--config", str(cfg_path), "--port", str(port)], port, "/readyz", tmp_path, timeout=30,
+                 env={"TRIMMER_EAGER_TRIM": "0"})
+    try:
+        data, expected = _big_request("plain")
+        status, out = await post(root.url + "/v1/models/alpha/score", data)
+        assert status == 200 and out["features"] == ["f1", "f2"] and out["body_bytes"] == len(expected)
+        assert await _eager_trims(root.url) == 0
+    finally:
+        root.stop()
