@@ -332,10 +332,13 @@ static uint8_t *write_map_header(uint8_t *o, uint64_t c) {
 }
 
 /* Open-addressing set of allowlisted names as UTF-8 bytes (about 20 ns per
- * name to build) so the per-feature lookup creates no Python object. The
- * slots point into the set's str objects, which the owner keeps alive. */
-typedef struct { const char *s; Py_ssize_t n; uint64_t h; } slot;
-typedef struct { slot *slots; uint64_t mask; } nameset;
+ * name to build) so the per-feature lookup creates no Python object. Laid
+ * out for a body that has just evicted the caches: the probe reads only a
+ * dense array of 8-byte hash tags (most features are not allowlisted, so most
+ * lookups end there), and the names themselves are copied into one arena
+ * instead of being read from str objects strewn over the heap. */
+typedef struct { uint32_t off, n; } name_ref;
+typedef struct { uint64_t *tags; name_ref *refs; const uint8_t *arena; uint64_t mask; } nameset;  /* tag 0: empty */
 
 /* Word-at-a-time hash (a splitmix64-style mix per 8 bytes): a byte-wise FNV
  * was a fifth of the trim's time on 12-byte names. */
@@ -366,36 +369,67 @@ static inline uint64_t name_hash(const uint8_t *p, Py_ssize_t n) {
     return h ^ (h >> 33);
 }
 
+/* UTF-8 of a str name, or NULL with no error for a non-str (it can never match a str key). */
+static const char *name_utf8(PyObject *key, Py_ssize_t *len) {
+    if (!PyUnicode_Check(key)) return NULL;
+    return PyUnicode_AsUTF8AndSize(key, len);
+}
+
+static inline uint64_t name_tag(const uint8_t *p, Py_ssize_t n) {
+    uint64_t h = name_hash(p, n);
+    return h ? h : 1;
+}
+
 static int nameset_build(nameset *ns, PyObject *allow) {
-    Py_ssize_t n = PySet_GET_SIZE(allow);
+    Py_ssize_t n = PySet_GET_SIZE(allow), total = 0, len;
     uint64_t cap = 16;
     while (cap < (uint64_t)n * 2 + 1) cap <<= 1;
-    ns->slots = (slot *)PyMem_Calloc(cap, sizeof(slot));
-    if (!ns->slots) { PyErr_NoMemory(); return 0; }
-    ns->mask = cap - 1;
     PyObject *it = PyObject_GetIter(allow), *key;
+    if (!it) return 0;
+    while ((key = PyIter_Next(it)) != NULL) {  /* first pass: the arena's size */
+        Py_DECREF(key);
+        if (name_utf8(key, &len)) total += len;
+        else if (PyErr_Occurred()) break;
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) return 0;
+    if (total >= (Py_ssize_t)UINT32_MAX) { PyErr_SetString(PyExc_ValueError, "allowlist names too long in total"); return 0; }
+    /* one block: tags, then refs, then the arena (freed through ns->tags) */
+    ns->tags = (uint64_t *)PyMem_Calloc(1, cap * (sizeof(uint64_t) + sizeof(name_ref)) + (size_t)total + 1);
+    if (!ns->tags) { PyErr_NoMemory(); return 0; }
+    ns->refs = (name_ref *)(ns->tags + cap);
+    uint8_t *arena = (uint8_t *)(ns->refs + cap);
+    ns->arena = arena;
+    ns->mask = cap - 1;
+    uint64_t used = 0;
+    it = PyObject_GetIter(allow);
     if (!it) return 0;
     while ((key = PyIter_Next(it)) != NULL) {
         Py_DECREF(key);  /* the set keeps it (and its UTF-8 cache) alive for this call */
-        if (!PyUnicode_Check(key)) continue;  /* non-str names can never match a str key */
-        Py_ssize_t len;
-        const char *u = PyUnicode_AsUTF8AndSize(key, &len);  /* borrowed, owned by the str */
-        if (!u) { Py_DECREF(it); return 0; }
-        uint64_t h = name_hash((const uint8_t *)u, len), i = h & ns->mask;
-        while (ns->slots[i].s) {
-            if (ns->slots[i].h == h && ns->slots[i].n == len && memcmp(ns->slots[i].s, u, len) == 0) break;
+        const char *u = name_utf8(key, &len);
+        if (!u) { if (PyErr_Occurred()) break; continue; }
+        if (used + (uint64_t)len > (uint64_t)total) continue;  /* the set changed meanwhile: never overrun the arena */
+        uint64_t t = name_tag((const uint8_t *)u, len), i = t & ns->mask;
+        while (ns->tags[i]) {
+            if (ns->tags[i] == t && ns->refs[i].n == (uint64_t)len && memcmp(arena + ns->refs[i].off, u, len) == 0) break;
             i = (i + 1) & ns->mask;
         }
-        ns->slots[i].s = u; ns->slots[i].n = len; ns->slots[i].h = h;
+        if (!ns->tags[i]) {
+            memcpy(arena + used, u, len);
+            ns->tags[i] = t;
+            ns->refs[i].off = (uint32_t)used;
+            ns->refs[i].n = (uint32_t)len;
+            used += (uint64_t)len;
+        }
     }
     Py_DECREF(it);
     return PyErr_Occurred() ? 0 : 1;
 }
 
 static inline int nameset_has(const nameset *ns, const uint8_t *p, Py_ssize_t n) {
-    uint64_t h = name_hash(p, n), i = h & ns->mask;
-    while (ns->slots[i].s) {
-        if (ns->slots[i].h == h && ns->slots[i].n == n && memcmp(ns->slots[i].s, p, n) == 0) return 1;
+    uint64_t t = name_tag(p, n), i = t & ns->mask, x;
+    while ((x = ns->tags[i]) != 0) {
+        if (x == t && ns->refs[i].n == (uint64_t)n && memcmp(ns->arena + ns->refs[i].off, p, n) == 0) return 1;
         i = (i + 1) & ns->mask;
     }
     return 0;
@@ -471,7 +505,7 @@ typedef struct {
     Py_buffer *views;          /* one per chunk, released at the end */
     Py_ssize_t cap_chunks;
     nameset names;
-    int names_borrowed;        /* the slots belong to a Names object, not to this state */
+    int names_borrowed;        /* the table belongs to a Names object, not to this state */
     int phase;                 /* 0 top header, 1 top entries, 2 feature entries, 3 top map done */
     uint64_t n_top, top_i, n_feat, feat_j;
     Py_ssize_t top_hdr_end, feat_val_start, feat_val_end;
@@ -494,7 +528,7 @@ static void state_free(trim_state *s) {
     PyMem_Free(s->r.chunks);
     PyMem_Free(s->r.scratch);
     PyMem_Free(s->kept);
-    if (!s->names_borrowed) PyMem_Free(s->names.slots);
+    if (!s->names_borrowed) PyMem_Free(s->names.tags);
     memset(s, 0, sizeof(*s));
 }
 
@@ -665,8 +699,8 @@ static PyObject *state_result(trim_state *s) {
 /* ------------------------------------------------------------------ Names */
 
 /* An allowlist compiled once into the lookup table, so a trim per request
- * does not rebuild it (about 25 us for 400 names). Holds the frozenset, whose
- * str objects own the UTF-8 bytes the slots point at. */
+ * does not rebuild it (about 25 us for 400 names). Holds the frozenset it was
+ * built from (the `allow` attribute: a cache keyed by its id stays valid). */
 typedef struct {
     PyObject_HEAD
     PyObject *allow;
@@ -694,7 +728,7 @@ static int Names_init(Names *self, PyObject *args, PyObject *kwds) {
 }
 
 static void Names_dealloc(Names *self) {
-    PyMem_Free(self->names.slots);
+    PyMem_Free(self->names.tags);
     Py_XDECREF(self->allow);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -759,7 +793,7 @@ static PyObject *trim(PyObject *self, PyObject *args) {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *allow;  /* owns the names the nameset points into (a set, or a Names) */
+    PyObject *allow;  /* the set or Names the table came from (a Names owns the table this state borrows) */
     trim_state s;
     Py_ssize_t rescanned;  /* kept past finish(), which frees the state */
     int done;
