@@ -218,10 +218,12 @@ def _native_partition(state: RootState, model: str) -> Partition:
     return part
 
 
-def _stream_trim(state: RootState, model: str, version: str | None) -> StreamTrim | None:
+def _stream_trim(state: RootState, model: str, version: str | None, content_length: int | None) -> StreamTrim | None:
     """The trim to feed with a shortcut-route msgpack body as it arrives (the allowlist is known from the URL)."""
     res = state.registry.resolve(model, version)
-    return StreamTrim(res.allowlist) if ACCELERATED and res.allowlist is not None and res.mode != "off" else None
+    if not ACCELERATED or res.allowlist is None or res.mode == "off":
+        return None
+    return StreamTrim(res.allowlist, min(content_length or 0, state.cfg.max_body_bytes))
 
 
 def eager_stream_factory(state: RootState):
@@ -233,7 +235,7 @@ def eager_stream_factory(state: RootState):
             _native_partition(state, model)
         except RouteError:
             return None
-        return _stream_trim(state, model, version)
+        return _stream_trim(state, model, version, content_length)
     return start
 
 
@@ -260,7 +262,7 @@ async def handle_model_score(request: web.Request) -> web.Response:
     else:
         if eager is not None:
             eager.take(request.content)
-        stream = _stream_trim(state, model, version) if media == MSGPACK else None
+        stream = _stream_trim(state, model, version, request.content_length) if media == MSGPACK else None
         body = await _read_body(request, "model", stream)
     prepared = PreparedBody(body, media, strip_models=False, stream=stream)
     out = await state.router.send(model, version, native_path(model), prepared, None, media, _timeout(request, state.cfg),

@@ -244,3 +244,19 @@ def test_list_features_skip_exactly_whatever_their_element_encodings(case: str) 
                 assert trim_mod.trim_msgpack_chunks([body[:cut], body[cut:]], allow) == expected
     with pytest.raises(PayloadError):
         trim_mod.trim(body[:-3], frozenset({"hist"}), "application/msgpack")
+
+
+@pytest.mark.skipif(not trim_mod.ACCELERATED, reason="C accelerator not built")
+@pytest.mark.parametrize("hint", [0, 1, 1000, None, 10**7])
+def test_streamed_output_is_exact_whatever_the_size_hint(hint) -> None:
+    """The trimmed body is written as the scan goes into a buffer sized by the hint (None: the body's exact
+    length); a short hint grows it, a long one is shrunk at the end: the bytes are the same either way.
+    Few kept features behind a wide "features" header also exercise the header narrowing."""
+    body, allow = reference_payload()
+    few = frozenset(sorted(allow)[:3])  # 3 kept of 2,000: the reserved 3-byte map header becomes 1 byte
+    for a in (allow, few):
+        expected = trim_mod.trim_msgpack_py(body, a)
+        stream = trim_mod.StreamTrim(a, len(body) if hint is None else hint)
+        for i in range(0, len(body), 100_000):
+            stream.feed(body[i:i + 100_000])
+        assert stream.finish([body]) == expected

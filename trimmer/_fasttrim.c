@@ -495,8 +495,6 @@ static inline Py_ssize_t fast_entry(const reader *r, const uint8_t **key, Py_ssi
     return h + n;
 }
 
-typedef struct { Py_ssize_t start, end; } span;
-
 /* One trim in progress: the chunks seen so far and how far the scan got.
  * The scan resumes at feature granularity: an entry whose bytes are not all
  * in yet is rewound and rescanned when more arrive. */
@@ -509,8 +507,10 @@ typedef struct {
     int phase;                 /* 0 top header, 1 top entries, 2 feature entries, 3 top map done */
     uint64_t n_top, top_i, n_feat, feat_j;
     Py_ssize_t top_hdr_end, feat_val_start, feat_val_end;
-    span *kept;
-    Py_ssize_t n_spans, cap_spans, kept_bytes, kept_count;
+    PyObject *out;             /* the trimmed body, written as the scan accepts each part (bytes, over-allocated) */
+    Py_ssize_t out_len, out_cap, size_hint;
+    Py_ssize_t hdr_at, hdr_w;  /* where the "features" map header goes, and the width reserved for it */
+    Py_ssize_t kept_count;
     Py_ssize_t retry_at;       /* after a short entry: rescan once this many bytes are in */
     Py_ssize_t rescanned;      /* bytes scanned and then rewound to wait for more (a diagnostic) */
     const char *error;         /* sticky: the body is malformed */
@@ -527,7 +527,7 @@ static void state_free(trim_state *s) {
     PyMem_Free(s->views);
     PyMem_Free(s->r.chunks);
     PyMem_Free(s->r.scratch);
-    PyMem_Free(s->kept);
+    Py_CLEAR(s->out);
     if (!s->names_borrowed) PyMem_Free(s->names.tags);
     memset(s, 0, sizeof(*s));
 }
@@ -557,23 +557,51 @@ static int state_add_chunk(trim_state *s, PyObject *obj) {
     return 1;
 }
 
-static int add_span(trim_state *s, Py_ssize_t start, Py_ssize_t end) {
-    if (s->n_spans && s->kept[s->n_spans - 1].end == start) {  /* merge neighbours */
-        s->kept[s->n_spans - 1].end = end;
-        return 1;
+/* Copy body bytes [start, end) into o, across chunks; *hint is a chunk index at or before start. */
+static uint8_t *copy_range(const reader *r, uint8_t *o, Py_ssize_t start, Py_ssize_t end, Py_ssize_t *hint) {
+    Py_ssize_t ci = *hint;
+    while (start < end) {
+        while (start >= r->chunks[ci].start + r->chunks[ci].len) ci++;
+        const chunk_t *c = &r->chunks[ci];
+        Py_ssize_t off = start - c->start, take = c->len - off;
+        if (take > end - start) take = end - start;
+        memcpy(o, c->p + off, take);
+        o += take;
+        start += take;
     }
-    if (s->n_spans == s->cap_spans) {
-        Py_ssize_t cap = s->cap_spans ? s->cap_spans * 2 : 64;
-        span *k = (span *)PyMem_Realloc(s->kept, cap * sizeof(span));
-        if (!k) return 0;
-        s->kept = k;
-        s->cap_spans = cap;
-    }
-    s->kept[s->n_spans].start = start;
-    s->kept[s->n_spans].end = end;
-    s->n_spans++;
+    *hint = ci;
+    return o;
+}
+
+/* Room for k more output bytes. The output starts at the size hint (the body's
+ * length: a trim never outgrows its body by more than 8 bytes) and doubles if
+ * the hint was short; it is shrunk to its length when the trim is done. */
+static int out_reserve(trim_state *s, Py_ssize_t k) {
+    if (s->out && s->out_len + k <= s->out_cap) return 1;
+    Py_ssize_t cap = s->out_cap ? s->out_cap * 2 : (s->size_hint > 0 ? s->size_hint + 16 : 64 * 1024);
+    while (cap < s->out_len + k) cap *= 2;
+    if (!s->out) s->out = PyBytes_FromStringAndSize(NULL, cap);
+    else if (_PyBytes_Resize(&s->out, cap) < 0) s->out = NULL;  /* (Resize freed it) */
+    if (!s->out) { PyErr_Clear(); s->r.err = OUT_OF_MEMORY; return 0; }  /* reported by the result */
+    s->out_cap = cap;
     return 1;
 }
+
+static inline uint8_t *out_at(trim_state *s, Py_ssize_t i) { return (uint8_t *)PyBytes_AS_STRING(s->out) + i; }
+
+/* Append body bytes [start, end), which lie at or before the scan position: copied
+ * as soon as the scan has accepted them, while they are still in the caches. */
+static int out_copy(trim_state *s, Py_ssize_t start, Py_ssize_t end) {
+    if (!out_reserve(s, end - start)) return 0;
+    const reader *r = &s->r;
+    Py_ssize_t ci = r->ci;
+    while (ci > 0 && start < r->chunks[ci].start) ci--;
+    copy_range(r, out_at(s, s->out_len), start, end, &ci);
+    s->out_len += end - start;
+    return 1;
+}
+
+static inline Py_ssize_t map_header_width(uint64_t c) { return c < 16 ? 1 : c < 65536 ? 3 : 5; }
 
 /* Scan as far as the bytes allow. `final`: no more bytes will come, so a
  * short read is an error. Returns 0 once the body is known malformed (s->error). */
@@ -590,6 +618,8 @@ static int state_scan(trim_state *s, int final) {
             why = "request must be a map at the top level";
             if (!read_map_header(r, &s->n_top)) goto failed;
             s->top_hdr_end = r->pos;
+            if (!out_reserve(s, 5)) goto failed;
+            s->out_len = write_map_header(out_at(s, 0), s->n_top) - out_at(s, 0);
             s->phase = 1;
         } else if (s->phase == 1) {
             if (s->top_i == s->n_top) { s->phase = 3; continue; }
@@ -611,6 +641,11 @@ static int state_scan(trim_state *s, int final) {
                 r->short_data = 1;
                 goto failed;
             }
+            /* the top-level entries before "features", then room for its header (the count is known at the end) */
+            if (!out_copy(s, s->top_hdr_end, fvs) || !out_reserve(s, 5)) goto failed;
+            s->hdr_at = s->out_len;
+            s->hdr_w = map_header_width(s->n_feat);
+            s->out_len += s->hdr_w;
             s->feat_val_start = fvs;
             s->feat_j = 0;
             s->phase = 2;
@@ -634,8 +669,7 @@ static int state_scan(trim_state *s, int final) {
                 if (!skip_one(r, 2)) goto failed;
             }
             if (keep) {
-                if (!add_span(s, mark, r->pos)) { r->err = OUT_OF_MEMORY; goto failed; }
-                s->kept_bytes += r->pos - mark;
+                if (!out_copy(s, mark, r->pos)) goto failed;
                 s->kept_count++;
             }
             s->feat_j++;
@@ -660,39 +694,23 @@ static int state_scan(trim_state *s, int final) {
     }
 }
 
-/* Copy body bytes [start, end) into o, across chunks; *hint is a chunk index at or before start. */
-static uint8_t *copy_range(const reader *r, uint8_t *o, Py_ssize_t start, Py_ssize_t end, Py_ssize_t *hint) {
-    Py_ssize_t ci = *hint;
-    while (start < end) {
-        while (start >= r->chunks[ci].start + r->chunks[ci].len) ci++;
-        const chunk_t *c = &r->chunks[ci];
-        Py_ssize_t off = start - c->start, take = c->len - off;
-        if (take > end - start) take = end - start;
-        memcpy(o, c->p + off, take);
-        o += take;
-        start += take;
-    }
-    *hint = ci;
-    return o;
-}
-
 /* The result of a finished scan: None, or (bytes, features_in, features_kept). */
 static PyObject *state_result(trim_state *s) {
     if (s->nomem) return PyErr_NoMemory();
     if (s->error) { PyErr_SetString(PyExc_ValueError, s->error); return NULL; }
     if (s->feat_val_start < 0) Py_RETURN_NONE;
-    reader *r = &s->r;
-    Py_ssize_t head = s->feat_val_start - s->top_hdr_end, tail = r->total - s->feat_val_end;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, 5 + head + 5 + s->kept_bytes + tail);
-    if (!out) return NULL;
-    uint8_t *o0 = (uint8_t *)PyBytes_AS_STRING(out), *o = o0;
-    Py_ssize_t hint = 0;
-    o = write_map_header(o, s->n_top);
-    o = copy_range(r, o, s->top_hdr_end, s->feat_val_start, &hint);
-    o = write_map_header(o, (uint64_t)s->kept_count);
-    for (Py_ssize_t i = 0; i < s->n_spans; i++) o = copy_range(r, o, s->kept[i].start, s->kept[i].end, &hint);
-    o = copy_range(r, o, s->feat_val_end, r->total, &hint);
-    if (_PyBytes_Resize(&out, o - o0) < 0) return NULL;
+    /* the "features" header in the room reserved for it; a narrower one (fewer kept) closes the gap */
+    Py_ssize_t w = map_header_width((uint64_t)s->kept_count);
+    if (w < s->hdr_w) {
+        Py_ssize_t from = s->hdr_at + s->hdr_w;
+        memmove(out_at(s, s->hdr_at + w), out_at(s, from), s->out_len - from);
+        s->out_len -= s->hdr_w - w;
+    }
+    write_map_header(out_at(s, s->hdr_at), (uint64_t)s->kept_count);
+    if (!out_copy(s, s->feat_val_end, s->r.total)) return PyErr_NoMemory();  /* the top-level entries after it */
+    PyObject *out = s->out;
+    s->out = NULL;
+    if (_PyBytes_Resize(&out, s->out_len) < 0) return NULL;
     return Py_BuildValue("(NKn)", out, (unsigned long long)s->n_feat, s->kept_count);
 }
 
@@ -782,6 +800,7 @@ static PyObject *trim(PyObject *self, PyObject *args) {
     trim_state s;
     state_init(&s);
     if (state_use_names(&s, allow) && state_add_chunk(&s, body)) {
+        s.size_hint = s.r.total;
         state_scan(&s, 1);
         result = state_result(&s);
     }
@@ -801,10 +820,12 @@ typedef struct {
 
 static int Trimmer_init(Trimmer *self, PyObject *args, PyObject *kwds) {
     PyObject *allow;
-    static char *kwlist[] = {"allow", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &allow)) return -1;
+    Py_ssize_t size_hint = 0;
+    static char *kwlist[] = {"allow", "size_hint", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|n", kwlist, &allow, &size_hint)) return -1;
     state_free(&self->s);
     state_init(&self->s);
+    self->s.size_hint = size_hint > 0 ? size_hint : 0;
     Py_XSETREF(self->allow, Py_NewRef(allow));
     self->done = 0;
     return state_use_names(&self->s, allow) ? 0 : -1;
@@ -855,7 +876,7 @@ static PyTypeObject TrimmerType = {
     .tp_name = "trimmer._fasttrim.Trimmer",
     .tp_basicsize = sizeof(Trimmer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Trimmer(allow): trim a msgpack body fed chunk by chunk",
+    .tp_doc = "Trimmer(allow, size_hint=0): trim a msgpack body fed chunk by chunk (size_hint: its expected length)",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Trimmer_init,
     .tp_dealloc = (destructor)Trimmer_dealloc,
