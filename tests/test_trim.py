@@ -260,3 +260,16 @@ def test_streamed_output_is_exact_whatever_the_size_hint(hint) -> None:
         for i in range(0, len(body), 100_000):
             stream.feed(body[i:i + 100_000])
         assert stream.finish([body]) == expected
+
+
+@pytest.mark.skipif(not trim_mod.ACCELERATED, reason="C accelerator not built")
+def test_output_sized_from_the_last_trim_still_grows_when_this_one_keeps_more() -> None:
+    """The output buffer is sized from what the same allowlist kept last time; a body that keeps far more
+    (here after one that kept nothing) must still come out exact."""
+    body, allow = reference_payload()
+    stranger = msgpack.packb({"features": {f"zz{i}": b"x" * 1000 for i in range(500)}}, use_bin_type=True)
+    for first in (stranger, body, stranger):
+        trim_mod.trim_msgpack_chunks([first], allow)  # sets the allowlist table's output ratio
+        for fn in (trim_mod.trim_msgpack_c, lambda b, a: trim_mod.trim_msgpack_chunks([b[:70_000], b[70_000:]], a)):
+            assert fn(body, allow) == trim_mod.trim_msgpack_py(body, allow)
+            assert fn(stranger, allow) == trim_mod.trim_msgpack_py(stranger, allow)

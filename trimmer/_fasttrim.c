@@ -509,6 +509,7 @@ typedef struct {
     Py_ssize_t top_hdr_end, feat_val_start, feat_val_end;
     PyObject *out;             /* the trimmed body, written as the scan accepts each part (bytes, over-allocated) */
     Py_ssize_t out_len, out_cap, size_hint;
+    double *out_ratio;         /* the Names' output/input ratio of its last trim (NULL: a plain set) */
     Py_ssize_t hdr_at, hdr_w;  /* where the "features" map header goes, and the width reserved for it */
     Py_ssize_t kept_count;
     Py_ssize_t retry_at;       /* after a short entry: rescan once this many bytes are in */
@@ -573,12 +574,18 @@ static uint8_t *copy_range(const reader *r, uint8_t *o, Py_ssize_t start, Py_ssi
     return o;
 }
 
-/* Room for k more output bytes. The output starts at the size hint (the body's
- * length: a trim never outgrows its body by more than 8 bytes) and doubles if
- * the hint was short; it is shrunk to its length when the trim is done. */
+/* Room for k more output bytes. The output is sized from the size hint (the
+ * body's length) times what the same allowlist kept last time, and doubles if
+ * that was short; it is shrunk to its length when the trim is done. A first
+ * trim takes the whole hint: a trim never outgrows its body by over 8 bytes. */
 static int out_reserve(trim_state *s, Py_ssize_t k) {
     if (s->out && s->out_len + k <= s->out_cap) return 1;
-    Py_ssize_t cap = s->out_cap ? s->out_cap * 2 : (s->size_hint > 0 ? s->size_hint + 16 : 64 * 1024);
+    Py_ssize_t cap = s->out_cap * 2;
+    if (!cap) {
+        cap = 64 * 1024;
+        if (s->size_hint > 0)  /* the allowlist's last output/input ratio, with slack; the body's length at first */
+            cap = s->out_ratio && *s->out_ratio > 0 ? (Py_ssize_t)((double)s->size_hint * *s->out_ratio * 1.05) + 1024 : s->size_hint + 16;
+    }
     while (cap < s->out_len + k) cap *= 2;
     if (!s->out) s->out = PyBytes_FromStringAndSize(NULL, cap);
     else if (_PyBytes_Resize(&s->out, cap) < 0) s->out = NULL;  /* (Resize freed it) */
@@ -708,6 +715,7 @@ static PyObject *state_result(trim_state *s) {
     }
     write_map_header(out_at(s, s->hdr_at), (uint64_t)s->kept_count);
     if (!out_copy(s, s->feat_val_end, s->r.total)) return PyErr_NoMemory();  /* the top-level entries after it */
+    if (s->out_ratio && s->r.total > 0) *s->out_ratio = (double)s->out_len / (double)s->r.total;
     PyObject *out = s->out;
     s->out = NULL;
     if (_PyBytes_Resize(&out, s->out_len) < 0) return NULL;
@@ -723,6 +731,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *allow;
     nameset names;
+    double out_ratio;  /* trimmed/untrimmed bytes of the last trim with this table: sizes the next output */
 } Names;
 
 static PyTypeObject NamesType;
@@ -780,6 +789,7 @@ static int state_use_names(trim_state *s, PyObject *allow) {
         if (!n->allow) { PyErr_SetString(PyExc_RuntimeError, "Names not initialised"); return 0; }
         s->names = n->names;
         s->names_borrowed = 1;
+        s->out_ratio = &n->out_ratio;
         return 1;
     }
     if (!check_allow(allow)) return 0;
