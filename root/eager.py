@@ -109,7 +109,11 @@ class EagerRequestHandler(web_protocol.RequestHandler):
         length = msg.headers.get("Content-Length")
         if m is None or msg.headers.get("Content-Encoding") or not (length or "").isdigit() or not _msgpack(msg.headers.get("Content-Type")):
             return
-        stream = self.eager_factory(m.group(1), m.group(2), int(length))
+        try:
+            stream = self.eager_factory(m.group(1), m.group(2), int(length))
+        except Exception:  # a bug must not break the connection from inside the protocol: the handler decides again
+            log.exception("eager trim: could not start a trim for %s", msg.url.path)
+            return
         if stream is not None:
             self._eager = _Pending(payload, stream)
             self._feed(self._eager)
