@@ -55,8 +55,15 @@ def _msgpack(content_type: str | None) -> bool:
         return False
 
 
+def supported() -> bool:
+    """Whether the installed aiohttp has the (private) attributes this reads; checked again on each use."""
+    slots = getattr(web_protocol.RequestHandler, "__slots__", ())
+    reader_slots = getattr(StreamReader, "__slots__", ())
+    return "_messages" in slots and "_buffer" in reader_slots and "total_bytes" in reader_slots
+
+
 def enabled() -> bool:
-    return ACCELERATED and os.environ.get("TRIMMER_EAGER_TRIM", "1") != "0"
+    return ACCELERATED and os.environ.get("TRIMMER_EAGER_TRIM", "1") != "0" and supported()
 
 
 class _Pending:
@@ -167,4 +174,4 @@ def handler_of(request: web.BaseRequest) -> EagerRequestHandler | None:
     return proto if isinstance(proto, EagerRequestHandler) else None
 
 
-__all__ = ["EagerRequestHandler", "EagerServer", "install", "handler_of", "enabled"]
+__all__ = ["EagerRequestHandler", "EagerServer", "install", "handler_of", "enabled", "supported"]

@@ -500,6 +500,10 @@ async def _eager_trims(root_url: str) -> float:
 async def test_shortcut_trims_are_scanned_as_the_body_arrives(env):
     """The shortcut route's msgpack trim is fed by the protocol as the parser produces the body (root/eager.py),
     and what goes upstream is exactly the trim; a JSON body and an unknown model are left to the handler."""
+    from root import eager
+
+    if not eager.supported():  # a future aiohttp without the attributes it reads: the handler trims, as tested elsewhere
+        pytest.skip("eager trim needs aiohttp internals this aiohttp does not have")
     url = env["root"].url
     before = await _eager_trims(url)
     for i in range(4):
