@@ -254,16 +254,15 @@ async def handle_model_score(request: web.Request) -> web.Response:
     media = media_type(request.content_type)
     # The allowlist is known before the body arrives, so msgpack is trimmed chunk by chunk as it is received:
     # by the protocol as the parser produces each chunk (root/eager.py), else here as each chunk is read.
-    if eager is not None and eager.streaming(request.content):
-        body = await _read_body(request, "model")
-        stream = eager.take(request.content)  # None if it could not follow: trimmed from the chunks instead
-        if stream is not None:
-            state.metrics.eager_trims.inc()
-    else:
-        if eager is not None:
-            eager.take(request.content)
-        stream = _stream_trim(state, model, version, request.content_length) if media == MSGPACK else None
-        body = await _read_body(request, "model", stream)
+    streaming = eager is not None and eager.streaming(request.content)
+    stream = _stream_trim(state, model, version, request.content_length) if media == MSGPACK and not streaming else None
+    body = await _read_body(request, "model", stream)
+    if eager is not None:
+        taken = eager.take(request.content)  # always: drops a trim this body's headers started
+        if streaming:
+            stream = taken  # None if it could not follow the body: trimmed from the chunks instead
+            if stream is not None:
+                state.metrics.eager_trims.inc()
     prepared = PreparedBody(body, media, strip_models=False, stream=stream)
     out = await state.router.send(model, version, native_path(model), prepared, None, media, _timeout(request, state.cfg),
                                   client_bytes=len(body), sole_target=True)

@@ -107,8 +107,8 @@ class StreamTrim:
     __slots__ = ("allow", "seconds", "_trimmer")
 
     def __init__(self, allow: AbstractSet[str], size_hint: int = 0) -> None:
-        """`size_hint`: the body's length when known (Content-Length): the trimmed body is written into one
-        buffer of that size as the scan goes, then shrunk, instead of growing by doubling."""
+        """`size_hint`: the body's length when known (Content-Length). The trimmed body is written as the scan
+        goes into one buffer sized from it (times what this allowlist kept last time), then shrunk."""
         self.allow = allow
         self.seconds = 0.0  # spent in feed(): the part of the trim that overlapped the body's arrival
         self._trimmer = _fasttrim.Trimmer(_compiled_names(allow), size_hint)
