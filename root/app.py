@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import msgspec
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from trimmer.codec import JSON, MSGPACK, media_type
 from trimmer.errors import ConfigError, PayloadError
+from trimmer.names import check_name
 from trimmer.registry import BundleSource, Registry, RepositorySource
 from trimmer.trim import ACCELERATED, StreamTrim, trim_oip
 
@@ -149,11 +151,22 @@ class RootState:
             problems.append("shutting down")
         for st in self.registry.sources:
             if st.data is None and not isinstance(st.source, MetadataSource):
-                problems.append(f"allowlist source {st.source.name} not loaded: {st.last_error}")
+                problems.append(self.public_text(f"allowlist source {st.source.name} not loaded: {st.last_error}"))
         for p in self.partitions.values():
             if not p.any_up:
                 problems.append(f"partition {p.name}: no reachable replica")
         return not problems, problems
+
+
+    def public_text(self, text: str) -> str:
+        """`text` without this host's absolute paths: the config's directory becomes `.`, other sources their file name."""
+        base = str(Path(self.cfg.path).absolute().parent)
+        text = text.replace(base + os.sep, "./")
+        for st in self.registry._all_states():
+            name = st.source.name
+            if os.path.isabs(name):
+                text = text.replace(name, ".../" + os.path.basename(name))
+        return text
 
 
 # ---------------------------------------------------------------------- handlers
@@ -196,6 +209,9 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
 def _outcome_response(out) -> web.Response:
     resp = web.Response(body=out.body, status=out.status)
     resp.headers["Content-Type"] = out.content_type
+    retry = out.headers.get("Retry-After")
+    if retry is not None:
+        resp.headers["Retry-After"] = retry
     return resp
 
 
@@ -208,6 +224,17 @@ async def handle_fanout(request: web.Request) -> web.Response:
         body.release()  # each target is trimmed from the copy without `models`; the client's bytes are not read again
     status, out = await fan_out(state.router, prepared, media, _timeout(request, state.cfg), {}, len(body))
     return web.Response(body=out, status=status, content_type=media)
+
+
+def _check_names(model: str, version: str | None) -> None:
+    """The edge's rule for names and versions (trimmer/names.py), as a RouteError(400): upstream paths are built only
+    from values that pass it, so `..`, `%2F` and the like never reach a leaf."""
+    try:
+        check_name("model name", model)
+        if version is not None:
+            check_name("version", version)
+    except PayloadError as exc:
+        raise RouteError(400, str(exc)) from None
 
 
 def _native_partition(state: RootState, model: str) -> Partition:
@@ -245,6 +272,7 @@ async def handle_model_score(request: web.Request) -> web.Response:
     version = request.match_info.get("version")
     eager = eager_handler_of(request)
     try:
+        _check_names(model, version)
         _native_partition(state, model)
     except RouteError as exc:
         await _read_body(request, "model")  # received and counted like any body (and a 413 stays a 413)
@@ -279,6 +307,10 @@ async def handle_oip_infer(request: web.Request) -> web.Response:
     model = request.match_info["name"]
     version = request.match_info.get("version")
     body = await _read_body(request, "oip")
+    try:
+        _check_names(model, version)
+    except RouteError as exc:
+        return error_response(exc.status, exc.message)
     binary = request.headers.get(OIP_BINARY_HEADER)
     extra = {OIP_BINARY_HEADER: binary} if binary is not None else None
     ctype = request.headers.get("Content-Type", JSON) if binary is not None else JSON
@@ -288,7 +320,7 @@ async def handle_oip_infer(request: web.Request) -> web.Response:
     def path_for(v: str | None) -> str:
         return f"/v2/models/{model}/infer" if v is None else f"/v2/models/{model}/versions/{v}/infer"
 
-    trim_fn = (lambda b, allow: (b, 0, 0)) if binary is not None else _oip_trim  # binary tensors: forwarded untrimmed
+    trim_fn = None if binary is not None else _oip_trim  # binary tensors: forwarded untrimmed (counted: unparsed_encoding)
     out = await state.router.send(model, version, path_for, None, body, ctype, _timeout(request, state.cfg), trim_fn=trim_fn,
                                   extra_headers=extra, client_bytes=len(body), sole_target=True)
     return _outcome_response(out)
@@ -298,12 +330,18 @@ async def handle_oip_get(request: web.Request) -> web.Response:
     """Model metadata and readiness: proxied to the model's partition."""
     state = request.app[STATE]
     model = request.match_info["name"]
+    version = request.match_info.get("version")
     try:
+        _check_names(model, version)
         part = state.router.route(model)
     except RouteError as exc:
         return error_response(exc.status, exc.message)
+    # Built from the validated parts, never from request.path (which arrives percent-decoded).
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "")
+    if request.match_info.route.name in ("oip_model_ready", "oip_model_version_ready"):
+        path += "/ready"
     try:
-        resp = await part.request("GET", request.path, None, {"Accept": "application/json"}, _timeout(request, state.cfg))
+        resp = await part.request("GET", path, None, {"Accept": "application/json"}, _timeout(request, state.cfg))
     except UpstreamError as exc:
         return error_response(exc.status, f"model {model!r} (partition {part.name!r}): {exc}")
     out = web.Response(body=resp.body, status=resp.status)
@@ -340,7 +378,7 @@ async def handle_allowlists(request: web.Request) -> web.Response:
     status = state.registry.status()
     status["partitions"] = {n: p.status() for n, p in state.partitions.items()}
     status["routes"] = {m: mc.partition for m, mc in state.cfg.models.items()}
-    return json_response(status)
+    return web.Response(body=state.public_text(msgspec.json.encode(status).decode()), content_type="application/json")
 
 
 async def handle_audit(request: web.Request) -> web.Response:
@@ -357,7 +395,7 @@ async def handle_drift(request: web.Request) -> web.Response:
 async def handle_reload(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await asyncio.get_running_loop().run_in_executor(None, state.reload)
-    return json_response(state.registry.status())
+    return web.Response(body=state.public_text(msgspec.json.encode(state.registry.status()).decode()), content_type="application/json")
 
 
 @web.middleware

@@ -39,7 +39,7 @@ def _write(tmp: Path, allow: frozenset[str], sink_url: str) -> Path:
     cfg = tmp / "root.yaml"
     cfg.write_text(json.dumps({
         "bundles": [str(bundle)], "overrides": str(tmp / "overrides.yaml"), "watch": False,
-        "partitions": {"sink": {"replicas": [sink_url]}},
+        "admin": {"on_service_port": True}, "partitions": {"sink": {"replicas": [sink_url]}},
         "models": {"ref": {"partition": "sink", "default_version": "1"}, "ref_pass": {"partition": "sink", "default_version": "1"}},
     }))
     return cfg

@@ -146,7 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=_run_bench)
 
     d = sub.add_parser("drift", help="allowlist drift report of a running root: inputs its leaves defaulted, features sent but unused")
-    d.add_argument("--root", required=True, help="the root's admin base URL, e.g. http://127.0.0.1:8080 (admin.port when set)")
+    d.add_argument("--root", required=True, help="the root's admin base URL: http://127.0.0.1:9901 by default (admin.host/admin.port), the service URL with admin.on_service_port")
     d.add_argument("--json", action="store_true", help="print the raw JSON report")
     d.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the root (default 15)")
     d.set_defaults(func=_run_drift)

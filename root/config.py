@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from trimmer.errors import ConfigError
+from trimmer.names import valid_name
 from trimmer.overrides import check_section as _section
 from trimmer.overrides import load_yaml
 
@@ -22,19 +23,20 @@ PROTOCOLS = ("native", "oip")
 COMPRESSIONS = ("none", "lz4", "zstd")
 BALANCES = ("least_inflight", "round_robin")
 UNKNOWN_POLICIES = ("reject", "passthrough")
+DEFAULT_ADMIN_PORT = 9901  # Envoy's admin port: loopback only unless admin.host says otherwise
 
 _TOP = {"listen", "admin", "workers", "bundles", "repositories", "overrides", "watch", "partitions", "models",
         "unknown_models", "timeouts", "limits", "deadline_header", "audit_sample_rate", "audit_max_concurrent",
         "audit_tolerance"}
 _LISTEN = {"host", "port"}
-_ADMIN = {"enabled", "host", "port"}
+_ADMIN = {"enabled", "host", "port", "on_service_port"}
 _PARTITION = {"replicas", "protocol", "compression", "balance", "health_path", "max_connections",
               "allowlists_from_metadata"}
 _METADATA = {"models", "refresh_s"}
 _MODEL = {"partition", "default_version"}
 _UNKNOWN = {"policy", "partition"}
 _TIMEOUTS = {"connect_s", "request_s", "drain_s", "health_interval_s"}
-_LIMITS = {"max_body_bytes"}
+_LIMITS = {"max_body_bytes", "max_fanout_targets"}
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,8 @@ class RootConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     admin_enabled: bool = True
-    admin_host: str | None = None  # None: admin endpoints on the main listener
-    admin_port: int | None = None
+    admin_host: str | None = "127.0.0.1"  # None: admin endpoints on the main listener (admin.on_service_port)
+    admin_port: int | None = DEFAULT_ADMIN_PORT
     workers: int = 1
     bundles: tuple[Path, ...] = ()
     repositories: tuple[Path, ...] = ()
@@ -91,6 +93,7 @@ class RootConfig:
     unknown_partition: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body_bytes: int = 64 * 1024 * 1024
+    max_fanout_targets: int = 64  # models one /v1/score request may list; more -> 400
     deadline_header: str = "X-Deadline-Ms"
     audit_sample_rate: float = 0.0  # fraction of trimmed requests also sent untrimmed and compared (root/audit.py)
     audit_max_concurrent: int = 8  # audits in flight at once; more are dropped and counted
@@ -227,6 +230,8 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
     models: dict[str, ModelConfig] = {}
     for name, raw in raw_models.items():
         w = f"{path}: models.{name}"
+        if not valid_name(str(name)):
+            raise ConfigError(f"{w}: invalid model name; use 1-128 characters from A-Z a-z 0-9 _ . -, not starting with '.' or '-'")
         if isinstance(raw, str):
             raw = {"partition": raw}
         raw = _section(raw, _MODEL, w)
@@ -236,8 +241,8 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
         if part not in partitions:
             raise ConfigError(f"{w}.partition: no partition named {part!r}; known: {', '.join(sorted(partitions))}")
         dv = raw.get("default_version")
-        if dv is not None and (isinstance(dv, bool) or not isinstance(dv, (str, int))):
-            raise ConfigError(f"{w}.default_version: must be a string, got {dv!r}")
+        if dv is not None and (isinstance(dv, bool) or not isinstance(dv, (str, int)) or not valid_name(str(dv))):
+            raise ConfigError(f"{w}.default_version: must be a version string (A-Z a-z 0-9 _ . -), got {dv!r}")
         models[str(name)] = ModelConfig(str(name), part, None if dv is None else str(dv))
 
     policy = _str(unknown.get("policy"), f"{path}: unknown_models.policy", UNKNOWN_POLICIES, "reject")
@@ -257,10 +262,16 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
     admin_enabled = admin.get("enabled", True)
     if not isinstance(admin_enabled, bool):
         raise ConfigError(f"{path}: admin.enabled: must be true or false")
-    admin_port = _port(admin.get("port"), f"{path}: admin.port", None)
-    admin_host = _str(admin.get("host"), f"{path}: admin.host")
-    if admin_host is not None and admin_port is None:
-        raise ConfigError(f"{path}: admin.port: required when admin.host is set")
+    on_service_port = admin.get("on_service_port", False)
+    if not isinstance(on_service_port, bool):
+        raise ConfigError(f"{path}: admin.on_service_port: must be true or false")
+    if on_service_port and ("host" in admin or "port" in admin):
+        raise ConfigError(f"{path}: admin: on_service_port: true serves /metrics and /admin/* on listen; drop admin.host and admin.port")
+    admin_port: int | None = None
+    admin_host: str | None = None
+    if not on_service_port:
+        admin_port = _port(admin.get("port"), f"{path}: admin.port", DEFAULT_ADMIN_PORT)
+        admin_host = _str(admin.get("host"), f"{path}: admin.host", default="127.0.0.1")
     watch = doc.get("watch", True)
     if not isinstance(watch, bool):
         raise ConfigError(f"{path}: watch: must be true or false")
@@ -279,7 +290,7 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
         host=_str(listen.get("host"), f"{path}: listen.host", default="127.0.0.1"),
         port=_port(listen.get("port"), f"{path}: listen.port", 8080),
         admin_enabled=admin_enabled,
-        admin_host=admin_host if admin_host is not None else (None if admin_port is None else "127.0.0.1"),
+        admin_host=admin_host,
         admin_port=admin_port,
         workers=_num(doc.get("workers"), f"{path}: workers", 1, 1, integer=True),
         bundles=_paths(doc.get("bundles"), f"{path}: bundles", base, "file"),
@@ -297,6 +308,7 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
             health_interval_s=float(_num(timeouts.get("health_interval_s"), f"{path}: timeouts.health_interval_s", 2.0)),
         ),
         max_body_bytes=_num(limits.get("max_body_bytes"), f"{path}: limits.max_body_bytes", 64 * 1024 * 1024, 1, integer=True),
+        max_fanout_targets=_num(limits.get("max_fanout_targets"), f"{path}: limits.max_fanout_targets", 64, 1, integer=True),
         deadline_header=_str(doc.get("deadline_header"), f"{path}: deadline_header", default="X-Deadline-Ms"),
         audit_sample_rate=float(audit_rate),
         audit_tolerance=float(audit_tol),

@@ -8,6 +8,7 @@ bytes are copied verbatim, and msgpack goes through the C accelerator.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import AbstractSet, Any
@@ -16,6 +17,8 @@ import msgspec
 
 from trimmer.codec import MSGPACK
 from trimmer.errors import PayloadError
+from trimmer.handshake import MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
+from trimmer.names import check_name
 from trimmer.registry import Registry, Resolution
 from trimmer.trim import StreamTrim, trim, trim_msgpack_chunks
 
@@ -26,6 +29,31 @@ from .metrics import Metrics
 from .upstream import Partition, UpstreamError
 
 Raw = msgspec.Raw
+log = logging.getLogger("trimmer.root")
+
+# Why a request went upstream untrimmed: the `reason` label of trimmer_root_untrimmed_forwards_total.
+NO_VERSION = "no_version"  # no version named and none resolvable: no allowlist to pick
+NO_ALLOWLIST = "no_allowlist"  # the (model, version) has no known allowlist
+MODE_OFF = "mode_off"
+SHADOW = "shadow"  # trimmed for measurement only
+SIGNATURE_MISMATCH = "signature_mismatch"  # the leaf runs another signature (handshake): re-sent whole
+UNPARSED_ENCODING = "unparsed_encoding"  # a body format the root does not trim
+
+
+class _WarnEvery:
+    """One WARNING per key per interval: a fail-open is loud without flooding the log at 10k req/s."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[tuple, float] = {}
+
+    def __call__(self, key: tuple, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self.interval_s:
+            if len(self._last) > 4096:  # bounded: label values are bounded, this is a backstop
+                self._last.clear()
+            self._last[key] = now
+            log.warning(msg, *args)
 
 
 class ModelRef(msgspec.Struct, forbid_unknown_fields=True):
@@ -122,6 +150,7 @@ class Router:
         self.metrics = metrics
         self.auditor = auditor  # equivalence audit of sampled trimmed requests (root/audit.py)
         self._known: tuple[int, set[str]] = (-1, set())
+        self._warn = _WarnEvery()
 
     def labels(self, model: str, version: str | None, partition: str) -> tuple[str, str, str]:
         """Bounded label values: unlisted names from clients collapse to one value each."""
@@ -158,7 +187,12 @@ class Router:
         instead of being held, five times the size of what is sent, for as long as the model takes.
         """
         try:
+            check_name("model name", model)
+            if version is not None:
+                check_name("version", version)
             part = self.route(model)
+        except PayloadError as exc:
+            return self.error(400, str(exc), "bad_request", None)
         except RouteError as exc:
             return self.error(exc.status, exc.message, "unknown_model", None)
         res: Resolution = self.registry.resolve(model, version)
@@ -172,6 +206,7 @@ class Router:
 
         t0 = time.perf_counter()
         dropped_any = False
+        untrimmed_reason: str | None = None
         try:
             if prepared is not None:
                 untrimmed_fn = prepared.untrimmed
@@ -180,12 +215,17 @@ class Router:
                 untrimmed_fn = lambda: raw_body  # noqa: E731
                 trim_call = lambda allow: trim_fn(raw_body, allow)  # noqa: E731
             untrimmed = untrimmed_fn()
-            if res.allowlist is None:
+            if res.allowlist is None or (prepared is None and trim_fn is None):
                 body = untrimmed
-                m.child(m.allowlist_misses, labels).inc()
+                if res.allowlist is None:
+                    m.child(m.allowlist_misses, labels).inc()
+                    untrimmed_reason = NO_VERSION if eff_version is None else NO_ALLOWLIST
+                else:
+                    untrimmed_reason = UNPARSED_ENCODING
                 m.child(m.trimmed_bytes, labels).inc(len(untrimmed))
             elif res.mode == "off":
                 body = untrimmed
+                untrimmed_reason = MODE_OFF
                 m.child(m.trimmed_bytes, labels).inc(len(untrimmed))
             else:
                 trimmed, n_in, n_kept = trim_call(res.allowlist)
@@ -197,22 +237,46 @@ class Router:
                     m.child(m.features_dropped, labels).inc(n_in - n_kept)
                 else:  # shadow: measure, send untrimmed
                     body = untrimmed
+                    untrimmed_reason = SHADOW
                     m.child(m.shadow_features_dropped, labels).inc(n_in - n_kept)
         except PayloadError as exc:
             return self.error(400, str(exc), "bad_request", labels)
         m.child(m.untrimmed_bytes, labels).inc(len(untrimmed))
         m.child(m.trim_seconds, labels).observe(time.perf_counter() - t0 + (prepared.stream_seconds if prepared is not None else 0.0))
+        if untrimmed_reason is not None:
+            self._count_untrimmed(labels, untrimmed_reason)
         audit = dropped_any and self.auditor is not None and self.auditor.sample()  # drawn now: an audit needs the untrimmed body
+        released = False
         if sole_target and body is not untrimmed and not audit:
             untrimmed.release()
+            released = True
 
         headers = {"Content-Type": content_type, "Accept": content_type}
         if extra_headers:
             headers.update(extra_headers)
+        # The handshake (trimmer/handshake.py): only a body that lost features can give a wrong answer.
+        handshake = dropped_any and res.digest is not None
         t1 = time.perf_counter()
         path = path_for(eff_version)
         try:
-            resp = await part.request("POST", path, body, headers, timeout_s, labels, self.cfg.deadline_header)
+            resp = await part.request("POST", path, body, {**headers, SIGNATURE_HEADER: res.digest} if handshake else headers,
+                                      timeout_s, labels, self.cfg.deadline_header)
+            if handshake and resp.status == MISMATCH_STATUS and _header(resp.headers, MISMATCH_HEADER) == "allowlist":
+                # The replica runs another signature than the allowlist's (a model swapped, root and leaf
+                # reloaded at different moments). Nothing ran; the whole body is always a right answer.
+                m.child(m.allowlist_mismatches, (*labels, "refused" if released else "resent")).inc()
+                self._warn((model, eff_version, "mismatch"), "model %s version %s: replica %s runs another signature than the "
+                           "allowlist's (digest %s); %s", model, eff_version, resp.replica, res.digest,
+                           "answered 503, body already released" if released else "re-sent untrimmed")
+                if released:
+                    m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
+                    out = self.error(503, f"model {model!r}: the model version changed while this request was in flight; retry",
+                                     "signature_mismatch", labels)
+                    return Outcome(out.status, out.body, out.content_type, {"Retry-After": "1"}, out.error)
+                self._count_untrimmed(labels, SIGNATURE_MISMATCH)
+                body, audit = untrimmed, False
+                resp = await part.request("POST", path, body, headers, max(0.001, timeout_s - (time.perf_counter() - t1)),
+                                          labels, self.cfg.deadline_header)
         except UpstreamError as exc:
             m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
             return self.error(exc.status, f"model {model!r} (partition {part.name!r}): {exc}", exc.kind, labels)
@@ -225,6 +289,20 @@ class Router:
             self.auditor.submit(AuditJob(model, eff_version, labels, part, resp.replica, path, untrimmed.joined(), content_type,
                                          resp.status, resp.body, resp.content_type, res.allowlist))  # type: ignore[arg-type]
         return Outcome(resp.status, resp.body, resp.content_type, resp.headers)
+
+    def _count_untrimmed(self, labels: tuple[str, str, str], reason: str) -> None:
+        self.metrics.child(self.metrics.untrimmed_forwards, (*labels, reason)).inc()
+        if reason in (NO_VERSION, NO_ALLOWLIST, UNPARSED_ENCODING):
+            self._warn((*labels, reason), "model %s version %s (partition %s) forwarded untrimmed: %s", labels[0],
+                       labels[1] or "(none)", labels[2], reason)
+
+
+def _header(headers: dict[str, str], name: str) -> str | None:
+    low = name.lower()
+    for k, v in headers.items():
+        if k.lower() == low:
+            return v
+    return None
 
 
 class RouteError(Exception):
@@ -255,11 +333,29 @@ def native_path(model: str):
     return build
 
 
-def target_key(ref: ModelRef, refs: list[ModelRef]) -> str:
-    """`name`, or `name/version` when the same model is listed with several versions."""
-    if sum(1 for r in refs if r.name == ref.name) > 1:
-        return f"{ref.name}/{ref.version if ref.version is not None else 'default'}"
-    return ref.name
+def target_keys(refs: list[ModelRef]) -> list[str]:
+    """Result keys: `name`, or `name/version` (`name/default` for no version) for a model listed with several
+    versions. One pass, linear in targets; a version literally named `default` beside a version-less entry of
+    the same model would share its key, so that request is refused (400) rather than losing one answer."""
+    counts: dict[str, int] = {}
+    for r in refs:
+        counts[r.name] = counts.get(r.name, 0) + 1
+    keys = [r.name if counts[r.name] == 1 else f"{r.name}/{r.version if r.version is not None else 'default'}" for r in refs]
+    if len(set(keys)) != len(keys):
+        raise PayloadError('"models": a version named "default" and a version-less entry of the same model share the '
+                           'result key name/default; name the default version explicitly')
+    return keys
+
+
+def fanout_status(errors: dict[str, Any]) -> int:
+    """The status of a fan-out that wholly failed: the targets' own status when they agree; 400 when all
+    failed with client errors (the request is at fault); 502 otherwise."""
+    statuses = {e["status"] for e in errors.values()}
+    if len(statuses) == 1:
+        return statuses.pop()
+    if all(400 <= s < 500 for s in statuses):
+        return 400
+    return 502
 
 
 def _decode_any(body: bytes, content_type: str) -> Any:
@@ -272,15 +368,20 @@ async def fan_out(router: Router, prepared: PreparedBody, content_type: str, tim
                   extra_headers: dict[str, str], client_bytes: int) -> tuple[int, bytes]:
     """Send every target concurrently; one failing target never fails the others. Returns (status, body)."""
     refs = prepared.models()
+    cap = router.cfg.max_fanout_targets
+    if len(refs) > cap:
+        raise PayloadError(f'"models" lists {len(refs)} targets; limits.max_fanout_targets is {cap}')
     seen: set[tuple[str, str | None]] = set()
-    for r in refs:
-        if not r.name:
-            raise PayloadError('"models": a model name must be a non-empty string')
+    for r in refs:  # linear: a 20,000-name body is refused by the cap above before any of this
+        check_name('"models": model name', r.name)
         if isinstance(r.version, int):
             r.version = str(r.version)
+        if r.version is not None:
+            check_name(f'"models": version of {r.name!r}', r.version)
         if (r.name, r.version) in seen:
             raise PayloadError(f'"models": {r.name!r} version {r.version!r} listed twice')
         seen.add((r.name, r.version))
+    keys = target_keys(refs)
     outcomes = await asyncio.gather(*(
         router.send(r.name, r.version, native_path(r.name), prepared, None, content_type, timeout_s,
                     extra_headers=extra_headers, client_bytes=client_bytes)
@@ -288,8 +389,7 @@ async def fan_out(router: Router, prepared: PreparedBody, content_type: str, tim
     ))
     results: dict[str, Any] = {}
     errors: dict[str, Any] = {}
-    for ref, out in zip(refs, outcomes):
-        key = target_key(ref, refs)
+    for ref, key, out in zip(refs, keys, outcomes):
         if out.error is None and out.status < 300:
             try:
                 if ("msgpack" in out.content_type) == (prepared.media == MSGPACK):
@@ -309,8 +409,8 @@ async def fan_out(router: Router, prepared: PreparedBody, content_type: str, tim
     body = enc.encode({"results": results, "errors": errors})
     if results or not errors:
         return 200, body
-    statuses = {e["status"] for e in errors.values()}
-    return (statuses.pop() if len(statuses) == 1 else 502), body
+    return fanout_status(errors), body
 
 
-__all__ = ["PreparedBody", "Router", "Outcome", "fan_out", "native_path", "RouteError", "ModelRef", "upstream_error_text"]
+__all__ = ["PreparedBody", "Router", "Outcome", "fan_out", "native_path", "RouteError", "ModelRef", "upstream_error_text",
+           "target_keys", "fanout_status"]

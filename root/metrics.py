@@ -52,6 +52,12 @@ class Metrics:
             f"{PREFIX}_shadow_features_dropped", "Features trimming would have removed in shadow mode (sent untrimmed)", m, registry=r)
         self.allowlist_misses = Counter(
             f"{PREFIX}_allowlist_misses", "Requests forwarded untrimmed because no allowlist is known for the (model, version)", m, registry=r)
+        self.untrimmed_forwards = Counter(
+            f"{PREFIX}_untrimmed_forwards", "Requests sent upstream untrimmed, by reason (no_version, no_allowlist, mode_off, shadow, "
+            "signature_mismatch, unparsed_encoding): every fail-open is counted", (*m, "reason"), registry=r)
+        self.allowlist_mismatches = Counter(
+            f"{PREFIX}_allowlist_mismatches", "Trimmed requests a replica refused (412) because it runs another signature than the "
+            "allowlist's; action: resent (untrimmed) or refused (503, body already released)", (*m, "action"), registry=r)
         self.mode_requests = Counter(f"{PREFIX}_mode_requests", "Per-model requests by trimming mode applied", (*m, "mode"), registry=r)
         self.eager_trims = Counter(
             f"{PREFIX}_eager_trims", "Trims scanned as the HTTP parser produced the body (root/eager.py); the rest as the handler read it", registry=r)

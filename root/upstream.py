@@ -1,7 +1,8 @@
 """Upstream partitions: one pooled ClientSession each, replica choice, failover, compression.
 
 A replica is marked down by a failed connect or health check and up again by
-a successful one. Choice prefers replicas that are up (least in-flight or
+a passing health check or a 2xx answer (a 4xx, such as a restarting leaf's
+404 or 503 while it loads, proves nothing). Choice prefers replicas that are up (least in-flight or
 round-robin); when all are down the root still tries them, so recovery does
 not wait for the next health check. Only a connect failure is retried (once,
 on another replica): nothing reached the model, so a retry cannot run it twice.
@@ -185,7 +186,8 @@ class Partition:
                     ctype = resp.headers.get("Content-Type", "application/octet-stream")
                     out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
                 self._count_attempt(replica, "ok" if resp.status < 500 else "http_error")
-                if not replica.up:
+                if not replica.up and 200 <= resp.status < 300:
+                    # Only a success is proof of health: a restarting leaf answers 404/503 while it loads.
                     self._mark(replica, True)
                 if labels is not None:
                     self.metrics.child(self.metrics.sent_bytes, labels).inc(sent)

@@ -55,7 +55,7 @@ def stack(tmp_path_factory):
     try:
         for name, extra in (("audit", {"audit_sample_rate": 1.0, "audit_max_concurrent": 64}), ("plain", {})):
             cfg = {"repositories": [str(repo)], "overrides": str(overrides), "watch": False,
-                   "partitions": {"leaves": {"replicas": [leaf.url]}}, "models": {"ranker": "leaves", "retrieval": "leaves"},
+                   "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [leaf.url]}}, "models": {"ranker": "leaves", "retrieval": "leaves"},
                    "timeouts": {"request_s": 30}, **extra}
             path = tmp / f"root-{name}.yaml"
             path.write_text(json.dumps(cfg))
@@ -228,7 +228,7 @@ async def test_drift_reports_an_unreachable_replica(stack, tmp_path):
     """A second partition whose only replica is down: the report names it and still covers the live leaf."""
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = {"repositories": [str(stack["tmp"] / "models")], "watch": False,
-           "partitions": {"leaves": {"replicas": [stack["leaf"].url]}, "gone": {"replicas": [dead]}},
+           "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [stack["leaf"].url]}, "gone": {"replicas": [dead]}},
            "models": {"ranker": "leaves", "retrieval": "gone"}}
     path = tmp_path / "root.yaml"
     path.write_text(json.dumps(cfg))
@@ -267,7 +267,7 @@ async def test_audits_over_the_cap_are_dropped_and_counted(tmp_path):
     root = None
     try:
         sink.wait_ready("/v2/health/ready", timeout=30)
-        cfg = {"bundles": [str(bundle)], "watch": False, "partitions": {"p": {"replicas": [sink.url]}}, "models": {"m": "p"},
+        cfg = {"bundles": [str(bundle)], "watch": False, "admin": {"on_service_port": True}, "partitions": {"p": {"replicas": [sink.url]}}, "models": {"m": "p"},
                "audit_sample_rate": 1.0, "audit_max_concurrent": 1}
         path = tmp_path / "root.yaml"
         path.write_text(json.dumps(cfg))

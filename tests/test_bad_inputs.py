@@ -52,7 +52,7 @@ def env(tmp_path_factory):
         root_cfg = tmp / "root.yaml"
         root_cfg.write_text(json.dumps({
             "repositories": [str(repo)], "watch": False,
-            "partitions": {"leaves": {"replicas": [leaf.url]}},
+            "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [leaf.url]}},
             "models": {"ranker": {"partition": "leaves", "default_version": "1"}, "retrieval": "leaves"},
             "timeouts": {"request_s": 20}, "limits": {"max_body_bytes": ROOT_MAX_BODY}}))
         rport = free_port()
@@ -109,7 +109,7 @@ def make_files(tmp: Path, repo: Path) -> dict[str, Path]:
         out[rname] = tmp / rname
     out["overrides_cfg.yaml"] = tmp / "files" / "overrides_cfg.yaml"
     out["overrides_cfg.yaml"].write_text(json.dumps({"repositories": [str(repo)], "overrides": str(out["bad_overrides.yaml"]),
-                                                    "partitions": {"p": {"replicas": ["http://127.0.0.1:9"]}}, "models": {"ranker": "p"}}))
+                                                    "admin": {"on_service_port": True}, "partitions": {"p": {"replicas": ["http://127.0.0.1:9"]}}, "models": {"ranker": "p"}}))
     return out
 
 

@@ -87,7 +87,7 @@ def env(tmp_path_factory):
     }
     config = {
         "bundles": [str(bundle)], "repositories": [str(repo)], "watch": True,
-        "partitions": {
+        "admin": {"on_service_port": True}, "partitions": {
             "pair": {"replicas": [sinks["s1"].url, sinks["s2"].url]},
             "solo": {"replicas": [sinks["solo"].url]},
             "slow": {"replicas": [sinks["slow"].url]},
@@ -388,7 +388,7 @@ def leaves(tmp_path_factory):
         cfg = tmp / "root.yaml"
         cfg.write_text(json.dumps({
             "repositories": [str(repo)], "watch": False,
-            "partitions": {"leaves": {"replicas": [p.url for p in procs], "health_path": "/v2/health/ready"}},
+            "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [p.url for p in procs], "health_path": "/v2/health/ready"}},
             "models": {"ranker": {"partition": "leaves", "default_version": "1"}},
             "timeouts": {"connect_s": 0.5, "request_s": 5.0, "health_interval_s": 0.5},
         }))

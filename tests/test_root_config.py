@@ -52,7 +52,9 @@ def test_minimal_config_defaults(tmp_path):
     (base(timeouts={"request_s": -1}), "timeouts.request_s"),
     (base(limits={"max_body_bytes": "big"}), "max_body_bytes"),
     (base(workers=0), "workers"),
-    (base(admin={"host": "127.0.0.1"}), "admin.port"),
+    (base(admin={"on_service_port": True, "port": 9000}), "on_service_port"),
+        (base(models={"../x": "p"}), "invalid model name"),
+        (base(limits={"max_fanout_targets": 0}), "max_fanout_targets"),
     ({"models": {}}, "partitions"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, doc, needle):
@@ -159,3 +161,12 @@ def test_streamed_trim_is_used_only_for_the_allowlist_it_was_fed_with():
     assert same == (trim(body, old, MSGPACK).body, 3, 1)
     with pytest.raises(RuntimeError, match="twice"):  # the streamed result was the one used
         stream.finish(chunks)
+
+
+def test_admin_defaults_to_a_loopback_listener_apart_from_the_service_port(tmp_path):
+    cfg = parse_config(base(listen={"host": "0.0.0.0", "port": 8080}), "c.yaml", tmp_path)
+    assert (cfg.admin_host, cfg.admin_port) == ("127.0.0.1", 9901)
+    shared = parse_config(base(admin={"on_service_port": True}), "c.yaml", tmp_path)
+    assert (shared.admin_host, shared.admin_port) == (None, None)
+    exposed = parse_config(base(admin={"host": "0.0.0.0"}), "c.yaml", tmp_path)
+    assert (exposed.admin_host, exposed.admin_port) == ("0.0.0.0", 9901)

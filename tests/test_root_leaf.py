@@ -50,7 +50,7 @@ def stack(tmp_path_factory):
             ("lz4", {"bundles": [str(bundle)]}, "lz4", [dead, leaf.url]),
             ("zstd", {"bundles": [str(bundle)]}, "zstd", [leaf.url]),
         ):
-            cfg = {**source, "partitions": {"leaves": {"replicas": replicas, "compression": compression, "balance": "round_robin"}},
+            cfg = {**source, "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": replicas, "compression": compression, "balance": "round_robin"}},
                    "models": {m: "leaves" for m in models}, "timeouts": {"request_s": 30}}
             path = tmp / f"root-{name}.yaml"
             path.write_text(json.dumps(cfg))

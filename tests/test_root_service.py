@@ -76,7 +76,7 @@ def env(tmp_path_factory):
     dead = f"http://127.0.0.1:{free_port()}"
     config = {
         "bundles": [str(bundle)], "overrides": str(overrides),
-        "partitions": {
+        "admin": {"on_service_port": True}, "partitions": {
             "main": {"replicas": [sink.url]},
             "lz4": {"replicas": [sink.url], "compression": "lz4"},
             "zstd": {"replicas": [sink.url], "compression": "zstd"},
@@ -259,7 +259,7 @@ async def test_all_replicas_down_is_503_naming_model_and_partition(tmp_path):
     bundle = tmp_path / "b.json"
     write_bundle(bundle, {"m": {"1": ["f1"]}})
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(json.dumps({"bundles": [str(bundle)], "partitions": {"p": {"replicas": dead}}, "models": {"m": "p"}}))
+    cfg_path.write_text(json.dumps({"bundles": [str(bundle)], "admin": {"on_service_port": True}, "partitions": {"p": {"replicas": dead}}, "models": {"m": "p"}}))
     port = free_port()
     root = ManagedProcess("root-dead", [sys.executable, "-m", "trimmer", "root", "--config", str(cfg_path), "--port", str(port)],
                           f"http://127.0.0.1:{port}", tmp_path / "root.log").start()
@@ -328,7 +328,7 @@ def test_root_process_never_imports_torch(env):
 def small_config(tmp: Path, replica: str, **over) -> dict:
     bundle = tmp / "small-bundle.json"
     write_bundle(bundle, {"alpha": {"1": ["f1", "f2"]}})
-    return {"bundles": [str(bundle)], "partitions": {"p": {"replicas": [replica]}},
+    return {"bundles": [str(bundle)], "admin": {"on_service_port": True}, "partitions": {"p": {"replicas": [replica]}},
             "models": {"alpha": {"partition": "p", "default_version": "1"}}, **over}
 
 

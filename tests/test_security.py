@@ -114,7 +114,7 @@ def test_default_binds_are_loopback(tmp_path):
     minimal = tmp_path / "root.yaml"
     minimal.write_text(json.dumps({"partitions": {"p": {"replicas": ["http://127.0.0.1:9"]}}, "models": {"m": "p"}}))
     cfg = root_config(minimal)
-    assert cfg.host == "127.0.0.1" and cfg.admin_port is None
+    assert cfg.host == "127.0.0.1" and (cfg.admin_host, cfg.admin_port) == ("127.0.0.1", 9901)  # admin: loopback, apart
     assert LeafConfig().host == "127.0.0.1"
     # the shipped configs, validated in full: they expect the demo repository the leaf builds at build/demo-models
     shutil.copytree(ROOT_DIR / "configs", tmp_path / "configs")

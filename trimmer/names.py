@@ -28,7 +28,9 @@ def valid_name(value: str) -> bool:
 
 def check_name(kind: str, value: object) -> str:
     """`value` if it is a valid model name or version, else PayloadError (HTTP 400) naming `kind`."""
-    if not isinstance(value, str) or _NAME.fullmatch(value) is None:
+    if not isinstance(value, str) or not value:
+        raise PayloadError(f"invalid {kind}: must be a non-empty string, got {repr(value)[:60]}")
+    if _NAME.fullmatch(value) is None:
         shown = repr(value)[:60]
         raise PayloadError(f"invalid {kind} {shown}: use 1-{MAX_NAME_CHARS} characters from A-Z a-z 0-9 _ . -, "
                            f"not starting with '.' or '-'")

@@ -19,6 +19,7 @@ from typing import Iterable, Mapping
 
 from .bundle import read_bundle
 from .errors import TrimmerError
+from .handshake import input_digest
 from .overrides import Overrides, load_overrides
 from .repository import scan_repository
 from .signature import Signature
@@ -114,6 +115,10 @@ class Resolution:
     allowlist: frozenset[str] | None
     mode: str
     reason: str  # exact | default_version | model_allowlist | miss
+    # input_digest of the signature the allowlist came from (trimmer/handshake.py): sent with trimmed
+    # bodies so a leaf running another signature refuses them. None: no single signature (explicit
+    # allowlist, disagreeing sources), so there is nothing a leaf could check.
+    digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,7 @@ class Registry:
 
     def _build(self) -> Snapshot:
         allow: dict[Key, frozenset[str]] = {}
+        digests: dict[Key, str | None] = {}
         bundle_defaults: dict[str, str] = {}
         conflicts: list[str] = []
         for state in self._states.values():
@@ -251,8 +257,10 @@ class Registry:
                     # Disagreeing sources: forward the union so no model loses a feature it needs.
                     conflicts.append(f"{key[0]}/{key[1]}: sources disagree; using the union of their allowlists")
                     allow[key] = allow[key] | sig.allowlist
-                else:
-                    allow.setdefault(key, sig.allowlist)
+                    digests[key] = None
+                elif key not in allow:
+                    allow[key] = sig.allowlist
+                    digests[key] = input_digest(sig.input_names)
 
         ov = self._overrides
         default_versions = {**bundle_defaults, **self._config_defaults}
@@ -264,19 +272,19 @@ class Registry:
             vo = mo.versions.get(version) if (mo and version is not None) else None
             return (vo.mode if vo and vo.mode else None) or modes.get(model) or ov.default_mode
 
-        def finish(model: str, version: str, base: frozenset[str], reason: str) -> Resolution:
+        def finish(model: str, version: str, base: frozenset[str], reason: str, digest: str | None) -> Resolution:
             mo = ov.models.get(model)
             vo = mo.versions.get(version) if mo else None
             extra = (mo.keep if mo else frozenset()) | (vo.keep if vo else frozenset())
-            return Resolution(model, version, base | extra, mode_of(model, version), reason)
+            return Resolution(model, version, base | extra, mode_of(model, version), reason, digest)
 
         entries: dict[Key, Resolution] = {}
         for key, base in allow.items():
-            entries[key] = finish(key[0], key[1], base, "exact")
+            entries[key] = finish(key[0], key[1], base, "exact", digests.get(key))
         for model, mo in ov.models.items():
             for version, vo in mo.versions.items():
                 if vo.allowlist is not None:
-                    entries[(model, version)] = finish(model, version, vo.allowlist, "exact")
+                    entries[(model, version)] = finish(model, version, vo.allowlist, "exact", None)
         fallbacks = {
             m: Resolution(m, None, o.allowlist | o.keep, o.mode or ov.default_mode, "model_allowlist")
             for m, o in ov.models.items()
@@ -286,7 +294,7 @@ class Registry:
         for model, version in default_versions.items():
             hit = entries.get((model, version))
             if hit is not None:
-                defaults[model] = Resolution(model, version, hit.allowlist, hit.mode, "default_version")
+                defaults[model] = Resolution(model, version, hit.allowlist, hit.mode, "default_version", hit.digest)
         self._generation += 1
         return Snapshot(
             self._generation, entries, defaults, fallbacks, modes, ov.default_mode, default_versions, tuple(conflicts)
@@ -302,7 +310,7 @@ class Registry:
         models: dict[str, dict] = {}
         for (model, version), res in sorted(snap.entries.items()):
             m = models.setdefault(model, {"default_version": snap.default_versions.get(model), "versions": {}})
-            m["versions"][version] = {"allowlist_size": len(res.allowlist or ()), "mode": res.mode}
+            m["versions"][version] = {"allowlist_size": len(res.allowlist or ()), "mode": res.mode, "signature_digest": res.digest}
         for model, res in snap.fallbacks.items():
             models.setdefault(model, {"default_version": snap.default_versions.get(model), "versions": {}})[
                 "model_allowlist_size"
