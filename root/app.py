@@ -58,7 +58,8 @@ class RootState:
         self.metrics = metrics or Metrics()
         sources = [BundleSource(p) for p in cfg.bundles] + [RepositorySource(p) for p in cfg.repositories]
         defaults = {m: mc.default_version for m, mc in cfg.models.items() if mc.default_version is not None}
-        self.registry = Registry(sources, None, defaults)
+        policies, default_policy = cfg.version_policies()
+        self.registry = Registry(sources, None, defaults, policies, default_policy)
         if cfg.overrides:
             self.registry.use_overrides_file(cfg.overrides)  # hot-reloaded with the bundles
         self.registry.reload()
@@ -66,6 +67,9 @@ class RootState:
         if failed:
             st = failed[0]
             raise ConfigError(f"{cfg.path}: allowlist source {st.source.name} failed to load: {st.last_error}")
+        rejected = self.registry.snapshot.rejected_allowlists
+        if rejected:  # at start a typo'd allowlist is a config error; on a reload the last good one stays
+            raise ConfigError(f"{cfg.overrides}: {rejected[0]}")
         self.metrics.registry_reloads.inc()
         self.partitions = {n: Partition(pc, cfg.timeouts, self.metrics) for n, pc in cfg.partitions.items()}
         self.meta_sources: list[MetadataSource] = metadata_sources(

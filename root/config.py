@@ -31,9 +31,10 @@ _TOP = {"listen", "admin", "workers", "bundles", "repositories", "overrides", "w
 _LISTEN = {"host", "port"}
 _ADMIN = {"enabled", "host", "port", "on_service_port"}
 _PARTITION = {"replicas", "protocol", "compression", "balance", "health_path", "max_connections",
-              "allowlists_from_metadata"}
+              "allowlists_from_metadata", "version_policy", "versioned_paths"}
 _METADATA = {"models", "refresh_s"}
-_MODEL = {"partition", "default_version"}
+_MODEL = {"partition", "default_version", "version_policy"}
+VERSION_POLICIES = ("latest", "explicit")
 _UNKNOWN = {"policy", "partition"}
 _TIMEOUTS = {"connect_s", "request_s", "drain_s", "health_interval_s"}
 _LIMITS = {"max_body_bytes", "max_fanout_targets"}
@@ -57,6 +58,8 @@ class PartitionConfig:
     health_path: str = "/v2/health/ready"
     max_connections: int = 64
     metadata: MetadataAllowlists | None = None
+    version_policy: str = "latest"  # a request without a version: the highest known version, or `explicit`
+    versioned_paths: bool = True  # name a configured default version in upstream paths (off for unversioned servers)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ModelConfig:
     name: str
     partition: str
     default_version: str | None = None
+    version_policy: str | None = None  # None: the partition's
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,12 @@ class RootConfig:
     audit_max_concurrent: int = 8  # audits in flight at once; more are dropped and counted
     audit_tolerance: float = 1e-5  # float outputs within this relative difference are near matches, not mismatches
 
+    def version_policies(self) -> tuple[dict[str, str], str]:
+        """(model -> policy for configured models, policy for the rest): a model's own, else its partition's."""
+        per = {m: mc.version_policy or self.partitions[mc.partition].version_policy for m, mc in self.models.items()}
+        rest = self.partitions[self.unknown_partition].version_policy if self.unknown_partition else "latest"
+        return per, rest
+
     def partition_for(self, model: str) -> str | None:
         """The partition a model routes to, or None when the unknown-model policy rejects it."""
         mc = self.models.get(model)
@@ -114,6 +124,14 @@ def _num(value: Any, where: str, default: float, minimum: float = 0.0, integer: 
         raise ConfigError(f"{where}: must be {'an integer' if integer else 'a number'}, got {value!r}")
     if value < minimum or (not integer and value <= 0 and minimum == 0.0):
         raise ConfigError(f"{where}: must be {'>=' if integer else '>'} {minimum}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, where: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false, got {value!r}")
     return value
 
 
@@ -204,6 +222,8 @@ def _partition(name: str, raw: Any) -> PartitionConfig:
         health_path=health,
         max_connections=_num(raw.get("max_connections"), f"{w}.max_connections", 64, 1, integer=True),
         metadata=meta,
+        version_policy=_str(raw.get("version_policy"), f"{w}.version_policy", VERSION_POLICIES, "latest"),
+        versioned_paths=_bool(raw.get("versioned_paths"), f"{w}.versioned_paths", True),
     )
 
 
@@ -243,7 +263,8 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
         dv = raw.get("default_version")
         if dv is not None and (isinstance(dv, bool) or not isinstance(dv, (str, int)) or not valid_name(str(dv))):
             raise ConfigError(f"{w}.default_version: must be a version string (A-Z a-z 0-9 _ . -), got {dv!r}")
-        models[str(name)] = ModelConfig(str(name), part, None if dv is None else str(dv))
+        models[str(name)] = ModelConfig(str(name), part, None if dv is None else str(dv),
+                                        _str(raw.get("version_policy"), f"{w}.version_policy", VERSION_POLICIES))
 
     policy = _str(unknown.get("policy"), f"{path}: unknown_models.policy", UNKNOWN_POLICIES, "reject")
     upart = _str(unknown.get("partition"), f"{path}: unknown_models.partition")

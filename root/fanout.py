@@ -257,7 +257,10 @@ class Router:
         # The handshake (trimmer/handshake.py): only a body that lost features can give a wrong answer.
         handshake = dropped_any and res.digest is not None
         t1 = time.perf_counter()
-        path = path_for(eff_version)
+        # A version the client named goes upstream as named; a resolved one only when it is a configured default
+        # (pinned) and the partition's server is versioned. `latest` leaves the choice to the upstream's own
+        # rule (the same highest version); the handshake catches the moments the two differ.
+        path = path_for(version if version is not None else (res.version if res.pin and part.cfg.versioned_paths else None))
         try:
             resp = await part.request("POST", path, body, {**headers, SIGNATURE_HEADER: res.digest} if handshake else headers,
                                       timeout_s, labels, self.cfg.deadline_header)

@@ -71,16 +71,20 @@ class MetadataSource(Source):
         signatures: dict[tuple[str, str], Signature] = {}
         defaults: dict[str, str] = {}
         errors: dict[tuple[str, str], str] = {}
+        unversioned: dict[str, Signature] = {}
         for model in self.models:
             try:
                 meta = await self._get(f"/v2/models/{model}", timeout_s)
                 versions = [str(v) for v in meta.versions][:MAX_VERSIONS]
-                configured = self.default_versions.get(model)
                 if not versions:
-                    if configured is None:
-                        errors[(model, "?")] = "upstream metadata lists no versions and the root config sets no default_version"
-                        continue
-                    versions = [configured]
+                    # Served without versions (MLServer answers `"versions": []` and 404s versioned paths):
+                    # one model-wide allowlist, and request paths stay unversioned.
+                    names = tuple(dict.fromkeys(t.name for t in meta.inputs))
+                    if not names:
+                        errors[(model, "?")] = "upstream metadata declares no inputs"
+                    else:
+                        unversioned[model] = Signature(names, tuple(t.name for t in meta.outputs) or ("output",))
+                    continue
                 for v in versions:
                     vm = meta if len(versions) == 1 else await self._get(f"/v2/models/{model}/versions/{v}", timeout_s)
                     names = tuple(dict.fromkeys(t.name for t in vm.inputs))
@@ -92,23 +96,26 @@ class MetadataSource(Source):
                     defaults[model] = versions[0]
             except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 errors[(model, "?")] = str(exc)
-        return SourceData(signatures, defaults, errors)
+        return SourceData(signatures, defaults, errors, unversioned)
 
     async def refresh(self, timeout_s: float = 5.0) -> bool:
         """Fetch and store; True when something was fetched (the caller then reloads the registry)."""
         data = await self.fetch(timeout_s)
-        if not data.signatures and data.errors:
+        if not data.signatures and not data.unversioned and data.errors:
             self.last_error = "; ".join(f"{m}: {e}" for (m, _), e in sorted(data.errors.items()))
             log.warning("allowlists from %s: %s", self.name, self.last_error)
             if self._data is None:
                 return False
             # Keep last good for everything; report the failure through the registry.
-            data = SourceData(dict(self._data.signatures), dict(self._data.default_versions), data.errors)
+            data = SourceData(dict(self._data.signatures), dict(self._data.default_versions), data.errors, dict(self._data.unversioned))
         elif self._data is not None and data.errors:
             failed = {m for m, _ in data.errors}  # last good per model that failed this round
             for key, sig in self._data.signatures.items():
                 if key[0] in failed:
                     data.signatures.setdefault(key, sig)
+            for model, sig in self._data.unversioned.items():
+                if model in failed:
+                    data.unversioned.setdefault(model, sig)
         self._data = data
         return True
 

@@ -3,7 +3,7 @@
 It reports what it received (feature / input names, top-level keys, body
 size, headers) instead of running a model, so tests can see exactly what the
 root forwarded, and the benchmark can measure the root without a model's cost.
-Run: `python -m root.sink --port N [--fail-model M] [--garbage-model M] [--delay-ms D] [--oip-inputs model=a,b]`.
+Run: `python -m root.sink --port N [--fail-model M] [--garbage-model M] [--delay-ms D] [--oip-inputs model=a,b] [--unversioned]`.
 Never imports torch.
 """
 
@@ -34,7 +34,7 @@ def _decompress(body: bytes, encoding: str | None) -> bytes:
 
 
 def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list[str]], small: bool,
-              garbage_models: frozenset[str] = frozenset()) -> web.Application:
+              garbage_models: frozenset[str] = frozenset(), unversioned: bool = False) -> web.Application:
     # auto_decompress off: aiohttp would try to decode zstd itself (needs backports.zstd); we decode lz4/zstd here.
     app = web.Application(client_max_size=1 << 30, handler_args={"auto_decompress": False})
 
@@ -76,20 +76,29 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
         name = request.match_info["name"]
         if name not in oip_inputs:
             return web.json_response({"error": f"unknown model {name}"}, status=404)
-        return web.json_response({"name": name, "versions": ["1"], "platform": "sink",
+        return web.json_response({"name": name, "versions": [] if unversioned else ["1"], "platform": "sink",
                                   "inputs": [{"name": n, "datatype": "FP32", "shape": [-1]} for n in oip_inputs[name]],
                                   "outputs": [{"name": "received", "datatype": "BYTES", "shape": [-1]}]})
 
     async def ready(request: web.Request) -> web.Response:
         return web.json_response({"ready": True})
 
+    async def no_versions(request: web.Request) -> web.Response:
+        # As Seldon MLServer 1.7 answers a versioned path for a model served without versions.
+        return web.json_response({"error": f"Model {request.match_info['name']} with version {request.match_info['version']} not found"},
+                                 status=404)
+
+    if unversioned:
+        score_v = infer_v = metadata_v = no_versions
+    else:
+        score_v, infer_v, metadata_v = score, infer, metadata
     r = app.router
     r.add_post("/v1/models/{name}/score", score)
-    r.add_post("/v1/models/{name}/versions/{version}/score", score)
+    r.add_post("/v1/models/{name}/versions/{version}/score", score_v)
     r.add_post("/v2/models/{name}/infer", infer)
-    r.add_post("/v2/models/{name}/versions/{version}/infer", infer)
+    r.add_post("/v2/models/{name}/versions/{version}/infer", infer_v)
     r.add_get("/v2/models/{name}", metadata)
-    r.add_get("/v2/models/{name}/versions/{version}", metadata)
+    r.add_get("/v2/models/{name}/versions/{version}", metadata_v)
     r.add_get("/v2/models/{name}/ready", ready)
     r.add_get("/v2/health/ready", ready)
     r.add_get("/v2/health/live", ready)
@@ -105,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delay-ms", type=float, default=0.0)
     p.add_argument("--oip-inputs", action="append", default=[], help="model=name1,name2 (served as OIP metadata)")
     p.add_argument("--small", action="store_true", help="answer a fixed tiny body without decoding (benchmark)")
+    p.add_argument("--unversioned", action="store_true", help='serve models without versions, as MLServer does: metadata '
+                   '"versions": [] and 404 on every versioned path')
     a = p.parse_args(argv)
     oip = {}
     for spec in a.oip_inputs:
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(build_app(set(a.fail_model), a.delay_ms, oip, a.small, frozenset(a.garbage_model)), host=a.host, port=a.port, print=None, access_log=None,
+    web.run_app(build_app(set(a.fail_model), a.delay_ms, oip, a.small, frozenset(a.garbage_model), a.unversioned), host=a.host, port=a.port, print=None, access_log=None,
                 shutdown_timeout=2)
 
 

@@ -47,10 +47,56 @@ def test_exact_version_default_version_and_fail_open() -> None:
     assert reg.resolve("unknown").allowlist is None
 
 
-def test_no_default_version_means_untrimmed() -> None:
-    reg = Registry([StaticSource("s", {("m", "1"): sig("a")})])
+def test_without_a_version_latest_resolves_to_the_highest_version_numerically() -> None:
+    versions = {("m", v): sig("a", f"only{v}") for v in ("1", "2", "9", "10", "beta")}
+    reg = Registry([StaticSource("s", versions)])
     reg.reload()
-    assert reg.resolve("m").allowlist is None
+    res = reg.resolve("m")
+    # "10" > "9" > "beta": the leaf's rule and Triton's default; the path stays unversioned (pin False).
+    assert (res.version, res.allowlist, res.reason, res.pin) == ("10", frozenset({"a", "only10"}), "latest_version", False)
+
+
+def test_explicit_policy_without_default_is_untrimmed_unless_every_version_shares_the_allowlist() -> None:
+    differing = Registry([StaticSource("s", {("m", "1"): sig("a"), ("m", "2"): sig("a", "b")})], version_policies={"m": "explicit"})
+    differing.reload()
+    assert differing.resolve("m").allowlist is None
+    assert any("models.m: version_policy explicit" in p for p in differing.status()["problems"])
+    shared = Registry([StaticSource("s", {("m", "1"): sig("b", "a"), ("m", "2"): sig("a", "b")})], default_policy="explicit")
+    shared.reload()
+    res = shared.resolve("m")
+    assert (res.allowlist, res.version, res.reason, res.pin) == (frozenset({"a", "b"}), None, "shared_allowlist", False)
+    assert res.digest is not None  # same inputs, same digest: the handshake still applies
+
+
+def test_unversioned_models_get_a_model_wide_allowlist() -> None:
+    from trimmer.registry import SourceData, Source
+
+    class Meta(Source):
+        def load(self) -> SourceData:
+            return SourceData(unversioned={"mls": sig("x", "y")})
+
+    reg = Registry([Meta("meta")])
+    reg.reload()
+    res = reg.resolve("mls")
+    assert (res.allowlist, res.version, res.reason, res.pin) == (frozenset({"x", "y"}), None, "unversioned", False)
+
+
+def test_an_explicit_allowlist_with_a_typo_is_refused_and_the_last_good_stays(tmp_path: Path) -> None:
+    reg = Registry([StaticSource("s", {("m", "1"): sig("cand_ctr", "user_id")})])
+    reg.reload()
+    good = tmp_path / "allowlists.yaml"
+    good.write_text("models:\n  m:\n    versions:\n      '1':\n        allowlist: [cand_ctr]\n")
+    reg.use_overrides_file(good)
+    assert reg.resolve("m", "1").allowlist == {"cand_ctr"}
+    good.write_text("models:\n  m:\n    versions:\n      '1':\n        allowlist: [cand_ctrr]\n")
+    assert reg.reload_overrides() is False  # refused: the last good overrides stay
+    assert reg.resolve("m", "1").allowlist == {"cand_ctr"}
+    assert any("cand_ctrr" in p and "typo" in p for p in reg.status()["problems"])
+    good.write_text("models:\n  m:\n    versions:\n      '1':\n        allowlist: [cand_ctrr]\n        allow_extra_features: true\n")
+    assert reg.reload_overrides() is True  # the opt-out for intended extras
+    assert reg.resolve("m", "1").allowlist == {"cand_ctrr"}
+    with pytest.raises(ConfigError, match="cand_ctrr"):
+        reg.set_overrides(parse_overrides({"models": {"m": {"allowlist": ["cand_ctrr"]}}}))
 
 
 def test_override_precedence_and_modes() -> None:
@@ -58,7 +104,7 @@ def test_override_precedence_and_modes() -> None:
         "defaults": {"mode": "shadow"},
         "models": {
             "ranker": {"mode": "enforce", "keep": ["k"], "default_version": 1,
-                       "versions": {"2": {"allowlist": ["x"], "keep": ["k2"], "mode": "off"}}},
+                       "versions": {"2": {"allowlist": ["x"], "keep": ["k2"], "mode": "off", "allow_extra_features": True}}},
             "xgb": {"allowlist": ["p", "q"]},
         },
     })

@@ -204,12 +204,12 @@ async def test_a_20000_name_fanout_is_refused_while_healthz_answers(swap_stack):
 
 async def test_untrimmed_forwards_are_counted_by_reason(swap_stack):
     root = swap_stack["root"].url
-    before = _metric(root, "trimmer_root_untrimmed_forwards_total", reason="no_version")
+    before = _metric(root, "trimmer_root_untrimmed_forwards_total", reason="no_allowlist")
     async with aiohttp.ClientSession() as s:
-        # No version named and none configured: nothing to pick an allowlist by (issue: fail open, loudly).
-        async with s.post(root + "/v1/models/m/score", data=msgpack.packb({"features": FEATURES}), headers=MP) as r:
+        # A version no allowlist source knows: forwarded whole (fail open), and counted with its reason.
+        async with s.post(root + "/v1/models/m/versions/7/score", data=msgpack.packb({"features": FEATURES}), headers=MP) as r:
             await r.read()
-    assert _metric(root, "trimmer_root_untrimmed_forwards_total", reason="no_version") == before + 1
+    assert _metric(root, "trimmer_root_untrimmed_forwards_total", reason="no_allowlist") == before + 1
 
 
 async def test_a_wholly_failed_fanout_takes_its_targets_client_status(swap_stack):

@@ -26,6 +26,12 @@ def valid_name(value: str) -> bool:
     return _NAME.fullmatch(value) is not None
 
 
+def version_key(version: str) -> tuple[int, int | str]:
+    """Order of versions, as our leaf and Triton pick the latest: numeric ones numerically ("10" > "9") and
+    above non-numeric ones, which sort as text."""
+    return (1, int(version)) if version.isdigit() else (0, version)
+
+
 def check_name(kind: str, value: object) -> str:
     """`value` if it is a valid model name or version, else PayloadError (HTTP 400) naming `kind`."""
     if not isinstance(value, str) or not value:
@@ -37,4 +43,4 @@ def check_name(kind: str, value: object) -> str:
     return value
 
 
-__all__ = ["valid_name", "check_name", "MAX_NAME_CHARS"]
+__all__ = ["valid_name", "check_name", "version_key", "MAX_NAME_CHARS"]

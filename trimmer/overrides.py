@@ -22,8 +22,8 @@ from .errors import ConfigError
 MODES = ("enforce", "shadow", "off")
 _TOP_KEYS = {"defaults", "models"}
 _DEFAULT_KEYS = {"mode"}
-_MODEL_KEYS = {"mode", "default_version", "keep", "allowlist", "versions"}
-_VERSION_KEYS = {"mode", "keep", "allowlist"}
+_MODEL_KEYS = {"mode", "default_version", "keep", "allowlist", "versions", "allow_extra_features"}
+_VERSION_KEYS = {"mode", "keep", "allowlist", "allow_extra_features"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class VersionOverride:
     mode: str | None = None
     keep: frozenset[str] = frozenset()
     allowlist: frozenset[str] | None = None
+    allow_extra_features: bool = False  # explicit allowlist may name features no known signature reads
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ModelOverride:
     keep: frozenset[str] = frozenset()
     allowlist: frozenset[str] | None = None
     versions: dict[str, VersionOverride] = field(default_factory=dict)
+    allow_extra_features: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,14 @@ def _mode(value: Any, where: str) -> str | None:
     return str(value)
 
 
+def _flag(value: Any, where: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false")
+    return value
+
+
 def _names(value: Any, where: str) -> frozenset[str] | None:
     if value is None:
         return None
@@ -96,7 +106,8 @@ def parse_overrides(doc: Any, where: str = "allowlists.yaml") -> Overrides:
             vw = f"{mw}.versions.{version}"
             vraw = check_section(vraw, _VERSION_KEYS, vw)
             versions[str(version)] = VersionOverride(
-                _mode(vraw.get("mode"), vw), _names(vraw.get("keep"), f"{vw}.keep") or frozenset(), _names(vraw.get("allowlist"), f"{vw}.allowlist")
+                _mode(vraw.get("mode"), vw), _names(vraw.get("keep"), f"{vw}.keep") or frozenset(), _names(vraw.get("allowlist"), f"{vw}.allowlist"),
+                _flag(vraw.get("allow_extra_features"), f"{vw}.allow_extra_features"),
             )
         dv = raw.get("default_version")
         models[str(name)] = ModelOverride(
@@ -105,6 +116,7 @@ def parse_overrides(doc: Any, where: str = "allowlists.yaml") -> Overrides:
             keep=_names(raw.get("keep"), f"{mw}.keep") or frozenset(),
             allowlist=_names(raw.get("allowlist"), f"{mw}.allowlist"),
             versions=versions,
+            allow_extra_features=_flag(raw.get("allow_extra_features"), f"{mw}.allow_extra_features"),
         )
     return Overrides(_mode(defaults.get("mode"), f"{where}: defaults") or "enforce", models)
 

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from .bundle import read_bundle
-from .errors import TrimmerError
+from .errors import ConfigError, TrimmerError
 from .handshake import input_digest
 from .overrides import Overrides, load_overrides
 from .repository import scan_repository
+from .names import version_key
 from .signature import Signature
 
 log = logging.getLogger("trimmer.registry")
@@ -34,6 +35,12 @@ class SourceData:
     signatures: dict[Key, Signature] = field(default_factory=dict)
     default_versions: dict[str, str] = field(default_factory=dict)
     errors: dict[Key, str] = field(default_factory=dict)  # per-version failures; last good kept
+    # Models served without versions (OIP metadata listing `"versions": []`, as MLServer does): one
+    # signature for the whole model, used for requests that name no version; paths stay unversioned.
+    unversioned: dict[str, Signature] = field(default_factory=dict)
+
+
+VERSION_POLICIES = ("latest", "explicit")
 
 
 class Source:
@@ -114,11 +121,16 @@ class Resolution:
     version: str | None
     allowlist: frozenset[str] | None
     mode: str
-    reason: str  # exact | default_version | model_allowlist | miss
+    # exact | default_version | latest_version | shared_allowlist | unversioned | model_allowlist | miss
+    reason: str
     # input_digest of the signature the allowlist came from (trimmer/handshake.py): sent with trimmed
     # bodies so a leaf running another signature refuses them. None: no single signature (explicit
     # allowlist, disagreeing sources), so there is nothing a leaf could check.
     digest: str | None = None
+    # Whether the root names `version` in the upstream path for a request that named none. True for a
+    # configured default (the root is authoritative); False for `latest`, where the upstream's own rule
+    # (its highest version) picks the same one and the handshake catches the moments they differ.
+    pin: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,8 @@ class Snapshot:
     default_mode: str
     default_versions: dict[str, str]
     conflicts: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()  # misconfigurations a user must see: shown at /admin/allowlists, logged
+    rejected_allowlists: tuple[str, ...] = ()  # explicit allowlists not served: they name features no signature reads
 
     def resolve(self, model: str, version: str | None = None) -> Resolution:
         hit = self.entries.get((model, version)) if version is not None else self.defaults.get(model)
@@ -153,16 +167,46 @@ class SourceState:
     failures: int = 0
 
 
+def _unknown_allowlist_features(ov: Overrides, signatures: Mapping[Key, Signature]) -> list[str]:
+    """`<where>: ...` lines for explicit allowlists naming features no known signature of the model reads.
+
+    `keep` lists are intended extras and never checked; an explicit allowlist may opt out with
+    `allow_extra_features: true` (e.g. a feature read by a model the registry has no archive for)."""
+    inputs: dict[str, set[str]] = {}
+    for (model, _), sig in signatures.items():
+        inputs.setdefault(model, set()).update(sig.input_names)
+    out: list[str] = []
+    for model, mo in ov.models.items():
+        for version, vo in mo.versions.items():
+            sig = signatures.get((model, version))
+            if vo.allowlist is not None and sig is not None and not (vo.allow_extra_features or mo.allow_extra_features):
+                extra = sorted(vo.allowlist - set(sig.input_names))
+                if extra:
+                    out.append(f"models.{model}.versions.{version}.allowlist: {', '.join(extra[:10])} not in the signature of "
+                               f"{model}/{version} (a typo? set allow_extra_features: true to send them anyway)")
+        known = inputs.get(model)
+        if mo.allowlist is not None and known and not mo.allow_extra_features:
+            extra = sorted(mo.allowlist - known)
+            if extra:
+                out.append(f"models.{model}.allowlist: {', '.join(extra[:10])} not in any known signature of {model} "
+                           f"(a typo? set allow_extra_features: true to send them anyway)")
+    return out
+
+
 class Registry:
     def __init__(
         self,
         sources: Iterable[Source] = (),
         overrides: Overrides | None = None,
         default_versions: Mapping[str, str] | None = None,
+        version_policies: Mapping[str, str] | None = None,
+        default_policy: str = "latest",
     ) -> None:
         self._states: dict[str, SourceState] = {}
         self._overrides = overrides or Overrides()
         self._config_defaults = dict(default_versions or {})
+        self._policies = dict(version_policies or {})  # model -> latest | explicit
+        self._default_policy = default_policy
         self._lock = threading.Lock()  # serialises writers only
         self._generation = 0
         self._overrides_path: Path | None = None
@@ -179,9 +223,24 @@ class Registry:
             self.reload([source.name])
 
     def set_overrides(self, overrides: Overrides) -> None:
+        """Swap in new overrides; an explicit allowlist naming features its model's known signature lacks
+        (a typo such as `cand_ctrr`) raises ConfigError and the current overrides stay."""
         with self._lock:
+            unknown = _unknown_allowlist_features(overrides, self._signatures())
+            if unknown:
+                raise ConfigError("allowlist overrides: " + "; ".join(unknown))
             self._overrides = overrides
             self.snapshot = self._build()
+
+    def _signatures(self) -> dict[Key, Signature]:
+        out: dict[Key, Signature] = {}
+        for state in self._states.values():
+            if state.data is not None:
+                for key, sig in state.data.signatures.items():
+                    out.setdefault(key, sig)
+                for model, sig in state.data.unversioned.items():
+                    out.setdefault((model, ""), sig)
+        return out
 
     def use_overrides_file(self, path: str | os.PathLike[str]) -> None:
         """Load overrides from a YAML file now (errors raise) and hot-reload it from then on."""
@@ -248,10 +307,13 @@ class Registry:
         digests: dict[Key, str | None] = {}
         bundle_defaults: dict[str, str] = {}
         conflicts: list[str] = []
+        unversioned: dict[str, Signature] = {}
         for state in self._states.values():
             if state.data is None:
                 continue
             bundle_defaults.update(state.data.default_versions)
+            for model, sig in state.data.unversioned.items():
+                unversioned.setdefault(model, sig)
             for key, sig in state.data.signatures.items():
                 if key in allow and allow[key] != sig.allowlist:
                     # Disagreeing sources: forward the union so no model loses a feature it needs.
@@ -278,26 +340,65 @@ class Registry:
             extra = (mo.keep if mo else frozenset()) | (vo.keep if vo else frozenset())
             return Resolution(model, version, base | extra, mode_of(model, version), reason, digest)
 
+        # An explicit allowlist naming features the model's signature lacks is not served (set_overrides refuses
+        # it; this catches a signature that arrived after the overrides did).
+        rejected = _unknown_allowlist_features(ov, self._signatures())
+        problems = list(rejected)
+        bad = {p.split(":", 1)[0] for p in rejected}
+        for line in rejected:
+            log.error("allowlist override not served: %s", line)
         entries: dict[Key, Resolution] = {}
         for key, base in allow.items():
             entries[key] = finish(key[0], key[1], base, "exact", digests.get(key))
         for model, mo in ov.models.items():
             for version, vo in mo.versions.items():
-                if vo.allowlist is not None:
+                if vo.allowlist is not None and f"models.{model}.versions.{version}.allowlist" not in bad:
                     entries[(model, version)] = finish(model, version, vo.allowlist, "exact", None)
         fallbacks = {
             m: Resolution(m, None, o.allowlist | o.keep, o.mode or ov.default_mode, "model_allowlist")
             for m, o in ov.models.items()
-            if o.allowlist is not None
+            if o.allowlist is not None and f"models.{m}.allowlist" not in bad
         }
         defaults: dict[str, Resolution] = {}
         for model, version in default_versions.items():
             hit = entries.get((model, version))
             if hit is not None:
                 defaults[model] = Resolution(model, version, hit.allowlist, hit.mode, "default_version", hit.digest)
+        # Requests without a version and no configured default: resolve as the upstream will.
+        by_model: dict[str, list[str]] = {}
+        for model, version in entries:
+            by_model.setdefault(model, []).append(version)
+        for model, versions in by_model.items():
+            if model in defaults:
+                continue
+            policy = self._policies.get(model, self._default_policy)
+            if policy == "latest":
+                # The leaf's rule and Triton's default policy: the highest version ("10" > "9").
+                hit = entries[(model, max(versions, key=version_key))]
+                defaults[model] = Resolution(model, hit.version, hit.allowlist, hit.mode, "latest_version", hit.digest, pin=False)
+                continue
+            shared = {entries[(model, v)].allowlist for v in versions}
+            if len(shared) == 1:
+                # Whichever version the upstream runs, the trim is the same.
+                hits = [entries[(model, v)] for v in versions]
+                same_digest = {h.digest for h in hits}
+                digest = same_digest.pop() if len(same_digest) == 1 else None
+                modes_seen = {h.mode for h in hits}
+                mode = modes_seen.pop() if len(modes_seen) == 1 else mode_of(model, None)
+                defaults[model] = Resolution(model, None, hits[0].allowlist, mode, "shared_allowlist", digest, pin=False)
+            elif len(versions) > 1:
+                problems.append(f"models.{model}: version_policy explicit, versions {', '.join(sorted(versions, key=version_key))} "
+                                f"have different allowlists and no default_version: requests without a version go untrimmed")
+        for model, sig in unversioned.items():
+            if model not in defaults:
+                mo = ov.models.get(model)
+                keep = mo.keep if mo else frozenset()
+                defaults[model] = Resolution(model, None, sig.allowlist | keep, mode_of(model, None), "unversioned",
+                                             input_digest(sig.input_names), pin=False)
         self._generation += 1
         return Snapshot(
-            self._generation, entries, defaults, fallbacks, modes, ov.default_mode, default_versions, tuple(conflicts)
+            self._generation, entries, defaults, fallbacks, modes, ov.default_mode, default_versions, tuple(conflicts), tuple(problems),
+            tuple(rejected),
         )
 
     # ------------------------------------------------------------------ readers
@@ -308,9 +409,20 @@ class Registry:
         """JSON-ready view for the root's admin endpoint."""
         snap = self.snapshot
         models: dict[str, dict] = {}
+        origin: dict[Key, str] = {}
+        for st in self._states.values():
+            if st.data is not None:
+                for key in st.data.signatures:
+                    origin.setdefault(key, st.source.name)
         for (model, version), res in sorted(snap.entries.items()):
             m = models.setdefault(model, {"default_version": snap.default_versions.get(model), "versions": {}})
-            m["versions"][version] = {"allowlist_size": len(res.allowlist or ()), "mode": res.mode, "signature_digest": res.digest}
+            m["versions"][version] = {"allowlist_size": len(res.allowlist or ()), "mode": res.mode, "signature_digest": res.digest,
+                                      "source": origin.get((model, version), "overrides"),
+                                      "features": sorted(res.allowlist or ())}
+        for model, res in snap.defaults.items():
+            m = models.setdefault(model, {"default_version": snap.default_versions.get(model), "versions": {}})
+            m["without_version"] = {"resolves_to": res.version, "reason": res.reason, "names_version_upstream": res.pin,
+                                    "allowlist_size": len(res.allowlist or ()), "signature_digest": res.digest}
         for model, res in snap.fallbacks.items():
             models.setdefault(model, {"default_version": snap.default_versions.get(model), "versions": {}})[
                 "model_allowlist_size"
@@ -319,6 +431,7 @@ class Registry:
             "generation": snap.generation,
             "default_mode": snap.default_mode,
             "conflicts": list(snap.conflicts),
+            "problems": list(snap.problems) + [f"source {st.source.name}: {st.last_error}" for st in self._all_states() if st.last_error],
             "sources": [
                 {
                     "name": st.source.name,
