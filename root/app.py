@@ -20,6 +20,7 @@ from aiohttp import web
 
 from trimmer.codec import JSON, MSGPACK, media_type
 from trimmer.errors import ConfigError, PayloadError
+from trimmer import oip_binary
 from trimmer.names import check_name
 from trimmer.registry import BundleSource, Registry, RepositorySource
 from trimmer.trim import ACCELERATED, StreamTrim, trim_oip
@@ -30,7 +31,7 @@ from .config import RootConfig
 from .drift import gather_drift
 from .eager import handler_of as eager_handler_of
 from .eager import install as install_eager
-from .fanout import PreparedBody, RouteError, Router, fan_out, native_path
+from .fanout import PreparedBody, RouteError, Router, _header, fan_out, native_path
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
 from .upstream import Partition, UpstreamError
@@ -38,8 +39,8 @@ from .upstream import Partition, UpstreamError
 log = logging.getLogger("trimmer.root")
 VERSION = "0.1.0"
 
-# Binary-tensor OIP requests carry this header; their bodies are forwarded untrimmed.
-OIP_BINARY_HEADER = "Inference-Header-Content-Length"
+# Binary-tensor OIP requests carry this header (trimmer/oip_binary.py trims them; the header is rewritten).
+OIP_BINARY_HEADER = oip_binary.HEADER
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -213,9 +214,10 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
 def _outcome_response(out) -> web.Response:
     resp = web.Response(body=out.body, status=out.status)
     resp.headers["Content-Type"] = out.content_type
-    retry = out.headers.get("Retry-After")
-    if retry is not None:
-        resp.headers["Retry-After"] = retry
+    for name in ("Retry-After", OIP_BINARY_HEADER):  # binary OIP outputs: the client needs the JSON header's length
+        value = _header(out.headers, name)
+        if value is not None:
+            resp.headers[name] = value
     return resp
 
 
@@ -324,7 +326,13 @@ async def handle_oip_infer(request: web.Request) -> web.Response:
     def path_for(v: str | None) -> str:
         return f"/v2/models/{model}/infer" if v is None else f"/v2/models/{model}/versions/{v}/infer"
 
-    trim_fn = None if binary is not None else _oip_trim  # binary tensors: forwarded untrimmed (counted: unparsed_encoding)
+    trim_fn = _oip_trim
+    if binary is not None:
+        header_len = oip_binary.header_length(binary, len(body))
+
+        def trim_fn(b: Body, allow):  # noqa: F811 - binary tensors: header parsed, segments kept verbatim
+            out, n_in, n_kept, new_len = oip_binary.trim_binary(b.joined(), header_len, allow)
+            return out, n_in, n_kept, {OIP_BINARY_HEADER: str(new_len)}
     out = await state.router.send(model, version, path_for, None, body, ctype, _timeout(request, state.cfg), trim_fn=trim_fn,
                                   extra_headers=extra, client_bytes=len(body), sole_target=True)
     return _outcome_response(out)

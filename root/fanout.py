@@ -207,6 +207,7 @@ class Router:
         t0 = time.perf_counter()
         dropped_any = False
         untrimmed_reason: str | None = None
+        trimmed_headers: dict[str, str] | None = None
         try:
             if prepared is not None:
                 untrimmed_fn = prepared.untrimmed
@@ -228,7 +229,9 @@ class Router:
                 untrimmed_reason = MODE_OFF
                 m.child(m.trimmed_bytes, labels).inc(len(untrimmed))
             else:
-                trimmed, n_in, n_kept = trim_call(res.allowlist)
+                result = trim_call(res.allowlist)
+                trimmed, n_in, n_kept = result[0], result[1], result[2]
+                trimmed_headers = result[3] if len(result) > 3 else None  # e.g. a new Inference-Header-Content-Length
                 m.child(m.features_in, labels).inc(n_in)
                 m.child(m.trimmed_bytes, labels).inc(len(trimmed))
                 if res.mode == "enforce":
@@ -245,7 +248,8 @@ class Router:
         m.child(m.trim_seconds, labels).observe(time.perf_counter() - t0 + (prepared.stream_seconds if prepared is not None else 0.0))
         if untrimmed_reason is not None:
             self._count_untrimmed(labels, untrimmed_reason)
-        audit = dropped_any and self.auditor is not None and self.auditor.sample()  # drawn now: an audit needs the untrimmed body
+        # Drawn now: an audit needs the untrimmed body. Bodies whose headers change with the trim are not audited.
+        audit = dropped_any and trimmed_headers is None and self.auditor is not None and self.auditor.sample()
         released = False
         if sole_target and body is not untrimmed and not audit:
             untrimmed.release()
@@ -262,7 +266,8 @@ class Router:
         # rule (the same highest version); the handshake catches the moments the two differ.
         path = path_for(version if version is not None else (res.version if res.pin and part.cfg.versioned_paths else None))
         try:
-            resp = await part.request("POST", path, body, {**headers, SIGNATURE_HEADER: res.digest} if handshake else headers,
+            sent_headers = {**headers, **trimmed_headers} if trimmed_headers and body is not untrimmed else headers
+            resp = await part.request("POST", path, body, {**sent_headers, SIGNATURE_HEADER: res.digest} if handshake else sent_headers,
                                       timeout_s, labels, self.cfg.deadline_header)
             if handshake and resp.status == MISMATCH_STATUS and _header(resp.headers, MISMATCH_HEADER) == "allowlist":
                 # The replica runs another signature than the allowlist's (a model swapped, root and leaf

@@ -67,10 +67,14 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
         if name in fail_models:
             return web.json_response({"error": f"model {name} failed on purpose"}, status=500)
         body = _decompress(await request.read(), request.headers.get("Content-Encoding"))
-        doc = msgspec.json.decode(body)
+        hlen = request.headers.get("Inference-Header-Content-Length")
+        doc = msgspec.json.decode(body[:int(hlen)] if hlen is not None else body)
         names = [i["name"] for i in doc.get("inputs", [])]
+        outputs = [{"name": "received", "datatype": "BYTES", "shape": [len(names)], "data": names}]
+        if hlen is not None:  # binary tensor extension: also report the bytes after the JSON header
+            outputs.append({"name": "binary_bytes", "datatype": "INT64", "shape": [1], "data": [len(body) - int(hlen)]})
         return web.json_response({"model_name": name, "model_version": request.match_info.get("version"), "id": doc.get("id"),
-                                  "outputs": [{"name": "received", "datatype": "BYTES", "shape": [len(names)], "data": names}]})
+                                  "outputs": outputs})
 
     async def metadata(request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -254,6 +254,24 @@ async def test_oip_infer_trimmed_with_bundle_and_metadata_allowlists(env):
     assert any(s["kind"] == "oip_metadata" for s in doc["sources"])
 
 
+async def test_oip_binary_tensor_requests_are_trimmed_segment_by_segment(env):
+    """tritonclient's default encoding: JSON header + raw segments; the upstream gets only the allowed inputs."""
+    import numpy as np
+
+    url = env["root"].url
+    arrays = {n: np.arange(i * 10, i * 10 + 64, dtype=np.float32) for i, n in enumerate(("f1", "f7", "f8", "f9"))}
+    header = json.dumps({"id": "b", "inputs": [{"name": n, "datatype": "FP32", "shape": [64], "parameters": {"binary_data_size": a.nbytes}}
+                                               for n, a in arrays.items()]}).encode()
+    data = header + b"".join(a.tobytes() for a in arrays.values())
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    status, out = await post(url + "/v2/models/meta/infer", data, headers)
+    assert status == 200, out
+    got = {o["name"]: o["data"] for o in out["outputs"]}
+    assert got["received"] == ["f7", "f8"] and got["binary_bytes"] == [2 * 64 * 4]  # only f7 and f8, and only their segments
+    status, out = await post(url + "/v2/models/meta/infer", data, {**headers, "Inference-Header-Content-Length": "999999"})
+    assert status == 400 and "Inference-Header-Content-Length" in out["error"]
+
+
 async def test_all_replicas_down_is_503_naming_model_and_partition(tmp_path):
     dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
     bundle = tmp_path / "b.json"
