@@ -37,7 +37,9 @@ from .metrics import Metrics
 from .upstream import Partition, UpstreamError
 
 log = logging.getLogger("trimmer.root")
-VERSION = "0.1.0"
+from trimmer.cli import package_version  # noqa: E402
+
+VERSION = package_version()
 
 # Binary-tensor OIP requests carry this header (trimmer/oip_binary.py trims them; the header is rewritten).
 OIP_BINARY_HEADER = oip_binary.HEADER
@@ -340,20 +342,42 @@ async def handle_oip_infer(request: web.Request) -> web.Response:
 
 async def handle_oip_get(request: web.Request) -> web.Response:
     """Model metadata and readiness: proxied to the model's partition."""
-    state = request.app[STATE]
     model = request.match_info["name"]
     version = request.match_info.get("version")
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "")
+    if request.match_info.route.name in ("oip_model_ready", "oip_model_version_ready"):
+        path += "/ready"
+    return await _proxy(request, model, version, path)
+
+
+async def handle_oip_model_proxy(request: web.Request) -> web.Response:
+    """Every other `/v2/models/{m}/...` and `/v2/repository/models/{m}/...` route (Triton's config, stats,
+    trace settings, load/unload): proxied to the model's partition, path rebuilt from validated segments."""
+    model = request.match_info["name"]
+    segments = request.match_info["tail"].split("/")
+    try:
+        for seg in segments:
+            check_name("path segment", seg)
+    except PayloadError as exc:
+        return error_response(400, str(exc))
+    prefix = "/v2/repository/models" if request.path.startswith("/v2/repository/") else "/v2/models"
+    return await _proxy(request, model, None, f"{prefix}/{model}/" + "/".join(segments))
+
+
+async def _proxy(request: web.Request, model: str, version: str | None, path: str) -> web.Response:
+    state = request.app[STATE]
     try:
         _check_names(model, version)
         part = state.router.route(model)
     except RouteError as exc:
         return error_response(exc.status, exc.message)
-    # Built from the validated parts, never from request.path (which arrives percent-decoded).
-    path = f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "")
-    if request.match_info.route.name in ("oip_model_ready", "oip_model_version_ready"):
-        path += "/ready"
+    body = None
+    headers = {"Accept": request.headers.get("Accept", "application/json")}
+    if request.method == "POST":
+        body = (await _read_body(request, "oip")).joined()
+        headers["Content-Type"] = request.headers.get("Content-Type", JSON)
     try:
-        resp = await part.request("GET", path, None, {"Accept": "application/json"}, _timeout(request, state.cfg))
+        resp = await part.request(request.method, path, body, headers, _timeout(request, state.cfg))
     except UpstreamError as exc:
         return error_response(exc.status, f"model {model!r} (partition {part.name!r}): {exc}")
     out = web.Response(body=resp.body, status=resp.status)
@@ -361,8 +385,39 @@ async def handle_oip_get(request: web.Request) -> web.Response:
     return out
 
 
+async def handle_repository_index(request: web.Request) -> web.Response:
+    """`POST /v2/repository/index`: every partition's index, concatenated (each entry gains its `partition`)."""
+    state = request.app[STATE]
+    body = (await _read_body(request, "oip")).joined() or b"{}"
+    timeout = _timeout(request, state.cfg)
+
+    async def one(part: Partition) -> list:
+        try:
+            resp = await part.request("POST", "/v2/repository/index", body, {"Content-Type": JSON, "Accept": JSON}, timeout)
+            entries = msgspec.json.decode(resp.body) if resp.status == 200 else []
+        except (UpstreamError, msgspec.DecodeError):
+            return []
+        return [{**e, "partition": part.name} for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+    lists = await asyncio.gather(*(one(p) for p in state.partitions.values()))
+    return json_response([e for lst in lists for e in lst])
+
+
 async def handle_server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": "feature-trimmer-root", "version": VERSION, "extensions": []})
+    """The root's own OIP server metadata, with each partition's (`GET /v2` of a replica) beside it."""
+    state = request.app[STATE]
+    timeout = min(_timeout(request, state.cfg), 2.0)
+
+    async def one(part: Partition) -> Any:
+        try:
+            resp = await part.request("GET", "/v2", None, {"Accept": JSON}, timeout)
+            return msgspec.json.decode(resp.body) if resp.status == 200 else {"error": f"GET /v2 answered {resp.status}"}
+        except (UpstreamError, msgspec.DecodeError) as exc:
+            return {"error": str(exc)[:200]}
+
+    metas = await asyncio.gather(*(one(p) for p in state.partitions.values()))
+    return json_response({"name": "feature-trimmer-root", "version": VERSION, "extensions": ["binary_tensor_data"],
+                          "upstreams": dict(zip(state.partitions, metas))})
 
 
 async def handle_live(request: web.Request) -> web.Response:
@@ -449,6 +504,10 @@ def build_apps(state: RootState) -> tuple[web.Application, web.Application | Non
     r.add_get("/v2/models/{name}/ready", handle_oip_get, name="oip_model_ready")
     r.add_get("/v2/models/{name}/versions/{version}", handle_oip_get, name="oip_metadata_version")
     r.add_get("/v2/models/{name}/versions/{version}/ready", handle_oip_get, name="oip_model_version_ready")
+    r.add_post("/v2/repository/index", handle_repository_index, name="oip_repository_index")
+    for method in ("GET", "POST"):
+        r.add_route(method, "/v2/models/{name}/{tail:.+}", handle_oip_model_proxy, name=f"oip_model_other_{method.lower()}")
+        r.add_route(method, "/v2/repository/models/{name}/{tail:.+}", handle_oip_model_proxy, name=f"oip_repository_{method.lower()}")
     r.add_get("/v2", handle_server_metadata, name="oip_server")
     r.add_get("/v2/health/live", handle_live, name="oip_live")
     r.add_get("/v2/health/ready", handle_readyz, name="oip_ready")

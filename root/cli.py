@@ -9,6 +9,7 @@ one PROMETHEUS_MULTIPROC_DIR, so /metrics on any worker covers all of them.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
@@ -42,8 +43,14 @@ def _load(args: argparse.Namespace):
     return replace(cfg, **changes) if changes else cfg
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def _run_root(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("TRIMMER_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = (args.log_level or os.environ.get("TRIMMER_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level / TRIMMER_LOG_LEVEL: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _load(args)
     if cfg.workers > 1 and not args.worker:
         return _supervise(args, cfg)
@@ -63,7 +70,14 @@ def _run_root(args: argparse.Namespace) -> int:
     except ImportError:  # uvloop is optional on platforms without it
         runner = asyncio.Runner()
     with runner:
-        runner.run(serve(cfg, reuse_port=args.worker or cfg.workers > 1))
+        try:
+            runner.run(serve(cfg, reuse_port=args.worker or cfg.workers > 1))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                # One line, like the leaf: the port is the user's to change, not a bug to trace.
+                raise ConfigError(f"cannot listen: {exc.strerror or exc} ({str(exc).split(': ', 1)[0]}); "
+                                  f"free the port or pick another with --port / listen.port / admin.port") from None
+            raise
     return 0
 
 
@@ -79,7 +93,7 @@ def _supervise(args: argparse.Namespace, cfg) -> int:
     env = {**os.environ, MULTIPROC_ENV: mp_dir}
     os.environ[MULTIPROC_ENV] = mp_dir  # so mark_process_dead here sees it
     cmd = [sys.executable, "-m", "trimmer", "root", "--config", args.config, "--worker", "--host", cfg.host, "--port", str(cfg.port),
-           "--workers", str(cfg.workers)]
+           "--workers", str(cfg.workers), *(["--log-level", args.log_level] if args.log_level else [])]
     stopping = False
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -131,10 +145,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("root", help="run the root: trim per model and fan out to leaf / OIP upstreams")
-    p.add_argument("--config", help="root YAML config (see configs/root.yaml)")
-    p.add_argument("--host", help="override listen.host")
-    p.add_argument("--port", type=int, help="override listen.port")
+    p.add_argument("--config", help="root YAML config (see configs/root.yaml and docs/root.md)")
+    p.add_argument("--host", help="override listen.host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="override listen.port (default 8080)")
     p.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT); overrides workers")
+    p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper,
+                   help="log level (default: TRIMMER_LOG_LEVEL, else INFO)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_root_entry)
     rsub = p.add_subparsers(dest="root_command", metavar="ACTION")

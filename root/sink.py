@@ -92,6 +92,16 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
         return web.json_response({"error": f"Model {request.match_info['name']} with version {request.match_info['version']} not found"},
                                  status=404)
 
+    async def config(request: web.Request) -> web.Response:  # Triton's extension routes, as a stand-in
+        return web.json_response({"name": request.match_info["name"], "platform": "sink", "max_batch_size": 0,
+                                  "route": request.path})
+
+    async def server(request: web.Request) -> web.Response:
+        return web.json_response({"name": "sink", "version": "0", "extensions": ["model_configuration"]})
+
+    async def index(request: web.Request) -> web.Response:
+        return web.json_response([{"name": m, "version": "1", "state": "READY"} for m in sorted(oip_inputs)])
+
     if unversioned:
         score_v = infer_v = metadata_v = no_versions
     else:
@@ -105,6 +115,10 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
     r.add_get("/v2/models/{name}/versions/{version}", metadata_v)
     r.add_get("/v2/models/{name}/ready", ready)
     r.add_get("/v2/health/ready", ready)
+    r.add_get("/v2/models/{name}/config", config)
+    r.add_get("/v2/models/{name}/versions/{version}/stats", config)
+    r.add_get("/v2", server)
+    r.add_post("/v2/repository/index", index)
     r.add_get("/v2/health/live", ready)
     return app
 

@@ -272,6 +272,21 @@ async def test_oip_binary_tensor_requests_are_trimmed_segment_by_segment(env):
     assert status == 400 and "Inference-Header-Content-Length" in out["error"]
 
 
+async def test_the_whole_oip_surface_is_proxied_to_the_models_partition(env):
+    url = env["root"].url
+    status, text = await get_text(url + "/v2/models/meta/config")
+    assert status == 200 and json.loads(text)["route"] == "/v2/models/meta/config"
+    status, text = await get_text(url + "/v2/models/meta/versions/1/stats")
+    assert status == 200 and json.loads(text)["route"] == "/v2/models/meta/versions/1/stats"
+    status, text = await get_text(url + "/v2/models/meta/versions/1%2F..%2F..%2Fhealth/stats")
+    assert status == 400
+    status, text = await get_text(url + "/v2")
+    doc = json.loads(text)
+    assert status == 200 and doc["name"] == "feature-trimmer-root" and doc["upstreams"]["oip"]["name"] == "sink"
+    status, index = await post(url + "/v2/repository/index", b"{}", {"Content-Type": "application/json"})
+    assert status == 200 and {"name": "meta", "version": "1", "state": "READY", "partition": "oip"} in index
+
+
 async def test_all_replicas_down_is_503_naming_model_and_partition(tmp_path):
     dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
     bundle = tmp_path / "b.json"

@@ -15,8 +15,18 @@ from .errors import TrimmerError
 SUBCOMMAND_MODULES = ("trimmer.cli_core", "leaf.cli", "root.cli", "loadtest.cli")
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("feature-trimmer")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trimmer", description="Send what you use: per-model feature trimming for ML serving.")
+    parser.add_argument("--version", action="version", version=f"trimmer (feature-trimmer) {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
