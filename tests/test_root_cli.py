@@ -44,3 +44,16 @@ def test_log_level_is_checked_and_every_root_option_has_help(tmp_path):
     for opt in ("--config", "--host", "--port", "--workers", "--log-level"):
         line = next(l for l in helptext.splitlines() if l.strip().startswith(opt))
         assert len(line.strip()) > len(opt) + 12 or opt in helptext.split(line, 1)[1][:200], (opt, line)
+
+
+def test_inspect_warns_when_a_signature_lacks_dtype_specs(tmp_path):
+    from archives import save_archive
+
+    bare = save_archive(tmp_path / "bare.pt", {"input_names": ["x", "y"], "output_names": ["s"]})
+    typed = save_archive(tmp_path / "typed.pt", {"input_names": ["x", "y"], "output_names": ["s"],
+                                                 "inputs": {"x": {"dtype": "float32"}, "y": {"dtype": "int64", "shape": [-1]}}})
+    out = subprocess.run(trimmer_cmd("inspect", str(bare)), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)["input_names"] == ["x", "y"]
+    assert "warning" in out.stderr and "x, y" in out.stderr and "inputs.<name>.dtype" in out.stderr
+    out = subprocess.run(trimmer_cmd("inspect", str(typed)), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "warning" not in out.stderr

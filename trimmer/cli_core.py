@@ -9,13 +9,30 @@ from pathlib import Path
 
 from .bundle import build_bundle, read_bundle, write_bundle
 from .repository import scan_repository
-from .signature import read_signature
+from .signature import Signature, read_signature
+
+
+def spec_warnings(where: str, signature: Signature) -> list[str]:
+    """Why a leaf may fail on this signature: inputs with no dtype/shape spec are converted by guess, and
+    a torch.export model (fixed dtypes) then fails with a dtype mismatch at run time."""
+    missing = [n for n in signature.input_names if n not in signature.inputs or signature.inputs[n].dtype is None]
+    if not missing:
+        return []
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    return [f"{where}: no dtype spec for input(s) {shown}: declare inputs.<name>.dtype (and shape) in module_info.json; "
+            f"the leaf guesses the dtype from the values sent, which torch.export models reject"]
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"trimmer inspect: warning: {line}", file=sys.stderr)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_dir():
         scan = scan_repository(path)
+        _warn([w for (m, v), mv in sorted(scan.versions.items()) for w in spec_warnings(f"{m}/{v}", mv.signature)])
         out = {
             "models": {
                 f"{m}/{v}": {"path": str(mv.path), **mv.signature.to_json()} for (m, v), mv in sorted(scan.versions.items())
@@ -26,10 +43,13 @@ def _inspect(args: argparse.Namespace) -> int:
         return 1 if scan.errors else 0
     if path.suffix == ".json":
         signatures, defaults = read_bundle(path)
+        _warn([w for (m, v), sig in sorted(signatures.items()) for w in spec_warnings(f"{m}/{v}", sig)])
         out = {"models": {f"{m}/{v}": s.to_json() for (m, v), s in sorted(signatures.items())}, "default_versions": defaults}
         print(json.dumps(out, indent=2))
         return 0
-    print(json.dumps(read_signature(path).to_json(), indent=2))
+    signature = read_signature(path)
+    _warn(spec_warnings(path.name, signature))
+    print(json.dumps(signature.to_json(), indent=2))
     return 0
 
 
