@@ -573,3 +573,89 @@ def test_readyz_and_healthz_routes(shared_leaf):
     assert get(shared_leaf.url + "/healthz") == (200, {"live": True})
     status, body = get(shared_leaf.url + "/readyz")
     assert status == 200 and body["ready"] is True and "m/2" in body["models"]
+
+
+# ---------------------------------------------------------------------- Batcher.close, in process
+def _batcher(forward_gate=None, delay_ms: float = 50.0):
+    """A real Batcher over a real converter and a (Python) module score = a * 2, optionally gated."""
+    import concurrent.futures
+    import threading
+
+    import torch
+
+    from leaf.batcher import Batcher, Runner
+    from leaf.convert import Converter
+    from leaf.metrics import LeafMetrics
+    from trimmer.signature import parse_signature
+
+    sig = parse_signature(json.dumps({"input_names": ["a"], "output_names": ["score"], "inputs": {"a": SPEC}}).encode())
+    converter = Converter(sig)
+    entered = threading.Event()
+
+    def module(a: torch.Tensor) -> torch.Tensor:
+        entered.set()
+        if forward_gate is not None:
+            forward_gate.wait(60)
+        return a * 2
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    b = Batcher(("m", "1"), Runner(module, converter, sig.output_names, torch.device("cpu")), pool, LeafMetrics(),
+                max_batch_size=4, max_queue_delay_ms=delay_ms, max_batch_rows=1000)
+    return b, converter, entered, pool
+
+
+async def test_batcher_close_drains_queued_and_batched_jobs():
+    from leaf.batcher import Unavailable
+
+    b, conv, _, pool = _batcher()
+    b.start()
+    tasks = [asyncio.create_task(b.submit(conv.convert({"a": [float(i), 1.0]}))) for i in range(40)]
+    await asyncio.sleep(0)  # the jobs are queued; the first batch is being collected (50 ms delay)
+    await asyncio.wait_for(b.close(timeout=60), 60)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    for i, r in enumerate(results):
+        assert not isinstance(r, BaseException), r
+        assert r[0].to_numpy().tolist() == [2.0 * i, 2.0]
+    with pytest.raises(Unavailable):  # closed: a late job is refused at once, never queued and forgotten
+        await asyncio.wait_for(b.submit(conv.convert({"a": [1.0]})), 5)
+    await b.close(timeout=1)  # idempotent
+    pool.shutdown()
+
+
+async def test_batcher_close_past_its_bound_fails_every_job_with_503():
+    import threading
+
+    from leaf.batcher import Unavailable
+
+    gate = threading.Event()
+    b, conv, entered, pool = _batcher(forward_gate=gate, delay_ms=0)
+    b.start()
+    try:
+        tasks = [asyncio.create_task(b.submit(conv.convert({"a": [float(i)]}))) for i in range(20)]
+        assert await asyncio.to_thread(entered.wait, 30)  # a batch is inside the (stuck) model
+        await asyncio.wait_for(b.close(timeout=0.2), 30)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        assert all(isinstance(r, Unavailable) for r in results), results  # in the batch and queued: all answered
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+async def test_batcher_close_cancelled_still_answers_every_job():
+    import threading
+
+    gate = threading.Event()
+    b, conv, entered, pool = _batcher(forward_gate=gate, delay_ms=0)
+    b.start()
+    try:
+        tasks = [asyncio.create_task(b.submit(conv.convert({"a": [float(i)]}))) for i in range(10)]
+        assert await asyncio.to_thread(entered.wait, 30)
+        closer = asyncio.create_task(b.close(timeout=60))
+        await asyncio.sleep(0.05)
+        closer.cancel()  # e.g. shutdown abandoning a reload
+        await asyncio.gather(closer, return_exceptions=True)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        assert all(isinstance(r, BaseException) for r in results)
+    finally:
+        gate.set()
+        pool.shutdown()
