@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -216,6 +217,8 @@ class ModelStore:
         except Exception as exc:  # noqa: BLE001 - any load failure is reported for this version only
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             vs.state, vs.error = "FAILED", f"{path}: cannot load ({type(exc).__name__}: {first})"
+        if vs.error:  # shown in metadata and readiness bodies: repository-relative, no absolute paths
+            vs.error = vs.error.replace(f"{self.repo}{os.sep}", "")
         old = self.versions.get(key)
         if vs.state == "FAILED":
             self.metrics.load_failures.labels(*key).inc()

@@ -311,7 +311,8 @@ async def test_corrupt_archive_keeps_old_model_serving_and_reports(tmp_path):
         status, ready = get(leaf.url + "/v2/models/m/ready")
         assert status == 200 and ready["ready"] is True and ready["state"] == "READY", ready
         status, meta = get(leaf.url + "/v2/models/m")
-        assert status == 200 and meta["reload_error"] == ready["reload_error"] and "model.pt" in meta["reload_error"]
+        assert status == 200 and meta["reload_error"] == ready["reload_error"] and "m/1/model.pt" in meta["reload_error"]
+        assert str(tmp_path) not in meta["reload_error"]  # repository-relative: no absolute paths in public output
         assert get(leaf.url + "/v2/health/ready")[1]["reload_errors"] == {"m/1": ready["reload_error"]}
         assert metric(leaf.url, "trimmer_leaf_load_failures_total", model="m", version="1") == 1
         assert metric(leaf.url, "trimmer_leaf_reload_failed", model="m", version="1") == 1
@@ -425,6 +426,7 @@ def shared_leaf(tmp_path_factory):
     write_model(repo / "order" / "10" / "model.pt", ("a",), scale=10.0)
     write_model(repo / "both" / "1" / "model.pt", ("a",), scale=1.0, fmt="pt")
     write_model(repo / "both" / "1" / "model.pt2", ("a",), scale=2.0, fmt="pt2")
+    write_model(repo / "bad name" / "1" / "model.pt", ("a",))  # not addressable: skipped with a warning
     leaf = start_leaf(repo, tmp, name="leaf-shared", delay_ms=1)
     yield leaf
     leaf.stop()
@@ -567,6 +569,21 @@ def test_pt2_preferred_over_pt_in_one_version(shared_leaf):
     body, headers = _score_req("", [1.0, 2.0])
     st, _, out = post(shared_leaf.url + "/v1/models/both/score", body, headers)
     assert st == 200 and decode_msgpack(out)["outputs"]["score"].to_numpy().tolist() == [2.0, 4.0]  # the .pt2's scale
+
+
+def test_unaddressable_directories_are_skipped(shared_leaf):
+    assert "bad name" not in {v["model"] for v in get(shared_leaf.url + "/v1/models")[1]["versions"]}
+    assert "'bad name' is not a valid model name" in shared_leaf.log_path.read_text()
+
+
+def test_drain_timeout_must_be_positive(tmp_path):
+    from leaf.config import load_config
+    from trimmer.errors import ConfigError
+
+    assert load_config(str(leaf_config(tmp_path))).drain_timeout_s == 20
+    (tmp_path / "bad.yaml").write_text("drain_timeout_s: 0\n")
+    with pytest.raises(ConfigError, match="drain_timeout_s"):
+        load_config(str(tmp_path / "bad.yaml"))
 
 
 def test_readyz_and_healthz_routes(shared_leaf):
