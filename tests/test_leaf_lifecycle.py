@@ -337,6 +337,18 @@ async def test_corrupt_archive_keeps_old_model_serving_and_reports(tmp_path):
         assert seen[0] == 5.0 and seen[-1] == 7.0 and 9.0 not in seen
         assert seen.index(7.0) > 0 and all(s == 7.0 for s in seen[seen.index(7.0):])  # never back to the old one
         assert metric(leaf.url, "trimmer_leaf_reload_failed", model="m", version="1") == 0
+
+        # 4. the swap drops input b: a body trimmed for the old inputs is refused, one for the new ones runs
+        old_digest = get(leaf.url + "/v2/models/m")[1]["parameters"]["trimmer_signature"]
+        assert old_digest == oracle_digest(["a", "b"])
+        write_model(archive, ("a",), scale=11.0)
+        await poll(lambda: get(leaf.url + "/v2/models/m")[1]["parameters"]["trimmer_signature"] == oracle_digest(["a"]),
+                   "the swap to inputs [a]", proc=leaf)
+        body, headers = _score_req("", [1.0], [1.0])
+        st, resp_headers, _ = post(leaf.url + "/v1/models/m/score", body, {**headers, "X-Trimmer-Signature": old_digest})
+        assert st == 412 and resp_headers.get("X-Trimmer-Mismatch") == "allowlist"
+        st, _, out = post(leaf.url + "/v1/models/m/score", body, {**headers, "X-Trimmer-Signature": oracle_digest(["a"])})
+        assert st == 200 and decode_msgpack(out)["outputs"]["score"].to_numpy().tolist() == [11.0]
     finally:
         leaf.stop()
 
