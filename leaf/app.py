@@ -39,8 +39,11 @@ async def serve(config: LeafConfig) -> None:
     metrics = LeafMetrics(config.feature_series_limit)
     store = ModelStore(config.repo, config, metrics, device)
     app = make_app(store, metrics, config)
-    # auto_decompress=False: the leaf decodes Content-Encoding itself (lz4, zstd, gzip) with a size bound
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
+    # auto_decompress=False: the leaf decodes Content-Encoding itself (lz4, zstd, gzip) with a size bound.
+    # shutdown_timeout bounds how long SIGTERM waits for in-flight requests (each one is answered: the
+    # batchers keep running until the handlers are done, then drain).
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
+                           shutdown_timeout=config.drain_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     try:
@@ -48,19 +51,23 @@ async def serve(config: LeafConfig) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
-    log.info("leaf listening on http://%s:%d (repo %s, device %s, torch threads %d)", config.host, config.port,
-             config.repo, device, torch.get_num_threads())
+    log.info("leaf listening on http://%s:%d (repo %s, device %s, torch threads %d); not ready until the initial load is done",
+             config.host, config.port, config.repo, device, torch.get_num_threads())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     follow = asyncio.create_task(store.run(stop))
     await stop.wait()
-    log.info("leaf stopping")
+    store.stopping = True  # readiness answers 503 from now on
+    log.info("leaf stopping: finishing in-flight requests (at most %.0fs)", config.drain_timeout_s)
     await runner.shutdown()
-    await runner.cleanup()
-    await follow
-    await store.close()
+    await runner.cleanup()  # closes the listener, waits for in-flight handlers (bounded by shutdown_timeout)
+    if not follow.done():  # a load in progress (the initial pass, a reload) is abandoned, not awaited
+        follow.cancel()
+    await asyncio.gather(follow, return_exceptions=True)
+    await store.close()  # every batcher drains (queues are empty by now) and its jobs are answered
+    log.info("leaf stopped")
 
 
 def main(config: LeafConfig) -> int:

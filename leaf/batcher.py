@@ -10,6 +10,11 @@ therefore share a batch, and each request gets exactly what it would get alone.
 
 Signatures that lack dtype/shape for some input cannot use that convention: such versions run one
 request per call with the inputs exactly as converted.
+
+Every job taken in is answered: closing a batcher (version replaced, removed, leaf stopping) stops taking
+new jobs, runs the ones already queued or in a batch, and fails whatever is left after a bounded drain
+with `Unavailable` (a retryable 503). A job never waits on a future nobody will resolve, so a reload
+under load cannot leave a request hanging and a stopping leaf cannot wait on one forever.
 """
 
 from __future__ import annotations
@@ -34,6 +39,13 @@ log = logging.getLogger("leaf.batcher")
 
 class ModelError(RuntimeError):
     """The model raised or returned something unusable (HTTP 500)."""
+
+
+class Unavailable(RuntimeError):
+    """This version stopped serving before the job ran (replaced, unloaded, leaf stopping): retryable 503."""
+
+
+_STOP: Any = object()  # queued by close(): everything queued before it still runs
 
 
 @dataclass
@@ -191,9 +203,12 @@ class Batcher:
         self.max_batch_size = max(1, max_batch_size if runner.converter.batchable else 1)
         self.delay = max(0.0, max_queue_delay_ms) / 1000.0
         self.max_rows = max(1, max_batch_rows)
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self._carry: Job | None = None
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()  # Job, or _STOP once closing
+        self._carry: Any = None  # a Job that did not fit the last batch, or _STOP
+        self._inflight: list[Job] = []  # the batch being collected or run: failed if the loop is cancelled
         self._task: asyncio.Task | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
         # metric children bound once: labels() costs a lock and a dict lookup per call
         self._queue_s = metrics.queue_seconds.labels(*key)
         self._batch_size = metrics.batch_size.labels(*key)
@@ -204,27 +219,65 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.key[0]}-{self.key[1]}")
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop taking jobs; run those already queued or in a batch; after `timeout` seconds (None: no bound)
+        fail what is left with Unavailable. Every job taken in is answered. Safe to call more than once."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        self.queue.put_nowait(_STOP)
+        task = self._task
+        try:
+            if task is not None and not task.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), timeout)
+                except asyncio.TimeoutError:
+                    log.warning("%s/%s: drain not done after %.1fs; failing the jobs left with 503", *self.key, timeout or 0)
+                except Exception:  # noqa: BLE001 - _loop never raises; if it did, the jobs are failed below
+                    log.exception("%s/%s: batcher stopped with an error", *self.key)
+        finally:  # also when close() itself is cancelled: nothing may be left waiting
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), 5.0)  # cancellation is prompt; bound it anyway
+                except (asyncio.CancelledError, asyncio.TimeoutError, Exception):  # noqa: BLE001
+                    pass
+            self._fail_pending(Unavailable(f"model {self.key[0]!r} version {self.key[1]!r} stopped serving "
+                                           "(replaced, unloaded or leaf stopping); retry"))
+            self._closed.set()
+
+    def _fail_pending(self, exc: Exception) -> None:
+        jobs = list(self._inflight)
+        if isinstance(self._carry, Job):
+            jobs.append(self._carry)
+        self._inflight, self._carry = [], None
         while not self.queue.empty():
-            job = self.queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(ModelError("model version was unloaded"))
+            jobs.append(self.queue.get_nowait())
+        for job in jobs:
+            if isinstance(job, Job) and not job.future.done():
+                job.future.set_exception(exc)
 
     async def submit(self, conv: Converted) -> list[torch.Tensor]:
+        if self._closing or self._task is None or self._task.done():
+            raise Unavailable(f"model {self.key[0]!r} version {self.key[1]!r} is not taking requests (replaced or unloaded); retry")
         fut = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(Job(conv, fut))
         return await fut
 
-    async def _collect(self) -> list[Job]:
-        first = self._carry or await self.queue.get()
+    async def _collect(self) -> list[Job] | None:
+        """The next batch (None once _STOP is reached). Jobs are in self._inflight from the moment they leave
+        the queue, so a cancelled collect cannot lose them."""
+        first = self._carry if self._carry is not None else await self.queue.get()
         self._carry = None
+        if first is _STOP:
+            return None
         batch, rows = [first], first.conv.rows
+        self._inflight = batch
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.delay
         while len(batch) < self.max_batch_size:
@@ -238,7 +291,7 @@ class Batcher:
                     break
             else:
                 job = self.queue.get_nowait()
-            if rows + job.conv.rows > self.max_rows:
+            if job is _STOP or rows + job.conv.rows > self.max_rows:
                 self._carry = job
                 break
             batch.append(job)
@@ -249,13 +302,20 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
+            if batch is None:
+                return
             if not batch:
+                self._inflight = []
                 continue
-            start = time.perf_counter()
-            observe = self._queue_s.observe
-            for job in batch:
-                observe(start - job.enqueued)
-            results = await self._execute(loop, batch)
+            try:
+                start = time.perf_counter()
+                observe = self._queue_s.observe
+                for job in batch:
+                    observe(start - job.enqueued)
+                results = await self._execute(loop, batch)
+            except Exception as exc:  # noqa: BLE001 - never leave a job unanswered
+                log.exception("%s/%s: batch failed unexpectedly", *self.key)
+                results = [ModelError(f"batch failed: {type(exc).__name__}")] * len(batch)
             for job, res in zip(batch, results):
                 if job.future.done():
                     continue
@@ -263,6 +323,7 @@ class Batcher:
                     job.future.set_exception(res)
                 else:
                     job.future.set_result(res)
+            self._inflight = []
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> list[Any]:
         """Assemble here (loop thread), forward in the model thread, split here."""

@@ -28,6 +28,7 @@ class LeafConfig:
     models: dict[str, Batching] = field(default_factory=dict)  # per-model batching overrides
     max_body_bytes: int = 64 * 1024 * 1024
     rescan_interval_s: float = 2.0
+    drain_timeout_s: float = 30.0  # bound on finishing a replaced/removed version's queued jobs, and on SIGTERM
     watch: bool = True
     feature_series_limit: int = 20000
     build_demo_if_missing: bool = False
@@ -79,6 +80,8 @@ def load_config(path: str | None) -> LeafConfig:
                     or want is str and not isinstance(value, str):
                 raise ConfigError(f"{p}: {key} must be a {want.__name__}")
             kw[key] = want(value)
+    if kw.get("drain_timeout_s", 1.0) <= 0:
+        raise ConfigError(f"{p}: drain_timeout_s must be a positive number of seconds")
     base = kw.get("batching", Batching())
     kw["models"] = {str(m): _batching(v, f"{p}: models.{m}", base) for m, v in kw.get("models", {}).items()}
     return LeafConfig(**kw)

@@ -81,6 +81,11 @@ class LeafMetrics:
         self.model_ready = Gauge("trimmer_leaf_model_ready", "1 when a model version is loaded and serving, 0 when it failed", mv, registry=r)
         self.load_failures = Counter("trimmer_leaf_load_failures", "Model version load failures", mv, registry=r)
         self.loads = Counter("trimmer_leaf_loads", "Model version loads", mv, registry=r)
+        self.reload_failed = Gauge("trimmer_leaf_reload_failed", "1 while a newer archive of a serving version failed to load "
+                                   "(the previous archive keeps serving)", mv, registry=r)
+        self.allowlist_mismatches = Counter("trimmer_leaf_allowlist_mismatches", "Requests answered 412: their "
+                                            "X-Trimmer-Signature differs from the inputs of the version that would run",
+                                            mv, registry=r)
         self.feature_unused = FeatureTallies("trimmer_leaf_feature_unused", "Per-feature count of features received but not read by the model", feature_series_limit)
         self.feature_defaulted = FeatureTallies("trimmer_leaf_feature_defaulted", "Per-feature count of inputs filled from their default", feature_series_limit)
         r.register(self.feature_unused)

@@ -5,6 +5,14 @@ torch.export.load(...).module()); model.pt2 wins when both exist (trimmer.reposi
 ignored (the demo keeps its reference data in .demo/). New or changed version directories are picked up
 while running (watchfiles, plus a periodic rescan as a fallback); removed ones are unloaded. A version that
 fails to load is reported (log, metrics, metadata, /v2/health/ready body) and the others keep serving.
+
+Lifecycle of a changed archive (why: a reload must never cost a request): the new archive is loaded and
+warmed into a NEW VersionState while the old one keeps serving; only a ready new state replaces the old
+one (one dict assignment, no await between lookup and enqueue in the handlers), then the old batcher
+drains, answering every job it took. A new archive that fails to load leaves the old state serving and
+is reported on it (`reload_error`: metadata, per-model ready, /v2/health/ready, log,
+trimmer_leaf_load_failures_total, trimmer_leaf_reload_failed); the same failed archive is not retried
+until it changes again.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +30,8 @@ from typing import Any
 import torch
 
 from trimmer.errors import SignatureError
+from trimmer.handshake import input_digest
+from trimmer.names import valid_name
 from trimmer.repository import archive_path
 from trimmer.signature import Signature, read_signature
 
@@ -53,6 +64,9 @@ class VersionState:
     batcher: Batcher | None = None
     outputs_meta: list[dict[str, Any]] = field(default_factory=list)
     loaded_at: float = 0.0
+    digest: str | None = None  # trimmer.handshake.input_digest of signature.input_names, computed once at load
+    reload_error: str | None = None  # a newer archive of this version failed to load; this one keeps serving
+    failed_archive: tuple[Path, tuple[int, int]] | None = None  # (path, fingerprint) of that archive: not retried
 
     @property
     def ready(self) -> bool:
@@ -61,8 +75,12 @@ class VersionState:
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "version": self.version, "state": self.state, "path": str(self.path),
                                "platform": self.platform}
+        if self.digest:
+            out["trimmer_signature"] = self.digest
         if self.error:
             out["error"] = self.error
+        if self.reload_error:
+            out["reload_error"] = self.reload_error
         return out
 
 
@@ -110,6 +128,8 @@ class ModelStore:
         self.device = device
         self.versions: dict[tuple[str, str], VersionState] = {}
         self.initial_done = False
+        self.stopping = False  # set on SIGTERM: not ready while in-flight requests finish
+        self._skipped_names: set[str] = set()
         self._load_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="leaf-load")
         self._infer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="leaf-infer")
         self._scan_lock = asyncio.Lock()
@@ -130,7 +150,7 @@ class ModelStore:
 
     @property
     def ready(self) -> bool:
-        if not self.initial_done:
+        if not self.initial_done or self.stopping:
             return False
         return not self.versions or any(vs.ready for vs in self.versions.values())
 
@@ -139,10 +159,24 @@ class ModelStore:
                 "versions": [vs.status() for _, vs in sorted(self.versions.items(), key=lambda kv: (kv[0][0], version_key(kv[0][1])))]}
 
     # ------------------------------------------------------------------ loading
+    def _addressable(self, path: Path) -> bool:
+        """A directory name the edge would reject (trimmer.names) could never be requested: skip it, warn once."""
+        if valid_name(path.name):
+            return True
+        if str(path) not in self._skipped_names:
+            self._skipped_names.add(str(path))
+            log.warning("ignoring %s: %r is not a valid model name or version (A-Z a-z 0-9 _ . -, not starting with . or -)",
+                        path, path.name)
+        return False
+
     def _discover(self) -> dict[tuple[str, str], tuple[Path, tuple[int, int]]]:
         found = {}
         for model_dir in _visible_dirs(self.repo):
+            if not self._addressable(model_dir):
+                continue
             for version_dir in _visible_dirs(model_dir):
+                if not self._addressable(version_dir):
+                    continue
                 path = archive_path(version_dir)
                 if path is None:
                     continue
@@ -158,6 +192,7 @@ class ModelStore:
         module, platform = _load_module(vs.path, self.device)
         converter = Converter(signature)
         vs.signature, vs.converter, vs.platform = signature, converter, platform
+        vs.digest = input_digest(signature.input_names)
         runner = Runner(module, converter, signature.output_names, self.device)
         if converter.batchable:
             outs = runner.run([_warmup_request(converter)], _Stats())[0]
@@ -170,6 +205,8 @@ class ModelStore:
         vs._runner = runner  # type: ignore[attr-defined]
 
     async def _load(self, key: tuple[str, str], path: Path, fp: tuple[int, int]) -> None:
+        """Load `path` into a new VersionState; swap it in only once ready, then drain the one it replaces.
+        On failure a ready old state keeps serving and carries the error."""
         vs = VersionState(key[0], key[1], path, fp)
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
@@ -180,24 +217,34 @@ class ModelStore:
         except Exception as exc:  # noqa: BLE001 - any load failure is reported for this version only
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             vs.state, vs.error = "FAILED", f"{path}: cannot load ({type(exc).__name__}: {first})"
-        else:
-            b = self.config.batching_for(key[0])
-            vs.batcher = Batcher(key, vs._runner, self._infer_pool, self.metrics,  # type: ignore[attr-defined]
-                                 b.max_batch_size, b.max_queue_delay_ms, b.max_batch_rows)
-            vs.batcher.start()
-            vs.state, vs.loaded_at = "READY", time.time()
+        if vs.error:  # shown in metadata and readiness bodies: repository-relative, no absolute paths
+            vs.error = vs.error.replace(f"{self.repo}{os.sep}", "")
         old = self.versions.get(key)
-        self.versions[key] = vs
-        if old is not None and old.batcher is not None:
-            await old.batcher.close()
-        if vs.ready:
-            self.metrics.loads.labels(*key).inc()
-            self.metrics.model_ready.labels(*key).set(1)
-            log.info("loaded %s/%s (%s, %s) in %.2fs", key[0], key[1], path.name, vs.platform, time.perf_counter() - t0)
-        else:
+        if vs.state == "FAILED":
             self.metrics.load_failures.labels(*key).inc()
+            if old is not None and old.ready:
+                old.reload_error, old.failed_archive = vs.error, (path, fp)
+                self.metrics.reload_failed.labels(*key).set(1)
+                log.error("cannot load the new archive of %s/%s; the previous one (loaded %s) keeps serving: %s", key[0], key[1],
+                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(old.loaded_at)), vs.error)
+                return
+            self.versions[key] = vs
             self.metrics.model_ready.labels(*key).set(0)
             log.error("failed to load %s/%s: %s", key[0], key[1], vs.error)
+            return
+        b = self.config.batching_for(key[0])
+        vs.batcher = Batcher(key, vs._runner, self._infer_pool, self.metrics,  # type: ignore[attr-defined]
+                             b.max_batch_size, b.max_queue_delay_ms, b.max_batch_rows)
+        vs.batcher.start()
+        vs.state, vs.loaded_at = "READY", time.time()
+        self.versions[key] = vs  # the swap: from here on new requests resolve to vs (no await since the lookup)
+        self.metrics.loads.labels(*key).inc()
+        self.metrics.model_ready.labels(*key).set(1)
+        self.metrics.reload_failed.labels(*key).set(0)
+        log.info("%s %s/%s (%s, %s) in %.2fs", "reloaded" if old is not None else "loaded", key[0], key[1], path.name,
+                 vs.platform, time.perf_counter() - t0)
+        if old is not None and old.batcher is not None:
+            await old.batcher.close(self.config.drain_timeout_s)  # answers every job the old version took
 
     async def rescan(self, initial: bool = False) -> None:
         async with self._scan_lock:
@@ -207,7 +254,12 @@ class ModelStore:
             for key, (path, fp) in sorted(found.items()):
                 old = self.versions.get(key)
                 if old is not None and old.path == path and old.fingerprint == fp:
+                    if old.reload_error:  # the archive that serves is back on disk: nothing is wrong any more
+                        old.reload_error = old.failed_archive = None
+                        self.metrics.reload_failed.labels(*key).set(0)
                     continue
+                if old is not None and old.failed_archive == (path, fp):
+                    continue  # this archive already failed; the old one serves until the file changes again
                 if not initial and now_ns - fp[0] < SETTLE_S * 1e9:
                     self._wake.set()  # still being written: look again shortly
                     continue
@@ -217,11 +269,12 @@ class ModelStore:
                 vs = self.versions.pop(key)
                 dropped = True
                 if vs.batcher is not None:
-                    await vs.batcher.close()
-                try:
-                    self.metrics.model_ready.remove(*key)
-                except KeyError:
-                    pass
+                    await vs.batcher.close(self.config.drain_timeout_s)
+                for gauge in (self.metrics.model_ready, self.metrics.reload_failed):
+                    try:
+                        gauge.remove(*key)
+                    except KeyError:
+                        pass
                 log.info("unloaded %s/%s (removed from %s)", key[0], key[1], self.repo)
             if loaded or dropped:
                 settle_gc(collect=dropped)
@@ -264,9 +317,9 @@ class ModelStore:
             log.warning("file watching stopped (%s); relying on the periodic rescan", exc)
 
     async def close(self) -> None:
-        for vs in self.versions.values():
-            if vs.batcher is not None:
-                await vs.batcher.close()
+        """Drain every batcher (bounded by drain_timeout_s each, all at once), then stop the threads."""
+        batchers = [vs.batcher for vs in self.versions.values() if vs.batcher is not None]
+        await asyncio.gather(*(b.close(self.config.drain_timeout_s) for b in batchers), return_exceptions=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -3,8 +3,15 @@
 Native: POST /v1/models/{name}[/versions/{v}]/score, msgpack or JSON (docs/protocol.md); the response uses
 the request's media type: {"model", "version", ["request_id"], "outputs": {output name: typed tensor}}.
 OIP v2: POST /v2/models/{name}[/versions/{v}]/infer (JSON inputs [{name, shape, datatype, data}]).
-Every error is JSON {"error": "..."}: 400 bad payload, 404 unknown model/version, 413 too large,
-415 unsupported content type/encoding, 500 model failure, 503 version not ready.
+Every error is JSON {"error": "..."[, "code": "..."]}: 400 bad payload or invalid name/version, 404 unknown
+model/version, 412 allowlist handshake mismatch (nothing ran), 413 too large, 415 unsupported content
+type/encoding, 500 model failure, 503 version not ready, leaf still loading, or version replaced mid-request.
+
+Every name and version is checked (trimmer.names) before anything else: aiohttp hands handlers decoded
+segments, so `%2e%2e` or `1%2F..%2Fmetrics` arrive as `..` / `1/../metrics` and must not reach a lookup.
+The version a request runs on is looked up again after its body is read, right before conversion and
+enqueueing with no await in between, so a swap during the read cannot send it to a drained batcher, and
+the handshake digest is compared with exactly that version (trimmer/handshake.py).
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from aiohttp import web
 from trimmer import codec
 from trimmer.codec import AUDIT_HEADER
 from trimmer.errors import PayloadError
+from trimmer.handshake import MISMATCH_CODE, MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
+from trimmer.names import check_name
 from trimmer.tensor import Tensor
 
-from .batcher import ModelError
+from .batcher import ModelError, Unavailable
 from .config import LeafConfig
 from .convert import as_tensor, output_to_wire
 from .metrics import LeafMetrics
@@ -41,14 +50,45 @@ CONFIG = web.AppKey("config", LeafConfig)
 BOUND = web.AppKey("bound_metrics", dict)
 
 
+RETRY_AFTER_S = "1"  # on retryable 503s (loading, version replaced mid-request)
+MISMATCH_LOG_INTERVAL_S = 10.0  # at most one allowlist-mismatch warning per model version per interval
+
+
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
+        self.headers = headers
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def error_response(status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if code is not None:
+        body["code"] = code
+    return web.json_response(body, status=status, headers=headers)
+
+
+class RateLimitedWarning:
+    """One WARNING per key per interval, with the count of those suppressed since (a flood stays one line)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.last: dict[Any, float] = {}
+        self.suppressed: dict[Any, int] = {}
+
+    def warn(self, key: Any, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self.last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return
+        self.last[key] = now
+        n = self.suppressed.pop(key, 0)
+        log.warning(msg + (f" ({n} more since the last warning)" if n else ""), *args)
+
+
+MISMATCH_LOG = web.AppKey("mismatch_log", RateLimitedWarning)
 
 
 @web.middleware
@@ -56,7 +96,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     try:
         return await handler(request)
     except HTTPError as exc:
-        return error_response(exc.status, str(exc))
+        return error_response(exc.status, str(exc), exc.code, exc.headers)
     except PayloadError as exc:
         return error_response(400, str(exc))
     except web.HTTPException as exc:
@@ -124,6 +164,8 @@ class VersionMetrics:
         self.model, self.version = model, version
         self.bad_request = m.failures.labels(model, version, "bad_request")
         self.model_error = m.failures.labels(model, version, "model_error")
+        self.unavailable = m.failures.labels(model, version, "unavailable")
+        self.allowlist_mismatch = m.allowlist_mismatches.labels(model, version)
         self.convert_seconds = m.convert_seconds.labels(model, version)
         self.encode_seconds = m.encode_seconds.labels(model, version)
         self.request_seconds = m.request_seconds.labels(model, version)
@@ -143,9 +185,14 @@ def version_metrics(request: web.Request, vs: VersionState) -> VersionMetrics:
 
 
 def resolve(request: web.Request, need_ready: bool = True) -> VersionState:
+    """The version this request addresses: 400 bad name/version, 503 still loading, 404 unknown, 503 not ready."""
     store = request.app[STORE]
-    name = request.match_info["name"]
+    name = check_name("model name", request.match_info["name"])
     version = request.match_info.get("version")
+    if version is not None:
+        check_name("model version", version)
+    if not store.initial_done:
+        raise HTTPError(503, "the leaf is loading its models; retry shortly", code="loading", headers={"Retry-After": RETRY_AFTER_S})
     vs = store.resolve(name, version)
     if vs is None:
         request.app[METRICS].not_found.inc()
@@ -184,6 +231,28 @@ async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, 
     except ModelError as exc:
         vm.model_error.inc()
         raise HTTPError(500, f"model {vs.model!r} version {vs.version!r}: {exc}") from None
+    except Unavailable as exc:
+        vm.unavailable.inc()
+        raise HTTPError(503, str(exc), code="unavailable", headers={"Retry-After": RETRY_AFTER_S}) from None
+
+
+def version_to_run(request: web.Request, first: VersionState, vm: VersionMetrics) -> tuple[VersionState, VersionMetrics]:
+    """Look the version up again once the body is in (it may have been swapped meanwhile) and check the allowlist
+    handshake against it. The caller converts and enqueues with no await in between."""
+    vs = resolve(request)
+    if vs is not first:
+        vm = version_metrics(request, vs)
+    sent = request.headers.get(SIGNATURE_HEADER)
+    if sent is not None and sent != vs.digest:
+        vm.allowlist_mismatch.inc()
+        request.app[MISMATCH_LOG].warn(
+            (vs.model, vs.version), "allowlist mismatch on %s/%s: request trimmed for inputs %r, this version reads %s; "
+            "answered %d without running the model", vs.model, vs.version, sent[:64], vs.digest, MISMATCH_STATUS)
+        raise HTTPError(MISMATCH_STATUS,
+                        f"the request was trimmed for inputs with signature {sent[:64]!r}; model {vs.model!r} version "
+                        f"{vs.version!r} reads inputs with signature {vs.digest!r}; nothing ran: re-send it untrimmed",
+                        code=MISMATCH_CODE, headers={MISMATCH_HEADER: "allowlist"})
+    return vs, vm
 
 
 async def read_body(request: web.Request, vm: VersionMetrics) -> bytes:
@@ -219,6 +288,7 @@ async def score(request: web.Request) -> web.Response:
         raise HTTPError(415, str(exc)) from None
     try:
         body = await read_body(request, vm)
+        vs, vm = version_to_run(request, vs, vm)  # from here to the enqueue: no await
         t0 = time.thread_time()  # CPU time of this thread: GIL waits behind the model thread are not conversion
         req = codec.decode_request(body, mtype)
     except PayloadError:
@@ -272,6 +342,7 @@ async def infer(request: web.Request) -> web.Response:
         raise HTTPError(415, "binary tensor extension (Inference-Header-Content-Length) is not supported; send JSON data")
     try:
         body = await read_body(request, vm)
+        vs, vm = version_to_run(request, vs, vm)  # from here to the enqueue: no await
         t0 = time.thread_time()
         obj = codec.decode_json(body)
         if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), list):
@@ -312,6 +383,10 @@ async def model_metadata(request: web.Request) -> web.Response:
                            "platform": vs.platform, "state": vs.state}
     if vs.error:
         out["error"] = vs.error
+    if vs.reload_error:
+        out["reload_error"] = vs.reload_error
+    if vs.digest:
+        out["parameters"] = {"trimmer_signature": vs.digest}  # what X-Trimmer-Signature must equal (docs/leaf.md)
     if vs.signature is not None:
         sig = vs.signature
         out["inputs"] = [{"name": n, "datatype": WIRE_TO_OIP.get(sig.inputs[n].dtype or "", "") if n in sig.inputs else "",
@@ -329,6 +404,8 @@ async def model_ready(request: web.Request) -> web.Response:
     body = {"name": vs.model, "version": vs.version, "ready": vs.ready, "state": vs.state}
     if vs.error:
         body["error"] = vs.error
+    if vs.reload_error:  # still ready: the previous archive serves
+        body["reload_error"] = vs.reload_error
     return web.json_response(body, status=200 if vs.ready else 503)
 
 
@@ -338,9 +415,15 @@ async def health_live(request: web.Request) -> web.Response:
 
 async def health_ready(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    failed = {f"{vs.model}/{vs.version}": vs.error for vs in store.versions.values() if vs.state == "FAILED"}
-    ready = sorted(f"{vs.model}/{vs.version}" for vs in store.versions.values() if vs.ready)
-    body = {"ready": store.ready, "initial_load_done": store.initial_done, "models": ready, "failed": failed}
+    versions = list(store.versions.values())
+    failed = {f"{vs.model}/{vs.version}": vs.error for vs in versions if vs.state == "FAILED"}
+    ready = sorted(f"{vs.model}/{vs.version}" for vs in versions if vs.ready)
+    body: dict[str, Any] = {"ready": store.ready, "initial_load_done": store.initial_done, "models": ready, "failed": failed}
+    reload_errors = {f"{vs.model}/{vs.version}": vs.reload_error for vs in versions if vs.reload_error}
+    if reload_errors:
+        body["reload_errors"] = reload_errors
+    if store.stopping:
+        body["stopping"] = True
     return web.json_response(body, status=200 if store.ready else 503)
 
 
@@ -358,6 +441,7 @@ def make_app(store: ModelStore, metrics: LeafMetrics, config: LeafConfig) -> web
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
     app[STORE], app[METRICS], app[CONFIG] = store, metrics, config
     app[BOUND] = {}
+    app[MISMATCH_LOG] = RateLimitedWarning(MISMATCH_LOG_INTERVAL_S)
     r = app.router
     for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"):
         r.add_post(prefix + "/score", score)
@@ -367,6 +451,8 @@ def make_app(store: ModelStore, metrics: LeafMetrics, config: LeafConfig) -> web
         r.add_get(prefix + "/ready", model_ready)
     r.add_get("/v2/health/live", health_live)
     r.add_get("/v2/health/ready", health_ready)
+    r.add_get("/healthz", health_live)
+    r.add_get("/readyz", health_ready)
     r.add_get("/v1/models", list_models)
     r.add_get("/metrics", metrics_endpoint)
     return app
