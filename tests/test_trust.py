@@ -160,30 +160,43 @@ async def test_model_swapped_in_place_under_load_never_gives_a_wrong_answer(swap
     assert _metric(root, "trimmer_root_allowlist_mismatches_total") > 0
 
 
-async def test_traversal_names_and_versions_are_refused_and_leaf_routes_unreachable(swap_stack):
+def _raw(base: str, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    """Send `path` byte for byte (aiohttp's and urllib's clients normalise `%2e%2e` and `..` away)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=20)
+    try:
+        conn.request(method, path, body=body, headers=MP if body is not None else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_traversal_names_and_versions_are_refused_and_leaf_routes_unreachable(swap_stack):
     root = swap_stack["root"].url
     body = msgpack.packb({"features": FEATURES})
-    async with aiohttp.ClientSession() as s:
-        for path in ("/v1/models/m/versions/%2e%2e/score", "/v1/models/m/versions/1%2F..%2F..%2Fmetrics/score",
-                     "/v1/models/..%2Fv1%2Fmodels/score", "/v2/models/m/versions/%2e%2e/infer"):
-            async with s.post(root + path, data=body, headers=MP) as r:
-                raw = await r.read()
-                assert r.status == 400, (path, r.status, raw[:200])
-                assert "error" in json.loads(raw)
-        for path in ("/v2/models/m/versions/1%2F..%2F..%2F..%2F..%2F..%2Fmetrics", "/v2/models/m/versions/1%2F..%2F..%2F..%2Fv1%2Fmodels",
-                     "/v2/models/%2e%2e/ready"):
-            async with s.get(root + path) as r:
-                text = await r.text()
-                assert r.status == 400, (path, r.status, text)
-                assert "trimmer_leaf" not in text and str(swap_stack["repo"]) not in text
-        # Fan-out: `a{i}/../1` style versions once ran the model once per spelling, untrimmed.
-        fan = msgpack.packb({"models": [{"name": "m", "version": f"a{i}/../1"} for i in range(200)], "features": FEATURES})
-        async with s.post(root + "/v1/score", data=fan, headers=MP) as r:
-            assert r.status == 400, await r.text()
+    for path in ("/v1/models/m/versions/%2e%2e/score", "/v1/models/m/versions/1%2F..%2F..%2Fmetrics/score",
+                 "/v1/models/..%2Fv1%2Fmodels/score", "/v2/models/m/versions/%2e%2e/infer", "/v1/models/m/versions/../score"):
+        status, raw = _raw(root, "POST", path, body)
+        assert status == 400, (path, status, raw[:200])
+        assert "error" in json.loads(raw), raw[:200]
+    for path in ("/v2/models/m/versions/1%2F..%2F..%2F..%2F..%2F..%2Fmetrics", "/v2/models/m/versions/1%2F..%2F..%2F..%2Fv1%2Fmodels",
+                 "/v2/models/%2e%2e/ready", "/v2/models/m/versions/1/..%2F..%2Fmetrics"):
+        status, raw = _raw(root, "GET", path)
+        text = raw.decode("utf-8", "replace")
+        assert status == 400, (path, status, text[:200])
+        assert "trimmer_leaf" not in text and str(swap_stack["repo"]) not in text
+    # Fan-out: `a{i}/../1` style versions once ran the model once per spelling, untrimmed.
+    fan = msgpack.packb({"models": [{"name": "m", "version": f"a{i}/../1"} for i in range(20)], "features": FEATURES})
+    status, raw = _raw(root, "POST", "/v1/score", fan)
+    assert status == 400, raw[:200]
     leaf = swap_stack["leaf"].url
-    async with aiohttp.ClientSession() as s:
-        async with s.post(leaf + "/v1/models/m/versions/%2e%2e/score", data=body, headers=MP) as r:
-            assert r.status == 400, (r.status, (await r.read())[:200])
+    for path in ("/v1/models/m/versions/%2e%2e/score", "/v2/models/m/versions/1%2F..%2F..%2Fmetrics/infer"):
+        status, raw = _raw(leaf, "POST", path, body)
+        assert status == 400, (path, status, raw[:200])
 
 
 async def test_a_20000_name_fanout_is_refused_while_healthz_answers(swap_stack):
@@ -227,3 +240,98 @@ def test_admin_output_shows_no_absolute_paths(swap_stack):
     with urllib.request.urlopen(swap_stack["root"].url + "/admin/allowlists", timeout=10) as r:
         text = r.read().decode()
     assert str(swap_stack["tmp"]) not in text and '"/' not in text
+
+
+async def _load_through(url: str, stop: asyncio.Event, seen: dict, fanout: bool = False) -> None:
+    body = msgpack.packb({"request_id": "r", **({"models": [{"name": "m", "version": "1"}]} if fanout else {}), "features": FEATURES})
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        while not stop.is_set():
+            async with s.post(url, data=body, headers=MP) as r:
+                raw = await r.read()
+                seen[r.status] = seen.get(r.status, 0) + 1
+                if r.status == 200:
+                    doc = decode_msgpack(raw)
+                    out = doc["results"]["m"] if fanout else doc
+                    value = float(out["outputs"]["score"].to_numpy().reshape(-1)[0])
+                    seen.setdefault("values", set()).add(value)
+            await asyncio.sleep(0.005)
+
+
+async def test_a_leaf_restarting_behind_the_root_never_answers_404(tmp_path):
+    """The leaf listens before its models are loaded; the root must not take its 503 'loading' for health."""
+    repo = tmp_path / "models"
+    _save(tmp_path / "old.pt", OLD, True)
+    for v in ["1"] + [str(i) for i in range(2, 200)]:  # many versions: a load long enough to be seen
+        (repo / "m" / v).mkdir(parents=True)
+        shutil.copy(tmp_path / "old.pt", repo / "m" / v / "model.pt")
+    lport = free_port()
+    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport)], lport, "/v2/health/ready", tmp_path, timeout=180)
+    cfg = tmp_path / "root.yaml"
+    cfg.write_text(json.dumps({"repositories": [str(repo)], "watch": False, "admin": {"on_service_port": True},
+                               "partitions": {"leaves": {"replicas": [leaf.url]}}, "models": {"m": "leaves"},
+                               "timeouts": {"request_s": 10, "health_interval_s": 0.3, "connect_s": 0.5}}))
+    rport = free_port()
+    root = start("root", ["root", "--config", str(cfg), "--port", str(rport)], rport, "/readyz", tmp_path, timeout=60)
+    stop = asyncio.Event()
+    seen: dict = {}
+    try:
+        task = asyncio.create_task(_load_through(root.url + "/v1/models/m/versions/1/score", stop, seen))
+        await asyncio.sleep(0.5)
+        leaf.stop()
+        leaf.start()  # same port, cold: listens while it loads 199 versions
+        await asyncio.to_thread(leaf.wait_ready, "/v2/health/ready", 180)
+        deadline = time.monotonic() + 60
+        before = seen.get(200, 0)
+        while seen.get(200, 0) < before + 20:  # serving again after the restart
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+    finally:
+        stop.set()
+        root.stop()
+        leaf.stop()
+    assert 404 not in seen, seen
+    assert 503 in seen, seen  # the restart was seen: a dead or loading leaf is a retryable 503, never a 404
+    assert set(k for k in seen if k != "values") <= {200, 503}, seen
+    assert seen["values"] == {6.0}, seen
+
+
+async def test_a_corrupt_archive_swapped_in_costs_no_request(swap_stack):
+    """Truncated archive, then a garbled signature: root keeps the last good allowlist, leaf the working model."""
+    stack = swap_stack
+    _install(stack, "old")
+    deadline = time.monotonic() + 60
+    while not await asyncio.to_thread(_converged, stack, OLD):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    stop = asyncio.Event()
+    seen: dict = {}
+    dst = stack["repo"] / "m" / "1" / "model.pt"
+    good = (stack["archives"] / "old.pt").read_bytes()
+    tasks = [asyncio.create_task(_load_through(stack["root"].url + ("/v1/score" if i % 2 else "/v1/models/m/versions/1/score"), stop, seen,
+                                               fanout=bool(i % 2))) for i in range(4)]
+    try:
+        for broken in (good[: len(good) // 2], good.replace(b'"input_names"', b'"input_namez"')):
+            tmp = dst.with_name(".broken.tmp")
+            tmp.write_bytes(broken)
+            os.replace(tmp, dst)
+            # Both sides must have seen it and reported it, while requests keep flowing.
+            deadline = time.monotonic() + 60
+            while True:
+                leaf_meta = await asyncio.to_thread(_get_json, stack["leaf"].url + "/v2/models/m/versions/1")
+                root_doc = await asyncio.to_thread(_get_json, stack["root"].url + "/admin/allowlists")
+                if "reload_error" in json.dumps(leaf_meta) and any("m/1" in p for p in root_doc["problems"]):
+                    break
+                assert time.monotonic() < deadline, (leaf_meta, root_doc["problems"])
+                await asyncio.sleep(0.2)
+            n = seen.get(200, 0)
+            while seen.get(200, 0) < n + 20:
+                assert time.monotonic() < deadline, seen
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        _install(stack, "old")
+    assert set(k for k in seen if k != "values") == {200}, seen
+    assert seen["values"] == {6.0}, seen
