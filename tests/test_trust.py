@@ -293,7 +293,8 @@ async def test_a_leaf_restarting_behind_the_root_never_answers_404(tmp_path):
         leaf.stop()
     assert 404 not in seen, seen
     assert 503 in seen, seen  # the restart was seen: a dead or loading leaf is a retryable 503, never a 404
-    assert set(k for k in seen if k != "values") <= {200, 503}, seen
+    # 502: a request that raced the stopping leaf's close of a keep-alive connection (not retried: it may have run).
+    assert set(k for k in seen if k != "values") <= {200, 502, 503}, seen
     assert seen["values"] == {6.0}, seen
 
 
