@@ -208,6 +208,38 @@ def test_limits_are_validated(tmp_path):
         parse_config({**base, "limits": {"max_connections": 0}}, "x.yaml", tmp_path)
 
 
+# ---------------------------------------------------------------------- the decoders alone
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_decoder_round_trips_in_any_chunking(name):
+    from trimmer.compression import Decoder, decompress
+
+    data = bytes(range(256)) * 2000 + PLAIN * 50
+    packed = ENCODERS[name](data)
+    enc = name.split("-raw")[0]
+    for size in (1, 13, 4096, len(packed)):
+        d = Decoder(enc, len(data))
+        out = []
+        for i in range(0, len(packed), size):
+            out += d.feed(packed[i:i + size])
+        out += d.finish()
+        assert b"".join(out) == data, size
+    assert decompress(packed + packed, enc, 3 * len(data)) == data + data if enc in ("gzip", "x-gzip", "lz4", "zstd") else True
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_decoder_stops_a_bomb_near_the_limit_and_rejects_garbage(name):
+    from trimmer.compression import PIECE, BodyTooLarge, DecompressError, decompress
+
+    enc = name.split("-raw")[0]
+    bomb = ENCODERS[name](bytes(64 * MiB))
+    with pytest.raises(BodyTooLarge) as info:
+        decompress(bomb, enc, MiB)
+    assert MiB < info.value.decoded <= MiB + 2 * PIECE + 2 * MiB  # zstd may overshoot by ~2 MiB (module docstring)
+    for bad in (GARBAGE.get(enc, b"\xff" * 40), ENCODERS[name](PLAIN)[:-3], b"", ENCODERS[name](PLAIN) + b"trailing garbage"):
+        with pytest.raises(DecompressError):
+            decompress(bad, enc, MiB)
+
+
 # ---------------------------------------------------------------------- decompression
 @pytest.fixture(scope="module")
 def gzip_bomb() -> bytes:
@@ -464,8 +496,34 @@ def leaf_env(tmp_path_factory):
                                "max_connections": 6}))
     port = free_port()
     leaf = start("leaf", ["leaf", "--config", str(cfg), "--port", str(port)], port, "/v2/health/ready", tmp, timeout=180)
-    yield {"leaf": leaf, "repo": repo}
-    leaf.stop()
+    root = None
+    try:
+        root_cfg = tmp / "root.yaml"
+        root_cfg.write_text(json.dumps({"repositories": [str(repo)], "watch": False, "partitions": {"leaves": {"replicas": [leaf.url]}},
+                                        "models": {"ranker": {"partition": "leaves", "default_version": "1"}}, "timeouts": {"request_s": 20}}))
+        rport = free_port()
+        root = start("root", ["root", "--config", str(root_cfg), "--port", str(rport)], rport, "/readyz", tmp, timeout=60)
+        yield {"leaf": leaf, "root": root, "repo": repo}
+    finally:
+        if root is not None:
+            root.stop()
+        leaf.stop()
+
+
+async def test_root_in_front_of_the_leaf_decodes_then_trims(leaf_env):
+    """Every encoding through the root gives the leaf's own answer to the plain body, bit for bit."""
+    from loadtest.payload import make_request, universe_for_models
+    from trimmer.codec import encode_msgpack
+    from trimmer.repository import scan_repository
+
+    sig = scan_repository(leaf_env["repo"]).versions[("ranker", "1")].signature
+    good = encode_msgpack(make_request(universe_for_models([sig], usage_ratio=0.5, seed=3), candidates=4, seed=3))
+    status, direct, _ = await post(leaf_env["leaf"].url + "/v1/models/ranker/versions/1/score", good)
+    assert status == 200, direct
+    for name, enc in ENCODERS.items():
+        status, got, _ = await post(leaf_env["root"].url + "/v1/models/ranker/score", enc(good), {"Content-Encoding": name.split("-raw")[0]})
+        assert status == 200, (name, got)
+        assert got == direct, name
 
 
 async def test_leaf_bomb_garbage_and_slow_clients(leaf_env, gzip_bomb):

@@ -47,7 +47,7 @@ class BodyTooLarge(TrimmerError):
     """The decoded body passed the caller's limit (HTTP 413). `decoded` is how many bytes were produced."""
 
     def __init__(self, encoding: str, limit: int, decoded: int) -> None:
-        super().__init__(f"decompressed {encoding} body exceeds {limit} bytes")
+        super().__init__(f"decompressed body exceeds {limit} bytes ({encoding})")
         self.encoding = encoding
         self.limit = limit
         self.decoded = decoded
@@ -106,21 +106,19 @@ class _Zlib:
             if d.eof:  # a gzip body may hold several members; anything else after the end is garbage
                 if not self.gzip or not data.lstrip(b"\x00"):
                     if data.strip(b"\x00"):
-                        raise DecompressError(f"{self.encoding} body has {len(data)} bytes of garbage after its end")
+                        raise DecompressError(f"cannot decompress {self.encoding} body: {len(data)} bytes of garbage after its end")
                     return
                 d = self.d = zlib.decompressobj(31)
             out = d.decompress(data, PIECE)
             if out:
                 yield out
-            data = d.unconsumed_tail
-            if d.eof:
-                data = d.unused_data + data
+            data = d.unused_data if d.eof else d.unconsumed_tail  # at the end both hold the rest: take it once
 
     def finish(self) -> Iterator[bytes]:
         if not self.started:
-            raise DecompressError(f"{self.encoding} body is empty")
+            raise DecompressError(f"cannot decompress {self.encoding} body: empty")
         if self.d is None or not self.d.eof:
-            raise DecompressError(f"{self.encoding} body is truncated")
+            raise DecompressError(f"cannot decompress {self.encoding} body: truncated")
         return iter(())
 
 
@@ -129,32 +127,35 @@ class _Lz4:
         import lz4.frame
 
         self.encoding = "lz4"
-        self.d = lz4.frame.LZ4FrameDecompressor()
+        self._new = lz4.frame.LZ4FrameDecompressor
+        self.d = self._new()
         self.started = False
+        self.ended = False  # the last frame fed so far is complete
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        d = self.d
         while data:
             self.started = True
+            if self.ended:  # another frame follows: a fresh decompressor (garbage fails in it)
+                self.d, self.ended = self._new(), False
+            d = self.d
             out = d.decompress(data, max_length=PIECE)
             data = b""
             if out:
                 yield out
-            while not d.needs_input:  # more output from the input it holds
+            while not d.eof and not d.needs_input:  # more output from the input it holds
                 out = d.decompress(b"", max_length=PIECE)
                 if not out:
                     break
                 yield out
             if d.eof:
-                rest = d.unused_data
-                if rest:  # another frame follows (the decompressor reset itself)
-                    data = rest
+                self.ended = True
+                data = d.unused_data or b""
 
     def finish(self) -> Iterator[bytes]:
         if not self.started:
-            raise DecompressError("lz4 body is empty")
-        if not self.d.eof:
-            raise DecompressError("lz4 body is truncated")
+            raise DecompressError("cannot decompress lz4 body: empty")
+        if not self.ended:
+            raise DecompressError("cannot decompress lz4 body: truncated")
         return iter(())
 
 
@@ -191,9 +192,9 @@ class _Zstd:
 
     def finish(self) -> Iterator[bytes]:
         if not self.started:
-            raise DecompressError("zstd body is empty")
+            raise DecompressError("cannot decompress zstd body: empty")
         if not self.d.eof:
-            raise DecompressError("zstd body is truncated")
+            raise DecompressError("cannot decompress zstd body: truncated")
         return iter(())
 
 
@@ -210,7 +211,7 @@ class _Brotli:
         if data:
             self.started = True
             if d.is_finished():
-                raise DecompressError(f"br body has {len(data)} bytes of garbage after its end")
+                raise DecompressError(f"cannot decompress br body: {len(data)} bytes of garbage after its end")
             out = d.process(data, output_buffer_limit=PIECE)
             if out:
                 yield out
@@ -222,9 +223,9 @@ class _Brotli:
 
     def finish(self) -> Iterator[bytes]:
         if not self.started:
-            raise DecompressError("br body is empty")
+            raise DecompressError("cannot decompress br body: empty")
         if not self.d.is_finished():
-            raise DecompressError("br body is truncated")
+            raise DecompressError("cannot decompress br body: truncated")
         return iter(())
 
 
