@@ -206,7 +206,7 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
     try:
         encoding = normalize(request.headers.get("Content-Encoding"))
     except UnsupportedEncoding as exc:
-        _count_decode(request, request.headers.get("Content-Encoding", "")[:20].strip().lower(), "unsupported")
+        _count_decode(request, "other", "unsupported")  # not the client's string: labels stay bounded
         raise web.HTTPUnsupportedMediaType(reason=str(exc)) from None
     if n is not None and encoding is None and "chunked" not in request.headers.get("Transfer-Encoding", ""):
         body = await read_chunks(request, n, stream.feed if stream is not None else None)  # as received: no copy
