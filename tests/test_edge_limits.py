@@ -289,6 +289,7 @@ async def test_unknown_encoding_is_a_json_415(env):
     status, body, headers = await post(env["fast"].url + "/v1/models/echo/score", PLAIN, {"Content-Encoding": "compress"})
     assert status == 415 and headers["Content-Type"].startswith("application/json")
     assert "Content-Encoding" in json.loads(body)["error"]
+    assert metric(await scrape(env["fast_admin"]), "trimmer_root_decoded_bodies_total", encoding="other", outcome="unsupported") >= 1
 
 
 @pytest.mark.parametrize("encoding", sorted(ENCODERS))
