@@ -10,6 +10,8 @@ import sys
 import torch
 from aiohttp import web
 
+from trimmer.edge import EdgeLimits, EdgeMetrics, handler_args
+from trimmer.edge import install as install_edge
 from trimmer.errors import ConfigError
 from trimmer.malloc import tune_for_large_bodies
 
@@ -39,12 +41,16 @@ async def serve(config: LeafConfig) -> None:
     metrics = LeafMetrics(config.feature_series_limit)
     store = ModelStore(config.repo, config, metrics, device)
     app = make_app(store, metrics, config)
-    # auto_decompress=False: the leaf decodes Content-Encoding itself (lz4, zstd, gzip) with a size bound.
     # shutdown_timeout bounds how long SIGTERM waits for in-flight requests (each one is answered: the
     # batchers keep running until the handlers are done, then drain).
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False,
+    # handler_args: auto_decompress=False (the leaf decodes Content-Encoding itself, bounded: trimmer/compression.py)
+    # and the keep-alive timeout; install_edge: header / body timeouts and the connection cap (trimmer/edge.py).
+    limits = EdgeLimits(config.header_timeout_s, config.body_timeout_s, config.keepalive_timeout_s, config.max_connections,
+                        config.body_min_rate)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **handler_args(limits),
                            shutdown_timeout=config.drain_timeout_s)
     await runner.setup()
+    install_edge(runner, limits, EdgeMetrics("trimmer_leaf", metrics.registry), "leaf")
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     try:
         await site.start()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from trimmer.edge import EdgeLimits
 from trimmer.errors import ConfigError
 from trimmer.overrides import check_section, load_yaml
 
@@ -27,6 +28,13 @@ class LeafConfig:
     batching: Batching = field(default_factory=Batching)
     models: dict[str, Batching] = field(default_factory=dict)  # per-model batching overrides
     max_body_bytes: int = 64 * 1024 * 1024
+    # Client limits (trimmer/edge.py): head within header_timeout_s, no body pause over body_timeout_s,
+    # idle keep-alive connections closed after keepalive_timeout_s, at most max_connections open.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 4096
+    body_min_rate: int = 1024  # bytes/s each body_timeout_s window must average
     rescan_interval_s: float = 2.0
     drain_timeout_s: float = 30.0  # bound on finishing a replaced/removed version's queued jobs, and on SIGTERM
     watch: bool = True
@@ -82,6 +90,11 @@ def load_config(path: str | None) -> LeafConfig:
             kw[key] = want(value)
     if kw.get("drain_timeout_s", 1.0) <= 0:
         raise ConfigError(f"{p}: drain_timeout_s must be a positive number of seconds")
+    try:  # the client limits' own checks (> 0), with the file's name
+        EdgeLimits(*(kw.get(k, getattr(LeafConfig, k)) for k in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "max_connections",
+                                                                      "body_min_rate")))
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     base = kw.get("batching", Batching())
     kw["models"] = {str(m): _batching(v, f"{p}: models.{m}", base) for m, v in kw.get("models", {}).items()}
     return LeafConfig(**kw)

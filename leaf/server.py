@@ -17,7 +17,6 @@ the handshake digest is compared with exactly that version (trimmer/handshake.py
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from typing import Any
@@ -28,6 +27,8 @@ from aiohttp import web
 
 from trimmer import codec
 from trimmer.codec import AUDIT_HEADER
+from trimmer.compression import BodyTooLarge, UnsupportedEncoding
+from trimmer.compression import decompress as _decompress
 from trimmer.errors import PayloadError
 from trimmer.handshake import MISMATCH_CODE, MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
 from trimmer.names import check_name
@@ -112,49 +113,13 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
 
 # ---------------------------------------------------------------------- body handling
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    enc = (encoding or "identity").strip().lower()
-    if enc in ("", "identity"):
-        return body
+    """Content-Encoding through the shared bounded decoders (trimmer/compression.py): 413 past `limit`, 400, 415."""
     try:
-        if enc == "lz4":
-            import lz4.frame
-
-            d = lz4.frame.LZ4FrameDecompressor()
-            out = d.decompress(body, max_length=limit + 1)
-            if len(out) > limit:
-                raise HTTPError(413, f"decompressed body exceeds {limit} bytes")
-            if not d.eof:
-                raise PayloadError("lz4 body is truncated")
-            return out
-        if enc in ("gzip", "x-gzip", "deflate"):
-            import zlib
-
-            d = zlib.decompressobj(wbits=47 if enc != "deflate" else 15)
-            out = d.decompress(body, limit + 1)
-            if len(out) > limit:
-                raise HTTPError(413, f"decompressed body exceeds {limit} bytes")
-            if not d.eof:
-                raise PayloadError(f"{enc} body is truncated")
-            return out
-        if enc == "zstd":
-            import zstandard
-
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
-            chunks, total = [], 0
-            while True:
-                chunk = reader.read(1 << 20)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > limit:
-                    raise HTTPError(413, f"decompressed body exceeds {limit} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except (HTTPError, PayloadError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - corrupt compressed data is the client's error
-        raise PayloadError(f"cannot decompress {enc} body: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use lz4, zstd or gzip")
+        return _decompress(body, encoding, limit)
+    except BodyTooLarge as exc:
+        raise HTTPError(413, str(exc)) from None
+    except UnsupportedEncoding as exc:
+        raise HTTPError(415, str(exc)) from None
 
 
 class VersionMetrics:

@@ -17,8 +17,12 @@ from typing import Any, Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from trimmer.codec import JSON, MSGPACK, media_type
+from trimmer.compression import BodyTooLarge, Decoder, DecompressError, UnsupportedEncoding, normalize
+from trimmer.edge import BodyBudget, EdgeLimits, EdgeMetrics, Lease, handler_args
+from trimmer.edge import install as install_edge
 from trimmer.errors import ConfigError, PayloadError
 from trimmer import oip_binary
 from trimmer.names import check_name
@@ -178,6 +182,7 @@ class RootState:
 
 # ---------------------------------------------------------------------- handlers
 STATE = web.AppKey("state", RootState)
+BUDGET = web.AppKey("body_budget", BodyBudget)  # set by serve(): limits.max_inflight_body_bytes across the process
 
 
 def _timeout(request: web.Request, cfg: RootConfig) -> float:
@@ -194,23 +199,93 @@ def _timeout(request: web.Request, cfg: RootConfig) -> float:
     return min(cfg.timeouts.request_s, ms / 1000.0)
 
 
+def _busy(budget: BodyBudget) -> web.HTTPServiceUnavailable:
+    return web.HTTPServiceUnavailable(
+        reason=f"server busy: request bodies in flight are at limits.max_inflight_body_bytes ({budget.cap} bytes); retry shortly",
+        headers={"Retry-After": "1"})
+
+
 async def _read_body(request: web.Request, route: str, stream: StreamTrim | None = None) -> Body:
+    """The request body, plain: within limits.max_body_bytes (also after decompression) and the process's body budget.
+
+    aiohttp's own inflation is off (trimmer/edge.py handler_args): a Content-Encoding body is decoded here,
+    chunk by chunk through trimmer/compression.py, and then trimmed like a plain one.
+    """
     state = request.app[STATE]
     limit = state.cfg.max_body_bytes
     n = request.content_length
     if n is not None and n > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=n)
-    if n is not None and not request.headers.get("Content-Encoding") and "chunked" not in request.headers.get("Transfer-Encoding", ""):
+    budget = request.app.get(BUDGET)
+    lease = None
+    if budget is not None:
+        lease = budget.lease()
+        asyncio.current_task().add_done_callback(lease.close)  # held until the response is written
+        if n is not None and not lease.take(n):
+            raise _busy(budget)
+    try:
+        encoding = normalize(request.headers.get("Content-Encoding"))
+    except UnsupportedEncoding as exc:
+        _count_decode(request, "other", "unsupported")  # not the client's string: labels stay bounded
+        raise web.HTTPUnsupportedMediaType(reason=str(exc)) from None
+    if n is not None and encoding is None and "chunked" not in request.headers.get("Transfer-Encoding", ""):
         body = await read_chunks(request, n, stream.feed if stream is not None else None)  # as received: no copy
+        received = len(body)
     else:
-        try:
-            body = Body.of(await request.read())
-            if stream is not None:
-                stream.feed(body.joined())
-        except ConnectionError:
-            raise PayloadError("request body truncated: client closed the connection mid-body") from None
-    state.metrics.child(state.metrics.client_bytes, (route,)).inc(len(body))
+        body, received = await _read_streamed(request, limit, encoding, lease if n is None else None, lease, stream)
+    state.metrics.child(state.metrics.client_bytes, (route,)).inc(received)
     return body
+
+
+def _count_decode(request: web.Request, encoding: str, outcome: str) -> None:
+    budget = request.app.get(BUDGET)
+    if budget is not None and budget.metrics is not None:
+        budget.metrics.decoded.labels(encoding or "?", outcome).inc()
+
+
+async def _read_streamed(request: web.Request, limit: int, encoding: str | None, raw_lease: Lease | None, out_lease: Lease | None,
+                         stream: StreamTrim | None) -> tuple[Body, int]:
+    """A chunked and/or Content-Encoding body: (plain body, bytes received). Raw and decoded sizes both stop at `limit`."""
+    decoder = Decoder(encoding, limit) if encoding is not None else None
+    budget = request.app.get(BUDGET)
+    chunks: list[bytes] = []
+    raw = 0
+    n = request.content_length
+
+    def keep(pieces: list[bytes]) -> None:
+        if decoder is not None and out_lease is not None and not out_lease.take(sum(map(len, pieces))):
+            raise _busy(budget)
+        for piece in pieces:
+            chunks.append(piece)
+            if stream is not None:
+                stream.feed(piece)
+
+    try:
+        content = request.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            raw += len(chunk)
+            if raw > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=raw)
+            if raw_lease is not None and not raw_lease.take(len(chunk)):
+                raise _busy(budget)
+            keep(decoder.feed(chunk) if decoder is not None else [chunk])
+        if n is not None and raw < n:
+            raise PayloadError(f"request body truncated: Content-Length {n}, got {raw} bytes")
+        if decoder is not None:
+            keep(decoder.finish())
+            _count_decode(request, encoding or "", "ok")
+    except (ConnectionError, RequestPayloadError):  # the client went away mid-body: its error, not a 500
+        raise PayloadError("request body truncated: client closed the connection mid-body") from None
+    except BodyTooLarge as exc:
+        _count_decode(request, exc.encoding, "too_large")
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=exc.decoded) from None
+    except DecompressError:
+        _count_decode(request, encoding or "", "corrupt")
+        raise
+    return Body(chunks), raw
 
 
 def _outcome_response(out) -> web.Response:
@@ -480,6 +555,8 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
         if exc.status < 400:
             raise
         resp = error_response(exc.status, exc.reason or "error")
+        if "Retry-After" in exc.headers:  # 503 from the body budget
+            resp.headers["Retry-After"] = exc.headers["Retry-After"]
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a bug: one line to the client, traceback to the log
@@ -537,15 +614,20 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
     state = RootState(cfg)
     await state.start()
     main, admin = build_apps(state)
+    edge_metrics = EdgeMetrics("trimmer_root", state.metrics.registry)
+    main[BUDGET] = BodyBudget(cfg.max_inflight_body_bytes, edge_metrics)
+    t = cfg.timeouts
+    limits = EdgeLimits(t.client_header_s, t.client_body_s, t.client_keepalive_s, cfg.max_connections, t.client_body_min_rate)
     runners: list[web.AppRunner] = []
     try:
         for app, host, port in ((main, cfg.host, cfg.port), (admin, cfg.admin_host, cfg.admin_port)):
             if app is None:
                 continue
-            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.timeouts.drain_s, access_log=None)
+            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.timeouts.drain_s, access_log=None, **handler_args(limits))
             await runner.setup()
             if app is main and not install_eager(runner, eager_stream_factory(state)):
                 log.info("trims start when the handler reads the body (eager trim off or unavailable)")
+            install_edge(runner, limits, edge_metrics, "root admin" if app is admin else "root")  # timeouts, connection cap
             site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
             await site.start()
             runners.append(runner)

@@ -38,6 +38,9 @@ VERSION_POLICIES = ("latest", "explicit")
 _UNKNOWN = {"policy", "partition"}
 _TIMEOUTS = {"connect_s", "request_s", "drain_s", "health_interval_s"}
 _LIMITS = {"max_body_bytes", "max_fanout_targets"}
+_TIMEOUTS = {"connect_s", "request_s", "drain_s", "health_interval_s", "client_header_s", "client_body_s", "client_body_min_rate",
+             "client_keepalive_s"}
+_LIMITS = {"max_body_bytes", "max_connections", "max_inflight_body_bytes"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,11 @@ class Timeouts:
     request_s: float = 5.0
     drain_s: float = 10.0
     health_interval_s: float = 2.0
+    # Client side (trimmer/edge.py), like nginx's client_header_timeout / client_body_timeout / keepalive_timeout.
+    client_header_s: float = 10.0  # connection start or first byte of a request head -> whole head
+    client_body_s: float = 30.0  # each window this long must bring client_body_min_rate bytes/s of body (0 bytes: stalled)
+    client_body_min_rate: int = 1024  # bytes/s; 0: only a full stall closes
+    client_keepalive_s: float = 75.0  # idle keep-alive connection
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,8 @@ class RootConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body_bytes: int = 64 * 1024 * 1024
     max_fanout_targets: int = 64  # models one /v1/score request may list; more -> 400
+    max_connections: int = 4096  # concurrent client connections per process; more are closed at once and counted
+    max_inflight_body_bytes: int = 4 * 64 * 1024 * 1024  # request body bytes held per process; past it 503 + Retry-After
     deadline_header: str = "X-Deadline-Ms"
     audit_sample_rate: float = 0.0  # fraction of trimmed requests also sent untrimmed and compared (root/audit.py)
     audit_max_concurrent: int = 8  # audits in flight at once; more are dropped and counted
@@ -303,6 +313,11 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
     if isinstance(audit_tol, bool) or not isinstance(audit_tol, (int, float)) or not 0.0 <= audit_tol < 1.0:
         raise ConfigError(f"{path}: audit_tolerance: must be a number >= 0 and < 1 (0: bit for bit), got {audit_tol!r}")
     overrides = _paths(doc.get("overrides"), f"{path}: overrides", base, "file")
+    max_body = _num(limits.get("max_body_bytes"), f"{path}: limits.max_body_bytes", 64 * 1024 * 1024, 1, integer=True)
+    inflight = _num(limits.get("max_inflight_body_bytes"), f"{path}: limits.max_inflight_body_bytes", 4 * max_body, 1, integer=True)
+    if inflight < max_body:
+        raise ConfigError(f"{path}: limits.max_inflight_body_bytes ({inflight}) must be >= limits.max_body_bytes ({max_body}): "
+                          "one largest body must fit")
     if len(overrides) > 1:
         raise ConfigError(f"{path}: overrides: one file, not a list")
 
@@ -327,9 +342,15 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
             request_s=float(_num(timeouts.get("request_s"), f"{path}: timeouts.request_s", 5.0)),
             drain_s=float(_num(timeouts.get("drain_s"), f"{path}: timeouts.drain_s", 10.0)),
             health_interval_s=float(_num(timeouts.get("health_interval_s"), f"{path}: timeouts.health_interval_s", 2.0)),
+            client_header_s=float(_num(timeouts.get("client_header_s"), f"{path}: timeouts.client_header_s", 10.0)),
+            client_body_s=float(_num(timeouts.get("client_body_s"), f"{path}: timeouts.client_body_s", 30.0)),
+            client_body_min_rate=_num(timeouts.get("client_body_min_rate"), f"{path}: timeouts.client_body_min_rate", 1024, 0, integer=True),
+            client_keepalive_s=float(_num(timeouts.get("client_keepalive_s"), f"{path}: timeouts.client_keepalive_s", 75.0)),
         ),
-        max_body_bytes=_num(limits.get("max_body_bytes"), f"{path}: limits.max_body_bytes", 64 * 1024 * 1024, 1, integer=True),
         max_fanout_targets=_num(limits.get("max_fanout_targets"), f"{path}: limits.max_fanout_targets", 64, 1, integer=True),
+        max_body_bytes=max_body,
+        max_connections=_num(limits.get("max_connections"), f"{path}: limits.max_connections", 4096, 1, integer=True),
+        max_inflight_body_bytes=inflight,
         deadline_header=_str(doc.get("deadline_header"), f"{path}: deadline_header", default="X-Deadline-Ms"),
         audit_sample_rate=float(audit_rate),
         audit_tolerance=float(audit_tol),

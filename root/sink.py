@@ -3,7 +3,9 @@
 It reports what it received (feature / input names, top-level keys, body
 size, headers) instead of running a model, so tests can see exactly what the
 root forwarded, and the benchmark can measure the root without a model's cost.
-Run: `python -m root.sink --port N [--fail-model M] [--garbage-model M] [--delay-ms D] [--oip-inputs model=a,b] [--unversioned]`.
+`--echo-model M` answers M's requests with the exact (decoded) body received, so a test can compare
+the bytes the root forwarded with an independent oracle.
+Run: `python -m root.sink --port N [--fail-model M] [--garbage-model M] [--echo-model M] [--delay-ms D] [--oip-inputs model=a,b] [--unversioned]`.
 Never imports torch.
 """
 
@@ -34,7 +36,8 @@ def _decompress(body: bytes, encoding: str | None) -> bytes:
 
 
 def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list[str]], small: bool,
-              garbage_models: frozenset[str] = frozenset(), unversioned: bool = False) -> web.Application:
+              garbage_models: frozenset[str] = frozenset(), echo_models: frozenset[str] = frozenset(),
+              unversioned: bool = False) -> web.Application:
     # auto_decompress off: aiohttp would try to decode zstd itself (needs backports.zstd); we decode lz4/zstd here.
     app = web.Application(client_max_size=1 << 30, handler_args={"auto_decompress": False})
 
@@ -51,6 +54,8 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
         if small:
             return web.Response(body=b"\x81\xa2ok\xc3", content_type="application/msgpack")
         body = _decompress(raw, request.headers.get("Content-Encoding"))
+        if name in echo_models:
+            return web.Response(body=body, content_type=request.content_type or "application/msgpack")
         is_mp = "msgpack" in (request.content_type or "")
         dec = _mp if is_mp else _js
         top = dec.decode(body)
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--fail-model", action="append", default=[])
     p.add_argument("--garbage-model", action="append", default=[], help="answer 200 with an undecodable body for this model")
+    p.add_argument("--echo-model", action="append", default=[], help="answer this model's requests with the body received")
     p.add_argument("--delay-ms", type=float, default=0.0)
     p.add_argument("--oip-inputs", action="append", default=[], help="model=name1,name2 (served as OIP metadata)")
     p.add_argument("--small", action="store_true", help="answer a fixed tiny body without decoding (benchmark)")
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(build_app(set(a.fail_model), a.delay_ms, oip, a.small, frozenset(a.garbage_model), a.unversioned), host=a.host, port=a.port, print=None, access_log=None,
+    web.run_app(build_app(set(a.fail_model), a.delay_ms, oip, a.small, frozenset(a.garbage_model),
+                          frozenset(a.echo_model), a.unversioned), host=a.host, port=a.port, print=None, access_log=None,
                 shutdown_timeout=2)
 
 

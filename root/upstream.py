@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from trimmer.compression import compressor as _compressor
+
 from .body import Body, outgoing
 from .config import PartitionConfig, Timeouts
 from .metrics import Metrics
@@ -54,19 +56,6 @@ class UpstreamResponse:
     headers: dict[str, str]
     replica: str
     sent_bytes: int
-
-
-def _compressor(kind: str):
-    if kind == "lz4":
-        import lz4.frame
-
-        return lambda b: lz4.frame.compress(b, compression_level=0)
-    if kind == "zstd":
-        import zstandard
-
-        cctx = zstandard.ZstdCompressor(level=1)
-        return cctx.compress
-    return None
 
 
 class Partition:

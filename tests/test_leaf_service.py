@@ -324,7 +324,7 @@ RAW_BAD = [
     ("/v1/models/ranker/score", b"[1", {"Content-Type": "application/json"}, 400),
     ("/v1/models/ranker/score", b"garbage", {**MSGPACK, "Content-Encoding": "lz4"}, 400),
     ("/v1/models/ranker/score", b"garbage", {**MSGPACK, "Content-Encoding": "zstd"}, 400),
-    ("/v1/models/ranker/score", b"x", {**MSGPACK, "Content-Encoding": "br"}, 415),
+    ("/v1/models/ranker/score", b"x", {**MSGPACK, "Content-Encoding": "compress"}, 415),
     ("/v2/models/ranker/infer", b'{"inputs": 3}', {"Content-Type": "application/json"}, 400),
     ("/v2/models/ranker/infer", b'{"inputs": [{"name": "cand_ctr", "shape": [2], "datatype": "FP99", "data": [1, 2]}]}',
      {"Content-Type": "application/json"}, 400),

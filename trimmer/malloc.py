@@ -41,3 +41,30 @@ def tune_for_large_bodies() -> bool:
     ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     log.debug("malloc tuning for large bodies %s", "applied" if ok else "refused")
     return ok
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def release_free_memory() -> bool:
+    """glibc malloc_trim(0): hand every free heap page back to the kernel, not only the top of the heap.
+
+    With the thresholds above, memory freed after a burst of large bodies stays
+    mapped for reuse; after slow clients that pinned hundreds of MB have gone,
+    the server calls this (trimmer/edge.py `BodyBudget`) so RSS comes back.
+    Costs a walk of the free lists (about a millisecond per 100 MB freed). False off glibc.
+    """
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        if not name:
+            return False
+        try:
+            _libc = ctypes.CDLL(name)
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            return False
+    try:
+        return bool(_libc.malloc_trim(0))
+    except AttributeError:
+        return False
