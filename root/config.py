@@ -36,11 +36,9 @@ _METADATA = {"models", "refresh_s"}
 _MODEL = {"partition", "default_version", "version_policy"}
 VERSION_POLICIES = ("latest", "explicit")
 _UNKNOWN = {"policy", "partition"}
-_TIMEOUTS = {"connect_s", "request_s", "drain_s", "health_interval_s"}
-_LIMITS = {"max_body_bytes", "max_fanout_targets"}
 _TIMEOUTS = {"connect_s", "request_s", "drain_s", "health_interval_s", "client_header_s", "client_body_s", "client_body_min_rate",
              "client_keepalive_s"}
-_LIMITS = {"max_body_bytes", "max_connections", "max_inflight_body_bytes"}
+_LIMITS = {"max_body_bytes", "max_connections", "max_inflight_body_bytes", "max_fanout_targets"}
 
 
 @dataclass(frozen=True)
