@@ -202,8 +202,12 @@ def _run_drift(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # the base install (no [loadtest] extra): the same report as JSON
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
 
     console = Console()
     t = Table(title=f"allowlist drift at {base} (counts since each leaf started)", title_justify="left")
