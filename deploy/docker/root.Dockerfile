@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# The root (`trimmer root`): trims fan-out payloads per model. No torch, no
+# plotting or benchmarking libraries: the base install only (pyproject.toml).
+#
+#   make image                                   # or, from the repository root:
+#   docker build -f deploy/docker/root.Dockerfile -t feature-trimmer-root:0.1.0 .
+#   docker run --rm -p 8080:8080 -v "$PWD/deploy/k8s/base/config:/etc/trimmer:ro" feature-trimmer-root:0.1.0
+#
+# Config at /etc/trimmer/root.yaml (a ConfigMap in deploy/k8s/), bundles under
+# /var/lib/trimmer/bundles. Runs as uid 10001. Target size: < 250 MB.
+
+ARG PYTHON_VERSION=3.11
+
+# ---- build: compile the C accelerators into a wheel (needs a compiler the runtime image does not carry)
+FROM python:${PYTHON_VERSION}-slim AS build
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md LICENSE ./
+COPY trimmer trimmer
+COPY root root
+COPY leaf leaf
+COPY loadtest loadtest
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# ---- runtime
+FROM python:${PYTHON_VERSION}-slim
+LABEL org.opencontainers.image.title="feature-trimmer root" \
+      org.opencontainers.image.description="Send what you use: trims ML-serving fan-out payloads to each model's feature allowlist" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /wheels /wheels
+# The wheel pins nothing; its dependencies resolve from the index at build time (base install, no extras).
+RUN pip install --no-cache-dir /wheels/*.whl \
+ && rm -rf /wheels \
+ && useradd --system --uid 10001 --no-log-init --no-create-home --shell /usr/sbin/nologin trimmer \
+ && mkdir -p /etc/trimmer /var/lib/trimmer/bundles
+ENV PYTHONUNBUFFERED=1 \
+    TRIMMER_HEALTH_URL=http://127.0.0.1:8080/healthz
+USER 10001
+# 8080: service port (listen.port). 9901: admin listener (/metrics, /admin/*) when the config sets admin.port.
+EXPOSE 8080 9901
+# No curl in the slim image: the interpreter does the probe. Point TRIMMER_HEALTH_URL elsewhere if listen.port differs.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['TRIMMER_HEALTH_URL'], timeout=2)"]
+ENTRYPOINT ["trimmer", "root"]
+CMD ["--config", "/etc/trimmer/root.yaml"]
