@@ -112,6 +112,7 @@ class RootState:
             task = asyncio.ensure_future(self.registry.watch(self._stop))
             while not task.done():
                 await asyncio.sleep(0.5)
+                self.metrics.sync_sources(self.registry.source_states())  # per-source reload metrics, every worker
                 if self.registry.snapshot.generation != gen:
                     gen = self.registry.snapshot.generation
                     self.metrics.registry_reloads.inc()
@@ -329,7 +330,9 @@ async def handle_readyz(request: web.Request) -> web.Response:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    body, ctype = request.app[STATE].metrics.exposition()
+    state = request.app[STATE]
+    state.metrics.sync_sources(state.registry.source_states())
+    body, ctype = state.metrics.exposition()
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = ctype
     return resp

@@ -345,6 +345,10 @@ class Registry:
     def _all_states(self) -> list[SourceState]:
         return list(self._states.values()) + ([self._overrides_state] if self._overrides_path else [])
 
+    def source_states(self) -> list[tuple[str, SourceState]]:
+        """(kind, state) of every source, the overrides file included: for metrics, cheap (no snapshot walk)."""
+        return [("overrides" if st is self._overrides_state else st.source.kind, st) for st in self._all_states()]
+
     @property
     def sources(self) -> list[SourceState]:
         return list(self._states.values())
