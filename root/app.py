@@ -29,6 +29,7 @@ from .drift import gather_drift
 from .eager import handler_of as eager_handler_of
 from .eager import install as install_eager
 from .fanout import PreparedBody, RouteError, Router, fan_out, native_path
+from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
 from .upstream import Partition, UpstreamError
@@ -368,6 +369,8 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
     """Every failure leaves as JSON {"error": ...}; counts requests by route and status."""
     route = request.match_info.route.name or "other"
     metrics = request.app[STATE].metrics
+    rid = request_id_for(request.headers)
+    request_id.set(rid)  # this handler's context (and tasks it starts, e.g. its audit): log lines carry the id
     try:
         resp = await handler(request)
     except PayloadError as exc:
@@ -384,6 +387,8 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
         log.exception("unhandled error on %s %s", request.method, request.path)
         resp = error_response(500, f"internal error: {type(exc).__name__}")
     metrics.child(metrics.client_requests, (route, str(resp.status))).inc()
+    if not resp.prepared:
+        resp.headers[REQUEST_ID_HEADER] = rid
     return resp
 
 

@@ -43,7 +43,9 @@ def _load(args: argparse.Namespace):
 
 
 def _run_root(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("TRIMMER_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure as configure_logs
+
+    configure_logs(args.log_format)
     cfg = _load(args)
     if cfg.workers > 1 and not args.worker:
         return _supervise(args, cfg)
@@ -135,6 +137,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="override listen.host")
     p.add_argument("--port", type=int, help="override listen.port")
     p.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT); overrides workers")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="text (default) or json: one object per line with the request id (env TRIMMER_LOG_FORMAT)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_root_entry)
     rsub = p.add_subparsers(dest="root_command", metavar="ACTION")
