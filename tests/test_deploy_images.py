@@ -69,16 +69,22 @@ def test_final_stage_non_root_with_healthcheck(name: str) -> None:
     assert any(ln.upper().startswith("ENTRYPOINT ") and f'"{name}"' in ln for ln in stage)
 
 
+def _runs(text: str) -> list[str]:
+    joined = re.sub(r"\\\n", " ", text)
+    return [ln.strip() for ln in joined.splitlines() if ln.strip().upper().startswith("RUN ")]
+
+
 def test_root_image_has_no_torch_or_extras() -> None:
-    stage = _final_stage(FILES["root"].read_text())
-    runs = " ".join(ln for ln in stage if ln.upper().startswith("RUN "))
-    assert "pip install" in runs
-    assert "torch" not in runs
-    assert "[" not in runs  # the base install: no extras
+    text = FILES["root"].read_text()
+    installs = [r for r in _runs(text) if "pip install" in r]
+    assert installs and all("torch" not in r and "[" not in r for r in installs)  # the base install: no extras
+    assert any("slim-site /opt/trimmer" in r for r in _runs(text))
+    assert any(ln.startswith("COPY --from=build /opt/trimmer /opt/trimmer") for ln in _final_stage(text))
 
 
 def test_leaf_image_installs_cpu_torch_by_default() -> None:
     text = FILES["leaf"].read_text()
+    assert any("[leaf]" in r for r in _runs(text))
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
     assert "cu1" in text  # the CUDA variant is documented in the file
 

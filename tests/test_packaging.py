@@ -109,3 +109,30 @@ def test_real_root_from_fresh_venv(fresh: Path, tmp_path: Path) -> None:
     finally:
         root.stop()
         sink.stop()
+
+
+# python:3.11-slim is about 125 MB; the root image adds /opt/trimmer, slimmed by deploy/docker/slim-site.sh.
+IMAGE_BUDGET_MB, SLIM_BASE_MB = 250, 130
+
+
+def test_root_install_fits_the_image_budget(fresh: Path, tmp_path: Path) -> None:
+    """The same install and the same slimming as root.Dockerfile, measured: base + environment < 250 MB."""
+    if shutil.which("strip") is None:
+        pytest.skip("strip (binutils) not installed: cannot slim the environment as the image build does")
+    env = tmp_path / "opt-trimmer"
+    shutil.copytree(fresh, env, symlinks=True)
+    r = _run(["sh", str(REPO / "deploy" / "docker" / "slim-site.sh"), str(env)])
+    assert r.returncode == 0, r.stderr
+    total = sum(f.stat().st_size for f in env.rglob("*") if f.is_file() and not f.is_symlink())
+    mb = total / 1e6
+    assert SLIM_BASE_MB + mb < IMAGE_BUDGET_MB, f"the root environment is {mb:.0f} MB; with the slim base that exceeds {IMAGE_BUDGET_MB} MB"
+    # Still works after slimming (nothing it imports was removed).
+    probe = ("import root.app, numpy, zstandard, lz4.frame, uvloop, msgspec\n"
+             "from trimmer.trim import ACCELERATED, trim\n"
+             "body = msgspec.msgpack.encode({'features': {'a': 1, 'b': 2}})\n"
+             "assert ACCELERATED and msgspec.msgpack.decode(trim(body, frozenset({'a'}), 'application/msgpack').body) == {'features': {'a': 1}}\n"
+             "assert float(numpy.linalg.norm(numpy.ones(4))) == 2.0 and zstandard.ZstdDecompressor().decompress("
+             "zstandard.ZstdCompressor().compress(body)) == body\n"
+             "print('ok')")
+    r = _run([str(env / "bin" / "python"), "-c", probe], cwd="/")
+    assert r.stdout.strip() == "ok", r.stderr

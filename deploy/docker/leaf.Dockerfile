@@ -30,21 +30,25 @@ COPY root root
 COPY leaf leaf
 COPY loadtest loadtest
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
-
-FROM python:${PYTHON_VERSION}-slim
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
+# torch first, from the chosen wheel index (an unpinned `torch` from PyPI would pull a multi-GB
+# CUDA build), then the project with the [leaf] extra. Not stripped like the root's: torch's and
+# CUDA's libraries are left exactly as built.
+RUN python -m venv /opt/trimmer \
+ && /opt/trimmer/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+ && /opt/trimmer/bin/pip install --no-cache-dir "$(ls /wheels/*.whl)[leaf]"
+
+FROM python:${PYTHON_VERSION}-slim
 LABEL org.opencontainers.image.title="feature-trimmer leaf" \
       org.opencontainers.image.description="Model worker for feature-trimmer: typed tensors in, TorchScript / torch.export out" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /wheels /wheels
-# torch first, from the chosen wheel index (an unpinned `torch` from PyPI would pull a multi-GB CUDA build).
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
- && pip install --no-cache-dir "$(ls /wheels/*.whl)[leaf]" \
- && rm -rf /wheels \
- && useradd --system --uid 10001 --no-log-init --no-create-home --shell /usr/sbin/nologin trimmer \
+COPY --from=build /opt/trimmer /opt/trimmer
+RUN useradd --system --uid 10001 --no-log-init --no-create-home --shell /usr/sbin/nologin trimmer \
  && mkdir -p /models
-ENV PYTHONUNBUFFERED=1 \
+ENV PATH=/opt/trimmer/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
     TRIMMER_HEALTH_URL=http://127.0.0.1:8001/v2/health/live
 USER 10001
 EXPOSE 8001

@@ -15,7 +15,7 @@ ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && apt-get install -y --no-install-recommends gcc libc6-dev binutils \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md LICENSE ./
@@ -24,19 +24,24 @@ COPY root root
 COPY leaf leaf
 COPY loadtest loadtest
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# The runtime environment, built here where the compiler and binutils are: the base install (no
+# extras, no torch), then stripped of debug symbols and bundled test suites (slim-site.sh).
+# The wheel pins nothing; dependencies resolve from the index at build time.
+COPY deploy/docker/slim-site.sh /usr/local/bin/slim-site
+RUN python -m venv /opt/trimmer \
+ && /opt/trimmer/bin/pip install --no-cache-dir /wheels/*.whl \
+ && slim-site /opt/trimmer
 
 # ---- runtime
 FROM python:${PYTHON_VERSION}-slim
 LABEL org.opencontainers.image.title="feature-trimmer root" \
       org.opencontainers.image.description="Send what you use: trims ML-serving fan-out payloads to each model's feature allowlist" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /wheels /wheels
-# The wheel pins nothing; its dependencies resolve from the index at build time (base install, no extras).
-RUN pip install --no-cache-dir /wheels/*.whl \
- && rm -rf /wheels \
- && useradd --system --uid 10001 --no-log-init --no-create-home --shell /usr/sbin/nologin trimmer \
+COPY --from=build /opt/trimmer /opt/trimmer
+RUN useradd --system --uid 10001 --no-log-init --no-create-home --shell /usr/sbin/nologin trimmer \
  && mkdir -p /etc/trimmer /var/lib/trimmer/bundles
-ENV PYTHONUNBUFFERED=1 \
+ENV PATH=/opt/trimmer/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
     TRIMMER_HEALTH_URL=http://127.0.0.1:8080/healthz
 USER 10001
 # 8080: service port (listen.port). 9901: admin listener (/metrics, /admin/*) when the config sets admin.port.
