@@ -17,8 +17,10 @@
 # Models at /models (<model>/<version>/model.pt|model.pt2). Runs as uid 10001.
 
 ARG PYTHON_VERSION=3.11
+# Any Debian-based image with python, pip and venv (a registry mirror, a hardened base).
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${BASE_IMAGE} AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -39,7 +41,7 @@ RUN python -m venv /opt/trimmer \
  && /opt/trimmer/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
  && /opt/trimmer/bin/pip install --no-cache-dir "$(ls /wheels/*.whl)[leaf]"
 
-FROM python:${PYTHON_VERSION}-slim
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="feature-trimmer leaf" \
       org.opencontainers.image.description="Model worker for feature-trimmer: typed tensors in, TorchScript / torch.export out" \
       org.opencontainers.image.licenses="Apache-2.0"

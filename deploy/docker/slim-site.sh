@@ -8,4 +8,4 @@ dir="$1"
 # Not the libraries auditwheel vendors into <pkg>.libs/: patched ELF files that strip would corrupt.
 find "$dir" -name '*.so*' -type f -not -path '*.libs/*' -exec strip --strip-unneeded {} + 2>/dev/null || true
 find "$dir" -type d -path '*/site-packages/*' -name tests -prune -exec rm -rf {} +
-rm -rf "$dir"/lib/python3*/site-packages/pip "$dir"/lib/python3*/site-packages/pip-*.dist-info
+rm -rf "$dir"/lib/python3*/site-packages/pip "$dir"/lib/python3*/site-packages/pip-*.dist-info "$dir"/bin/pip "$dir"/bin/pip3*
