@@ -34,3 +34,11 @@ soak: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Container images (deploy/docker/): podman when present, else docker. IMAGE_TAG=... to tag.
+IMAGE_TAG ?= 0.1.0
+CONTAINER ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null || echo docker)
+.PHONY: image
+image:
+	$(CONTAINER) build -f deploy/docker/root.Dockerfile -t feature-trimmer-root:$(IMAGE_TAG) .
+	$(CONTAINER) build -f deploy/docker/leaf.Dockerfile -t feature-trimmer-leaf:$(IMAGE_TAG) .

@@ -26,12 +26,12 @@ from trimmer.errors import ConfigError
 from trimmer.overrides import check_section as _section
 from trimmer.overrides import load_yaml
 
-from .payload import KINDS, REFERENCE_MIX
+from .payload import KINDS, PROFILES, REFERENCE_MIX
 from .runner import LoadSpec
 from .scenarios import SCENARIOS
 
 _TOP = {"out", "repo", "leaf_url", "models", "payload", "load", "scenarios", "link_rates", "root", "sample_rss_s"}
-_PAYLOAD = {"usage_ratio", "candidates", "seed", "distinct", "mix"}
+_PAYLOAD = {"usage_ratio", "candidates", "seed", "distinct", "mix", "profile"}
 _LOAD = {"mode", "rate", "concurrency", "duration_s", "count", "warmup_s", "timeout_s", "max_inflight"}
 _ROOT = {"workers", "max_connections", "extra"}
 _MODEL = {"name", "version"}
@@ -50,6 +50,7 @@ class PayloadSpec:
     seed: int = 0
     distinct: int = 8
     mix: dict[str, float] = field(default_factory=lambda: dict(REFERENCE_MIX))
+    profile: str = "random"  # value distributions: random (incompressible) | realistic (loadtest/payload.py)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def parse_loadtest_config(doc: Any, path: str = "loadtest.yaml", base: Path | No
         seed=_number(p.get("seed"), f"{path}: payload.seed", 0, integer=True, minimum=0),
         distinct=_number(p.get("distinct"), f"{path}: payload.distinct", 8, integer=True, minimum=1),
         mix=mix,
+        profile=_profile(p.get("profile"), f"{path}: payload.profile"),
     )
 
     ld = _section(doc.get("load"), _LOAD, f"{path}: load")
@@ -215,6 +217,14 @@ def parse_loadtest_config(doc: Any, path: str = "loadtest.yaml", base: Path | No
         leaf_url=leaf_url,
         sample_rss_s=float(_number(doc.get("sample_rss_s"), f"{path}: sample_rss_s", 0.0, minimum=0)),
     )
+
+
+def _profile(value: Any, where: str) -> str:
+    if value is None:
+        return "random"
+    if value not in PROFILES:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(PROFILES)}")
+    return value
 
 
 def load_loadtest_config(path: str | os.PathLike[str]) -> LoadtestConfig:

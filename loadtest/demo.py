@@ -29,7 +29,9 @@ def demo_config(out: Path, duration_s: float | None = None) -> LoadtestConfig:
         out=out,
         repo=None,  # build the demo repository into <out>/models
         models=(ModelTarget("ranker"), ModelTarget("retrieval")),
-        payload=PayloadSpec(usage_ratio=0.2, candidates=256, seed=0, distinct=8),
+        # Realistic values (quantised, sparse, repeated ids, short vocabularies), so lz4 and zstd are
+        # compared with trimming on data they can compress; `payload.profile: random` in a loadtest config for the worst case.
+        payload=PayloadSpec(usage_ratio=0.2, candidates=256, seed=0, distinct=8, profile="realistic"),
         load=LoadSpec(mode="open", rate=DEMO_RATE, duration_s=duration_s or DEMO_DURATION_S, warmup_s=DEMO_WARMUP_S, timeout_s=10.0),
         scenarios=tuple(SCENARIOS),
     )

@@ -97,7 +97,7 @@ def build_workload(cfg: LoadtestConfig, repo: Path) -> Workload:
         url_path = f"/v1/models/{t.name}/score" if t.version is None else f"/v1/models/{t.name}/versions/{t.version}/score"
     bodies, untrimmed, minimum = [], 0, 0
     for i in range(p.distinct):
-        req = make_request(universe, p.candidates, p.seed + i)
+        req = make_request(universe, p.candidates, p.seed + i, profile=p.profile)
         forwarded = encode_msgpack(req)  # what the root forwards untrimmed (fan-out strips "models")
         if fan_out:
             req = {**req, "models": [{"name": t.name, **({"version": t.version} if t.version else {})} for t in cfg.models]}
@@ -390,7 +390,7 @@ def run_matrix(cfg: LoadtestConfig, out: Path, progress_factory: ProgressFactory
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": cfg.path,
         "models": [f"{t['model']}/{t['version']}" for t in workload.targets],
-        "payload": workload.to_json(),
+        "payload": {**workload.to_json(), "profile": cfg.payload.profile},
         "load": {"mode": load.mode, "rate": load.rate, "concurrency": load.concurrency, "duration_s": load.duration_s, "count": load.count,
                  "warmup_s": load.warmup_s, "timeout_s": load.timeout_s},
         "scenarios": rows,

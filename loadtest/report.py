@@ -85,7 +85,8 @@ def cells(r: dict[str, Any], cols: Sequence[str]) -> list[str]:
 
 
 def rich_table(report: dict[str, Any]) -> Table:
-    t = Table(title="root -> leaf bytes, latency and root CPU by mode", title_justify="left")
+    profile = report.get("payload", {}).get("profile", "random")
+    t = Table(title=f"root -> leaf bytes, latency and root CPU by mode ({profile} feature values)", title_justify="left")
     cols = columns(report)
     for c in cols:
         t.add_column(c, justify="left" if c in ("scenario", "link", "relay vs root", AUDIT_COLUMN) else "right", no_wrap=True)
@@ -104,7 +105,7 @@ def markdown(report: dict[str, Any]) -> str:
         + (f"{report['load']['rate']:g} req/s target" if report.get("load", {}).get("mode") == "open" else f"concurrency {report.get('load', {}).get('concurrency')}")
         + f", {report.get('load', {}).get('duration_s')} s measured after {report.get('load', {}).get('warmup_s')} s warm-up.", "",
         f"Payload: {p.get('features')} features ({p.get('used')} used by the target models, usage ratio {p.get('usage_ratio')}), "
-        f"{p.get('candidates')} candidates, {_fmt_bytes(p.get('body_bytes'))} per request; "
+        f"{p.get('candidates')} candidates, {p.get('profile', 'random')} values, {_fmt_bytes(p.get('body_bytes'))} per request; "
         f"minimum (kept features only) {_fmt_bytes(p.get('min_bytes'))}. Targets: {', '.join(report.get('models', []))}.", "",
         "Bytes are counted by a TCP relay between the root and the leaf (HTTP framing included, load requests only); "
         "`x min` is wire bytes per request over the bytes of the request with only the kept features; "

@@ -36,6 +36,7 @@ from .drift import gather_drift
 from .eager import handler_of as eager_handler_of
 from .eager import install as install_eager
 from .fanout import PreparedBody, RouteError, Router, _header, fan_out, native_path
+from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
 from .upstream import Partition, UpstreamError
@@ -125,6 +126,7 @@ class RootState:
             task = asyncio.ensure_future(self.registry.watch(self._stop))
             while not task.done():
                 await asyncio.sleep(0.5)
+                self.metrics.sync_sources(self.registry.source_states())  # per-source reload metrics, every worker
                 if self.registry.snapshot.generation != gen:
                     gen = self.registry.snapshot.generation
                     self.metrics.registry_reloads.inc()
@@ -509,7 +511,9 @@ async def handle_readyz(request: web.Request) -> web.Response:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    body, ctype = request.app[STATE].metrics.exposition()
+    state = request.app[STATE]
+    state.metrics.sync_sources(state.registry.source_states())
+    body, ctype = state.metrics.exposition()
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = ctype
     return resp
@@ -545,6 +549,8 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
     """Every failure leaves as JSON {"error": ...}; counts requests by route and status."""
     route = request.match_info.route.name or "other"
     metrics = request.app[STATE].metrics
+    rid = request_id_for(request.headers)
+    request_id.set(rid)  # this handler's context (and tasks it starts, e.g. its audit): log lines carry the id
     try:
         resp = await handler(request)
     except PayloadError as exc:
@@ -563,6 +569,8 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
         log.exception("unhandled error on %s %s", request.method, request.path)
         resp = error_response(500, f"internal error: {type(exc).__name__}")
     metrics.child(metrics.client_requests, (route, str(resp.status))).inc()
+    if not resp.prepared:
+        resp.headers[REQUEST_ID_HEADER] = rid
     return resp
 
 

@@ -50,7 +50,9 @@ def _run_root(args: argparse.Namespace) -> int:
     level = (args.log_level or os.environ.get("TRIMMER_LOG_LEVEL") or "INFO").upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level / TRIMMER_LOG_LEVEL: {level!r} is not one of {', '.join(LOG_LEVELS)}")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure as configure_logs
+
+    configure_logs(args.log_format, level)
     cfg = _load(args)
     if cfg.workers > 1 and not args.worker:
         return _supervise(args, cfg)
@@ -151,6 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT); overrides workers")
     p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper,
                    help="log level (default: TRIMMER_LOG_LEVEL, else INFO)")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="text (default) or json: one object per line with the request id (env TRIMMER_LOG_FORMAT)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_root_entry)
     rsub = p.add_subparsers(dest="root_command", metavar="ACTION")
@@ -218,8 +222,12 @@ def _run_drift(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # the base install (no [loadtest] extra): the same report as JSON
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
 
     console = Console()
     t = Table(title=f"allowlist drift at {base} (counts since each leaf started)", title_justify="left")

@@ -84,6 +84,14 @@ class Metrics:
         self.audits_dropped = Counter(f"{PREFIX}_audits_dropped", "Sampled audits not run because audit_max_concurrent were in flight", m, registry=r)
         self.audit_sent_bytes = Counter(f"{PREFIX}_audit_sent_bytes", "Body bytes of untrimmed audit copies sent upstream (not in upstream_sent_bytes)", m, registry=r)
         self.registry_reloads = Counter(f"{PREFIX}_allowlist_reloads", "Allowlist registry rebuilds (start, hot reload, metadata refresh)", registry=r)
+        # Per allowlist source (bundle, repository, overrides file, OIP metadata), synced from the registry's
+        # source states (sync_sources): a reload that fails keeps the last good allowlists, so only these show it.
+        self.source_reload_failures = Counter(
+            f"{PREFIX}_allowlist_reload_failures", "Failed loads of an allowlist source (last good kept), by source", ("source", "kind"), registry=r)
+        self.source_last_reload = Gauge(
+            f"{PREFIX}_allowlist_last_reload_timestamp_seconds", "Unix time of the last successful load of an allowlist source",
+            ("source", "kind"), registry=r, multiprocess_mode="max")
+        self._failures_seen: dict[str, int] = {}
 
     def child(self, metric, key: tuple[str, ...]):
         """`metric.labels(*key)`, memoised: labels() validates and locks (about 1.5 us), a dict hit costs ~0.1 us.
@@ -95,6 +103,18 @@ class Metrics:
         except KeyError:
             child = self._children[metric, key] = metric.labels(*key)
             return child
+
+    def sync_sources(self, states) -> None:
+        """Bring the per-source reload metrics up to date from `Registry.source_states()` (idempotent)."""
+        for kind, st in states:
+            key = (st.source.name, kind)
+            counter = self.child(self.source_reload_failures, key)  # the series exists (at 0) from the first sync
+            new = st.failures - self._failures_seen.get(key, 0)
+            if new > 0:
+                counter.inc(new)
+                self._failures_seen[key] = st.failures
+            if st.last_reload is not None:
+                self.child(self.source_last_reload, key).set(st.last_reload)
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) for GET /metrics; aggregated over all workers in multiprocess mode."""

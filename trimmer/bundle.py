@@ -66,6 +66,9 @@ def write_bundle(bundle: dict[str, Any], out: str | os.PathLike[str]) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    # mkstemp creates 0600; a bundle (feature names, no secrets) is read by a root running as another
+    # user (a container's uid 10001, a mounted volume), so make it world-readable like any written file.
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(bundle, fh, indent=1, sort_keys=True)
         fh.write("\n")

@@ -14,6 +14,9 @@ from .errors import TrimmerError
 
 SUBCOMMAND_MODULES = ("trimmer.cli_core", "leaf.cli", "root.cli", "loadtest.cli")
 
+# Modules only an extra installs (pyproject.toml): a command that needs one says which extra, in one line.
+OPTIONAL_MODULES = {"torch": "leaf", "rich": "loadtest", "matplotlib": "loadtest", "hdrh": "loadtest", "psutil": "loadtest"}
+
 
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -46,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except TrimmerError as exc:
         print(f"trimmer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = OPTIONAL_MODULES.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"trimmer {args.command}: error: needs {exc.name!r}, which the base install leaves out; "
+              f"pip install 'feature-trimmer[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"trimmer {args.command}: interrupted", file=sys.stderr)

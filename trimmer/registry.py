@@ -113,6 +113,15 @@ class StaticSource(Source):
         return self._data
 
 
+def _file_identity(path: Path) -> tuple[str, int, int, int] | None:
+    """What `path` resolves to now (symlinks followed): target, inode, mtime, size; None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
     """What to do with one (model, version) request. allowlist None means: forward untrimmed."""
@@ -449,8 +458,17 @@ class Registry:
             "models": models,
         }
 
+    def _watched_files(self) -> list[Path]:
+        """Single files the watcher reloads: the overrides file and bundle files (repositories are directories)."""
+        files = [st.source.path for st in self._states.values() if isinstance(st.source, BundleSource)]
+        return files + ([self._overrides_path] if self._overrides_path is not None else [])
+
     def _all_states(self) -> list[SourceState]:
         return list(self._states.values()) + ([self._overrides_state] if self._overrides_path else [])
+
+    def source_states(self) -> list[tuple[str, SourceState]]:
+        """(kind, state) of every source, the overrides file included: for metrics, cheap (no snapshot walk)."""
+        return [("overrides" if st is self._overrides_state else st.source.kind, st) for st in self._all_states()]
 
     @property
     def sources(self) -> list[SourceState]:
@@ -467,10 +485,20 @@ class Registry:
         if not paths:
             return
         loop = asyncio.get_running_loop()
+        files = self._watched_files()
+        seen = {f: _file_identity(f) for f in files}
         async for changes in awatch(
             *sorted(paths), debounce=debounce_ms, step=50, stop_event=stop_event, force_polling=force_polling, recursive=True
         ):
             changed = {Path(p).absolute() for _, p in changes}
+            # Kubernetes ConfigMap volumes: `name -> ..data/name`, and kubelet updates by renaming a new
+            # `..data` symlink over the old one. No event names `name` itself, so after any event in the
+            # watched directories, a file also counts as changed when what it resolves to changed.
+            for f in files:
+                now = _file_identity(f)
+                if now != seen[f]:
+                    seen[f] = now
+                    changed.add(f)
             names = [n for n, st in self._states.items() if any(st.source.affected_by(p) for p in changed)]
             if self._overrides_path in changed:
                 await loop.run_in_executor(None, self.reload_overrides)
