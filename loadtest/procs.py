@@ -40,6 +40,7 @@ class ManagedProcess:
     log_path: Path
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None  # relative paths in the command resolve here (default: the caller's)
 
     @property
     def pid(self) -> int:
@@ -51,7 +52,7 @@ class ManagedProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env}, start_new_session=True,
+            env={**os.environ, **self.env}, start_new_session=True, cwd=self.cwd,
         )
         log.close()
         return self
