@@ -41,9 +41,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _build_demo(args: argparse.Namespace) -> int:
     if args.items < 1000:
         raise ConfigError("--items must be at least 1000")
+    from .demo_cache import build_cached
     from .demo_models import build_demo
 
-    build_demo(args.out, n_items=args.items)
+    build_cached(args.out, lambda out: build_demo(out, n_items=args.items), items=args.items)
     return 0
 
 
