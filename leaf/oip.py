@@ -176,18 +176,28 @@ def _json_tensor(name: str, dtype: str, wire: str, shape: list[int], raw: msgspe
     return make_tensor(wire, tuple(shape), arr.tobytes())
 
 
-def _nested(name: str, dtype: str, kind: str, raw: msgspec.Raw) -> Any:
-    """`data` that is not a flat list of the datatype's values: nested row-major lists are accepted, anything
-    else is a 400 naming what was expected."""
+_ALLOWED = {"f": (int, float), "i": (int,), "u": (int,), "b": (bool,)}  # exact types: a bool is not an int here
+
+
+def _nested(name: str, dtype: str, kind: str, raw: msgspec.Raw) -> list:
+    """`data` that is not a flat list of the datatype's values (the slow path): nested row-major lists are
+    accepted, anything else (ragged lists, strings, booleans for numbers, floats for integers) is a 400."""
     want = {"f": "numbers", "i": "integers", "u": "integers", "b": "booleans"}[kind]
+    bad = PayloadError(f"input {name!r}: 'data' must be a (row-major, possibly nested) list of {dtype} values ({want})")
     try:
-        arr = np.asarray(_any.decode(raw))
-    except (ValueError, msgspec.DecodeError, RecursionError):
-        raise PayloadError(f"input {name!r}: 'data' must be a list of {dtype} values ({want}); got a ragged or invalid list") from None
-    ok = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}[kind]
-    if arr.dtype.kind not in ok or arr.ndim == 0:
-        raise PayloadError(f"input {name!r}: 'data' must be a list of {dtype} values ({want})")
-    return arr.reshape(-1).tolist()  # Python values again, so the cast below refuses out-of-range integers
+        obj = _any.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        raise bad from None
+    if not isinstance(obj, list):
+        raise bad
+    try:
+        flat = np.asarray(obj, dtype=object).reshape(-1).tolist()
+    except ValueError:  # ragged
+        raise bad from None
+    allowed = _ALLOWED[kind]
+    if not all(type(v) in allowed for v in flat):
+        raise bad
+    return flat
 
 
 def check_outputs(req: InferRequest, names: tuple[str, ...] | list[str]) -> None:
