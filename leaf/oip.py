@@ -87,6 +87,12 @@ _flat_decoders = {"f": msgspec.json.Decoder(list[float]), "i": msgspec.json.Deco
                   "u": msgspec.json.Decoder(list[int]), "b": msgspec.json.Decoder(list[bool])}
 _encode = msgspec.json.Encoder().encode
 _NP = {name: np.dtype(np_str) for name, (_, _, np_str) in DTYPES.items() if np_str}
+try:  # optional accelerator for JSON number lists (the leaf extra installs it); without it msgspec does the job
+    import simdjson as _simdjson
+
+    _parser = _simdjson.Parser()
+except ImportError:  # pragma: no cover - depends on the install
+    _simdjson = None
 
 
 def _err(exc: Exception) -> str:
@@ -157,14 +163,16 @@ def _json_tensor(name: str, dtype: str, wire: str, shape: list[int], raw: msgspe
     (floats for integer types, numbers for BOOL, ...) and out-of-range integers."""
     np_t = _NP.get(wire, np.dtype(np.float32))  # BF16 goes through float32
     kind = np_t.kind
-    try:
-        values = _flat_decoders[kind].decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        values = _nested(name, dtype, kind, raw)
-    try:
-        arr = np.array(values, dtype=np_t)
-    except (OverflowError, ValueError, TypeError):
-        raise PayloadError(f"input {name!r}: 'data' holds values out of range for {dtype}") from None
+    arr = _simd_values(raw, np_t) if _simdjson is not None and kind != "b" else None
+    if arr is None:
+        try:
+            values = _flat_decoders[kind].decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            values = _nested(name, dtype, kind, raw)
+        try:
+            arr = np.array(values, dtype=np_t)
+        except (OverflowError, ValueError, TypeError):
+            raise PayloadError(f"input {name!r}: 'data' holds values out of range for {dtype}") from None
     n = math.prod(shape)
     if arr.size != n:
         raise PayloadError(f"input {name!r}: 'data' has {arr.size} values, shape {shape} needs {n}")
@@ -177,6 +185,36 @@ def _json_tensor(name: str, dtype: str, wire: str, shape: list[int], raw: msgspe
 
 
 _ALLOWED = {"f": (int, float), "i": (int,), "u": (int,), "b": (bool,)}  # exact types: a bool is not an int here
+
+
+def _simd_values(raw: msgspec.Raw, np_t: np.dtype) -> np.ndarray | None:
+    """A flat JSON list of numbers straight into an array of `np_t` with simdjson (C, no Python object per value),
+    or None whenever anything is unusual (not a flat list, a value of the wrong JSON type, out of range, simdjson
+    missing): the msgspec path then decides, with its error messages. Same values as that path: both parse each
+    number to the correctly rounded double (or exact int64), then numpy casts."""
+    global _parser
+    try:
+        try:
+            arr = _parser.parse(bytes(raw))
+        except RuntimeError:  # a proxy from an earlier parse is still alive somewhere: use a fresh parser
+            _parser = _simdjson.Parser()
+            arr = _parser.parse(bytes(raw))
+        if not isinstance(arr, _simdjson.Array):
+            return None
+        n = len(arr)
+        buf = arr.as_buffer(of_type="d" if np_t.kind == "f" else "i")
+    except (ValueError, TypeError, RuntimeError):  # invalid JSON, wrong element types, numbers out of range
+        return None
+    finally:
+        arr = None  # release the document before the next parse
+    flat = np.frombuffer(buf, dtype=np.float64 if np_t.kind == "f" else np.int64)
+    if flat.size != n:  # nested lists: the strict path checks that the rows are regular
+        return None
+    if np_t.kind in "iu" and np_t != np.int64 and flat.size:
+        info = np.iinfo(np_t)
+        if int(flat.min()) < info.min or int(flat.max()) > info.max:
+            return None
+    return flat.astype(np_t)
 
 
 def _nested(name: str, dtype: str, kind: str, raw: msgspec.Raw) -> list:

@@ -17,6 +17,16 @@ from trimmer.errors import PayloadError  # noqa: E402
 from trimmer.tensor import Tensor  # noqa: E402
 
 
+@pytest.fixture(params=["simdjson", "msgspec"], autouse=True)
+def json_path(request, monkeypatch):
+    """Every test runs with the simdjson accelerator and without it (the msgspec path): same results, same errors."""
+    if request.param == "msgspec":
+        monkeypatch.setattr(oip, "_simdjson", None)
+    elif oip._simdjson is None:
+        pytest.skip("pysimdjson not installed")
+    return request.param
+
+
 def features(seed: int = 0) -> dict[str, Tensor]:
     rng = np.random.default_rng(seed)
     return {"emb": Tensor.from_numpy(rng.standard_normal((5, 3)).astype(np.float32)),
@@ -117,3 +127,25 @@ def test_unknown_output_and_selection():
     data, headers = oip.encode_response("m", "1", ("a", "b"), outs, req)
     assert headers == {"Content-Type": "application/json"}
     assert json.loads(data)["outputs"] == [{"name": "b", "datatype": "INT64", "shape": [1], "data": [7]}]
+
+
+def test_json_numbers_parse_to_the_same_bits_on_both_paths(json_path):
+    """Tricky values: the shortest repr of float32s, subnormals, extremes, -0.0, ints at the int64 limits; each must
+    come out as numpy's own cast of the correctly rounded double (the oracle)."""
+    rng = np.random.default_rng(5)
+    f32 = np.concatenate([rng.standard_normal(200).astype(np.float32), np.array([0.1, -0.0, 1e-45, 3.4028235e38, -3.4028235e38,
+                                                                                    1.17549435e-38, 16777217], dtype=np.float32)])
+    f64 = [0.1, 1e-320, 1.7976931348623157e308, 2.5e-308, 123456789.123456789, -0.0]
+    ints = [-(2**63), 2**63 - 1, 0, -1, 12345678901234]
+    text = ("{\"inputs\": [{\"name\": \"a\", \"shape\": [%d], \"datatype\": \"FP32\", \"data\": %s},"
+            " {\"name\": \"b\", \"shape\": [%d], \"datatype\": \"FP64\", \"data\": %s},"
+            " {\"name\": \"c\", \"shape\": [%d], \"datatype\": \"INT64\", \"data\": %s},"
+            " {\"name\": \"d\", \"shape\": [2], \"datatype\": \"FP16\", \"data\": [1.0009765625, 65504]},"
+            " {\"name\": \"e\", \"shape\": [2], \"datatype\": \"UINT8\", \"data\": [0, 255]}]}") % (
+        f32.size, json.dumps(f32.astype(float).tolist()), len(f64), json.dumps(f64), len(ints), json.dumps(ints))
+    _, got = oip.parse_request(text.encode(), None)
+    assert bytes(got["a"].data) == np.array(json.loads(json.dumps(f32.astype(float).tolist())), dtype=np.float32).tobytes()
+    assert bytes(got["b"].data) == np.array(f64, dtype=np.float64).tobytes()
+    assert bytes(got["c"].data) == np.array(ints, dtype=np.int64).tobytes()
+    assert bytes(got["d"].data) == np.array([1.0009765625, 65504.0], dtype=np.float16).tobytes()
+    assert got["e"].dtype == "uint8" and bytes(got["e"].data) == bytes([0, 255])
