@@ -336,3 +336,26 @@ def test_dtype_mismatch_names_the_input_and_the_signature_fix(stack):
     assert "input a (sent as int64)" in out["error"] and "inputs.a.dtype" in out["error"], out
     lines = [ln for ln in leaf.log_path.read_text().splitlines() if "inputs.a.dtype" in ln]
     assert lines and "WARNING" in lines[0] and "untyped" in lines[0] and "'i-1'" in lines[0]
+
+
+def test_gzip_compressed_binary_request_against_the_leaf(stack):
+    """tritonclient's request_compression_algorithm: Inference-Header-Content-Length counts the decompressed body."""
+    values = data(8)
+    result = client(stack["leaf"].url).infer("scorer", inputs_for(values), request_compression_algorithm="gzip")
+    check_oracle(result, values)
+
+
+def test_concurrent_unbatched_requests_each_get_their_own_answer(stack):
+    """`failing` has a spec-less signature, so it runs un-batched: cheap forwards inline on the event loop, others in
+    the model thread. Many clients at once must never see another request's answer."""
+    import concurrent.futures
+
+    url = stack["leaf"].url
+
+    def one(i: int) -> None:
+        vals = [float(i), float(i) + 0.5]
+        status, out = _infer_json(url, "failing", "x", "FP32", vals, f"c-{i}")
+        assert status == 200 and out["id"] == f"c-{i}" and out["outputs"][0]["data"] == [2 * v for v in vals], out
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(200)))
