@@ -43,8 +43,9 @@ from .wire import make_tensor
 log = logging.getLogger("leaf.batcher")
 __all__ = ["Batcher", "Runner", "ModelError", "DtypeMismatch", "Unavailable", "INLINE_MAX_S"]
 # Un-batched versions (max_batch_size 1) run a request's forward on the event loop thread, skipping the hand-off
-# to the model thread, while the model's recent forwards (moving average) took less than this; slower models,
-# and any request while another is in the model thread, go to the model thread (CPU devices only).
+# to the model thread, when the model's recent cost per row (moving average) times the request's rows is below
+# this; slower models or bigger requests, and any request while another is in the model thread, go to the model
+# thread (CPU devices only).
 INLINE_MAX_S = 0.002
 
 
@@ -220,7 +221,7 @@ class Batcher:
         self._closed = asyncio.Event()
         self._inline_ok = runner.device.type == "cpu"  # a GPU forward waits on the device: never on the event loop
         self._in_thread = 0  # direct requests in the model thread now (none: the next cheap one may run inline)
-        self._compute_avg: float | None = None  # moving average of direct forwards' seconds
+        self._row_cost: float | None = None  # moving average of direct forwards' seconds per row
         # metric children bound once: labels() costs a lock and a dict lookup per call
         self._queue_s = metrics.queue_seconds.labels(*key)
         self._batch_size = metrics.batch_size.labels(*key)
@@ -296,7 +297,7 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 - inputs the model cannot take become a 500
                 raise ModelError(f"cannot assemble the batch: {exc}") from None
             c1 = time.thread_time()
-            cheap = self._compute_avg is not None and self._compute_avg < INLINE_MAX_S
+            cheap = self._row_cost is not None and self._row_cost * conv.rows < INLINE_MAX_S  # a big request is not cheap
             if cheap and self._inline_ok and self._in_thread == 0:
                 outs, stats.compute_s = self.runner.forward(inputs)
             else:
@@ -305,8 +306,8 @@ class Batcher:
                     outs, stats.compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, self.runner.forward, inputs)
                 finally:
                     self._in_thread -= 1
-            avg = self._compute_avg
-            self._compute_avg = stats.compute_s if avg is None else 0.8 * avg + 0.2 * stats.compute_s
+            cost, per_row = self._row_cost, stats.compute_s / max(1, conv.rows)
+            self._row_cost = per_row if cost is None else 0.8 * cost + 0.2 * per_row
             c2 = time.thread_time()
             per_req = self.runner.finish(outs, convs)
             stats.assemble_s = (c1 - c0) + (time.thread_time() - c2)
