@@ -359,3 +359,19 @@ def test_concurrent_unbatched_requests_each_get_their_own_answer(stack):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(200)))
+
+
+def test_leaf_bench_oip_mode_runs_every_route_without_errors(stack):
+    """`trimmer leaf bench --mode oip`, tiny: its native, OIP JSON and OIP binary bodies are all answered 200."""
+    import subprocess
+
+    from loadtest.procs import trimmer_cmd
+
+    out = stack["tmp"] / "bench.json"
+    proc = subprocess.run(trimmer_cmd("leaf", "bench", "--mode", "oip", "--repo", str(stack["tmp"] / "models"), "--model", "scorer",
+                                      "--clients", "2", "--seconds", "0.5", "--candidates", "8", "--oip-batches", "4",
+                                      "--json", str(out)), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["route"] for r in runs] == ["native msgpack", "OIP JSON", "OIP binary"]
+    assert all(r["errors"] == 0 and r["requests"] > 0 and r["ratio_to_native"] is not None for r in runs), runs
