@@ -11,6 +11,11 @@ therefore share a batch, and each request gets exactly what it would get alone.
 Signatures that lack dtype/shape for some input cannot use that convention: such versions run one
 request per call with the inputs exactly as converted.
 
+Versions with max_batch_size 1 (configured so, or a signature without dtype/shape specs) have no batch to
+form: a request skips the queue and the collector task, and its forward runs right on the event loop thread
+while the model is cheap (INLINE_MAX_S), since handing a sub-millisecond forward to the model thread and back
+costs more than the forward itself; slower models still run in the model thread.
+
 Every job taken in is answered: closing a batcher (version replaced, removed, leaf stopping) stops taking
 new jobs, runs the ones already queued or in a batch, and fails whatever is left after a bounded drain
 with `Unavailable` (a retryable 503). A job never waits on a future nobody will resolve, so a reload
@@ -32,13 +37,16 @@ import torch
 from trimmer.tensor import Tensor
 
 from .convert import WIRE_DTYPES, Converted, Converter, as_tensor
+from .failures import DtypeMismatch, ModelError, explain_forward_failure
 from .wire import make_tensor
 
 log = logging.getLogger("leaf.batcher")
-
-
-class ModelError(RuntimeError):
-    """The model raised or returned something unusable (HTTP 500)."""
+__all__ = ["Batcher", "Runner", "ModelError", "DtypeMismatch", "Unavailable", "INLINE_MAX_S"]
+# Un-batched versions (max_batch_size 1) run a request's forward on the event loop thread, skipping the hand-off
+# to the model thread, when the model's recent cost per row (moving average) times the request's rows is below
+# this; slower models or bigger requests, and any request while another is in the model thread, go to the model
+# thread (CPU devices only).
+INLINE_MAX_S = 0.002
 
 
 class Unavailable(RuntimeError):
@@ -165,8 +173,10 @@ class Runner:
             inputs = [self._to_device(t) for t in inputs] if self.cuda else inputs
             try:
                 raw = self.module(*inputs)
-            except Exception as exc:  # noqa: BLE001 - any model failure becomes a 500 for this batch
-                raise ModelError(f"model forward failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            except Exception as exc:  # noqa: BLE001 - any model failure becomes a 500 for this batch (400: dtype)
+                sig = self.converter.signature
+                raise explain_forward_failure(exc, sig.input_names, [p.spec.dtype for p in self.converter.plans],
+                                              [getattr(t, "dtype", None) for t in inputs]) from None
             outs = self._outputs(raw)
         return outs, time.perf_counter() - t0
 
@@ -209,6 +219,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._closed = asyncio.Event()
+        self._inline_ok = runner.device.type == "cpu"  # a GPU forward waits on the device: never on the event loop
+        self._in_thread = 0  # direct requests in the model thread now (none: the next cheap one may run inline)
+        self._row_cost: float | None = None  # moving average of direct forwards' seconds per row
         # metric children bound once: labels() costs a lock and a dict lookup per call
         self._queue_s = metrics.queue_seconds.labels(*key)
         self._batch_size = metrics.batch_size.labels(*key)
@@ -265,9 +278,45 @@ class Batcher:
     async def submit(self, conv: Converted) -> list[torch.Tensor]:
         if self._closing or self._task is None or self._task.done():
             raise Unavailable(f"model {self.key[0]!r} version {self.key[1]!r} is not taking requests (replaced or unloaded); retry")
+        if self.max_batch_size == 1:
+            return await self._direct(conv)
         fut = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(Job(conv, fut))
         return await fut
+
+    async def _direct(self, conv: Converted) -> list[Any]:
+        """One request, no batch to form (max_batch_size 1): no queue, no collector task; the forward runs inline
+        when the model is cheap (INLINE_MAX_S), else in the model thread. Same metrics, same errors as a batch."""
+        self._queue_s.observe(0.0)
+        convs = [conv]
+        stats = BatchStats()
+        try:
+            c0 = time.thread_time()
+            try:
+                inputs = self.runner.prepare(convs)
+            except Exception as exc:  # noqa: BLE001 - inputs the model cannot take become a 500
+                raise ModelError(f"cannot assemble the batch: {exc}") from None
+            c1 = time.thread_time()
+            cheap = self._row_cost is not None and self._row_cost * conv.rows < INLINE_MAX_S  # a big request is not cheap
+            if cheap and self._inline_ok and self._in_thread == 0:
+                outs, stats.compute_s = self.runner.forward(inputs)
+            else:
+                self._in_thread += 1
+                try:
+                    outs, stats.compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, self.runner.forward, inputs)
+                finally:
+                    self._in_thread -= 1
+            cost, per_row = self._row_cost, stats.compute_s / max(1, conv.rows)
+            self._row_cost = per_row if cost is None else 0.8 * cost + 0.2 * per_row
+            c2 = time.thread_time()
+            per_req = self.runner.finish(outs, convs)
+            stats.assemble_s = (c1 - c0) + (time.thread_time() - c2)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"model failed: {exc}") from None
+        self._observe(1, conv.rows, stats)
+        return per_req[0]
 
     async def _collect(self) -> list[Job] | None:
         """The next batch (None once _STOP is reached). Jobs are in self._inflight from the moment they leave

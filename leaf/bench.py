@@ -1,4 +1,6 @@
-"""`trimmer leaf bench`: dynamic batching vs batch size 1, and the share of leaf time spent converting.
+"""`trimmer leaf bench`: dynamic batching vs batch size 1, and the share of leaf time spent converting;
+`trimmer leaf bench --mode oip`: the same request as native msgpack, OIP JSON and OIP binary (tritonclient's
+default encoding), side by side against one leaf process, as req/s, leaf CPU per request and ratios to native.
 
 Both configurations run as real leaf processes, one after the other in one run, driven by the same
 64-client closed loop with the same payload; figures are ratios measured side by side, not absolute
@@ -65,8 +67,8 @@ class _Client(asyncio.Protocol):
             if head_end < 0:
                 return
             head = bytes(self.buf[:head_end]).lower()
-            i = head.find(b"content-length:")
-            length = int(head[i + 15:].split(b"\r\n", 1)[0]) if i >= 0 else 0
+            i = head.find(b"\r\ncontent-length:")  # not inference-header-content-length
+            length = int(head[i + 17:].split(b"\r\n", 1)[0]) if i >= 0 else 0
             if len(self.buf) < head_end + 4 + length:
                 return
             self.counts[0 if head[9:12] == b"200" else 1] += 1
@@ -81,10 +83,12 @@ class _Client(asyncio.Protocol):
             self.done.set_result(None)
 
 
-async def _drive(url: str, path: str, body: bytes, clients: int, seconds: float) -> tuple[int, int, float]:
+async def _drive(url: str, path: str, body: bytes, clients: int, seconds: float,
+                 headers: dict[str, str] | None = None) -> tuple[int, int, float]:
     """`clients` connections, each one request in flight, for `seconds`: (ok, errors, wall seconds)."""
     host, port = url.split("://", 1)[1].rsplit(":", 1)
-    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/msgpack\r\n"
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {"Content-Type": "application/msgpack"}).items())
+    request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     loop = asyncio.get_running_loop()
     counts = [0, 0]
@@ -132,7 +136,17 @@ def _measure(repo: Path, model: str, version: str, batch: int, body: bytes, clie
             "conversion_share_of_cpu": round(conversion / (cpu1 - cpu0), 4) if cpu1 > cpu0 else None}
 
 
+def _signature(repo: Path, model: str) -> Any:
+    vdirs = sorted((repo / model).glob("*")) if (repo / model).is_dir() else []
+    archives = [p for p in (archive_path(v) for v in vdirs) if p is not None]
+    if not archives:
+        raise ConfigError(f"{repo}: no versions of model {model!r}")
+    return read_signature(archives[-1])
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "mode", "batching") == "oip":
+        return run_oip_bench(args)
     from rich.console import Console
     from rich.table import Table
 
@@ -143,11 +157,7 @@ def run_bench(args: argparse.Namespace) -> int:
             from .demo_models import build_demo
 
             build_demo(repo, log=lambda msg: console.print(msg))
-        vdirs = sorted((repo / args.model).glob("*")) if (repo / args.model).is_dir() else []
-        archives = [p for p in (archive_path(v) for v in vdirs) if p is not None]
-        if not archives:
-            raise ConfigError(f"{repo}: no versions of model {args.model!r}")
-        sig = read_signature(archives[-1])
+        sig = _signature(repo, args.model)
         universe = universe_for_models([sig], usage_ratio=1.0)
         body = encode_msgpack(make_request(universe, candidates=args.candidates, seed=1))
         rows = [_measure(repo, args.model, args.version, b, body, args.clients, args.seconds, Path(tmp) / "logs")
@@ -166,6 +176,102 @@ def run_bench(args: argparse.Namespace) -> int:
                   f"{batched['conversion_share_of_busy']:.1%} of busy time, {batched['conversion_share_of_cpu']:.1%} of leaf CPU (target <= 10%)")
     result = {"model": args.model, "version": args.version, "clients": args.clients, "candidates": args.candidates, "payload_bytes": len(body),
               "speedup": round(speedup, 2), "runs": rows}
+    print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------- native vs OIP (--mode oip)
+OIP_DATATYPES = {"bool": "BOOL", "int8": "INT8", "uint8": "UINT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+                 "float16": "FP16", "float32": "FP32", "float64": "FP64"}
+
+
+def oip_bodies(features: dict[str, Any], request_id: str) -> tuple[bytes, tuple[bytes, int]]:
+    """The same features as an OIP JSON body and as a binary-extension body (header length), the latter as
+    tritonclient sends by default: every input binary, every output asked for binary (binary_data_output)."""
+    import numpy as np
+
+    from trimmer.tensor import Tensor
+
+    json_inputs, bin_inputs, segments = [], [], []
+    for name, value in features.items():
+        arr = value.to_numpy() if isinstance(value, Tensor) else np.asarray(value, dtype=np.float32 if isinstance(value, float) else None)
+        dt = OIP_DATATYPES[arr.dtype.name]
+        json_inputs.append({"name": name, "shape": list(arr.shape), "datatype": dt, "data": arr.reshape(-1).tolist()})
+        raw = np.ascontiguousarray(arr).tobytes()
+        bin_inputs.append({"name": name, "shape": list(arr.shape), "datatype": dt, "parameters": {"binary_data_size": len(raw)}})
+        segments.append(raw)
+    json_body = json.dumps({"id": request_id, "inputs": json_inputs}).encode()
+    header = json.dumps({"id": request_id, "inputs": bin_inputs, "parameters": {"binary_data_output": True}}).encode()
+    return json_body, (header + b"".join(segments), len(header))
+
+
+def _measure_routes(repo: Path, model: str, version: str, batch: int, routes: list[tuple[str, str, bytes, dict[str, str]]],
+                    clients: int, seconds: float, log_dir: Path) -> list[dict[str, Any]]:
+    """One leaf process; each route driven in turn (1 s warm-up, then `seconds`): req/s and leaf CPU per request."""
+    port = free_port()
+    proc = start(f"leaf-bench-oip-b{batch}", ["leaf", "--repo", str(repo), "--port", str(port), "--max-batch-size", str(batch),
+                                              "--max-queue-delay-ms", "2", "--torch-threads", "1", "--log-level", "WARNING"],
+                 port, "/v2/health/ready", log_dir, timeout=120)
+    rows = []
+    try:
+        ps = psutil.Process(proc.pid)
+        for label, path, body, headers in routes:
+            _run(_drive(proc.url, path, body, clients, 1.0, headers))
+            before, cpu0 = _scrape(proc.url, model), sum(ps.cpu_times()[:2])
+            done, errors, wall = _run(_drive(proc.url, path, body, clients, seconds, headers))
+            after, cpu1 = _scrape(proc.url, model), sum(ps.cpu_times()[:2])
+            d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+            rows.append({"route": label, "max_batch_size": batch, "payload_bytes": len(body), "requests": done, "errors": errors,
+                         "throughput_rps": round(done / wall, 1),
+                         "leaf_cpu_us_per_request": round(1e6 * (cpu1 - cpu0) / done, 1) if done else None,
+                         "convert_us_per_request": round(1e6 * d.get("convert_seconds_sum", 0.0) / done, 1) if done else None,
+                         "encode_us_per_request": round(1e6 * d.get("encode_seconds_sum", 0.0) / done, 1) if done else None})
+    finally:
+        proc.stop()
+    return rows
+
+
+def run_oip_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="leaf-bench-") as tmp:
+        repo = Path(args.bench_repo) if args.bench_repo else Path(tmp) / "repo"
+        if not args.bench_repo:
+            from .demo_models import build_demo
+
+            build_demo(repo, log=lambda msg: console.print(msg))
+        sig = _signature(repo, args.model)
+        universe = universe_for_models([sig], usage_ratio=1.0)
+        req = make_request(universe, candidates=args.candidates, seed=1)
+        native = encode_msgpack(req)
+        json_body, (bin_body, header_len) = oip_bodies(req["features"], req["request_id"])
+        base = f"/models/{args.model}/versions/{args.version}"
+        routes = [("native msgpack", f"/v1{base}/score", native, {"Content-Type": "application/msgpack"}),
+                  ("OIP JSON", f"/v2{base}/infer", json_body, {"Content-Type": "application/json"}),
+                  ("OIP binary", f"/v2{base}/infer", bin_body, {"Content-Type": "application/octet-stream",
+                                                                "Inference-Header-Content-Length": str(header_len)})]
+        rows = []
+        for batch in args.oip_batches:
+            rows += _measure_routes(repo, args.model, args.version, batch, routes, args.clients, args.seconds, Path(tmp) / "logs")
+    for r in rows:
+        nat = next(x for x in rows if x["max_batch_size"] == r["max_batch_size"] and x["route"] == "native msgpack")
+        r["ratio_to_native"] = round(r["throughput_rps"] / nat["throughput_rps"], 3) if nat["throughput_rps"] else None
+    cols = ("route", "max_batch_size", "payload_bytes", "throughput_rps", "ratio_to_native", "leaf_cpu_us_per_request",
+            "convert_us_per_request", "encode_us_per_request", "errors")
+    table = Table(title=f"leaf bench --mode oip: {args.model}/{args.version}, {args.clients} clients, {args.candidates} candidates/request, "
+                        "CPU, torch threads 1")
+    for col in cols:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in cols))
+    console.print(table)
+    console.print("target: OIP binary >= 0.7x native msgpack req/s")
+    result = {"mode": "oip", "model": args.model, "version": args.version, "clients": args.clients, "candidates": args.candidates,
+              "runs": rows}
     print(json.dumps(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))

@@ -80,5 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     bb.add_argument("--seconds", type=float, default=8.0, help="measured seconds per configuration (default 8)")
     bb.add_argument("--candidates", type=int, default=256, help="candidates per ranker request (default 256)")
     bb.add_argument("--max-batch-size", dest="bench_batch", type=int, default=32, help="batched configuration (default 32)")
+    bb.add_argument("--mode", choices=("batching", "oip"), default="batching",
+                    help="batching (default): batched vs batch size 1, native msgpack; oip: native msgpack vs OIP JSON vs "
+                         "OIP binary on one leaf, req/s and ratio to native")
+    bb.add_argument("--oip-batches", type=lambda v: [int(x) for x in v.split(",")], default=[32, 1],
+                    help="--mode oip: comma-separated max_batch_size values, one leaf each (default 32,1)")
     bb.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     bb.set_defaults(func=_bench)

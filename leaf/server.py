@@ -2,8 +2,10 @@
 
 Native: POST /v1/models/{name}[/versions/{v}]/score, msgpack or JSON (docs/protocol.md); the response uses
 the request's media type: {"model", "version", ["request_id"], "outputs": {output name: typed tensor}}.
-OIP v2: POST /v2/models/{name}[/versions/{v}]/infer (JSON inputs [{name, shape, datatype, data}]).
-Every error is JSON {"error": "..."[, "code": "..."]}: 400 bad payload or invalid name/version, 404 unknown
+OIP v2: POST /v2/models/{name}[/versions/{v}]/infer, JSON or Triton's binary tensor extension (leaf/oip.py);
+GET /v2 server metadata.
+Every error is JSON {"error": "..."[, "code": "..."]}: 400 bad payload, invalid name/version, or a dtype the
+model rejects for an input whose dtype the signature does not declare (code dtype_mismatch), 404 unknown
 model/version, 412 allowlist handshake mismatch (nothing ran), 413 too large, 415 unsupported content
 type/encoding, 500 model failure, 503 version not ready, leaf still loading, or version replaced mid-request.
 
@@ -21,8 +23,6 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
-import torch
 from aiohttp import web
 
 from trimmer import codec
@@ -34,17 +34,16 @@ from trimmer.handshake import MISMATCH_CODE, MISMATCH_HEADER, MISMATCH_STATUS, S
 from trimmer.names import check_name
 from trimmer.tensor import Tensor
 
-from .batcher import ModelError, Unavailable
+from . import oip
+from .batcher import DtypeMismatch, ModelError, Unavailable
 from .config import LeafConfig
-from .convert import as_tensor, output_to_wire
+from .convert import output_to_wire
 from .metrics import LeafMetrics
 from .models import ModelStore, VersionState
 
 log = logging.getLogger("leaf.server")
 
-OIP_TO_WIRE = {"BOOL": "bool", "INT8": "int8", "UINT8": "uint8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-               "FP16": "float16", "BF16": "bfloat16", "FP32": "float32", "FP64": "float64"}
-WIRE_TO_OIP = {v: k for k, v in OIP_TO_WIRE.items()}
+OIP_TO_WIRE, WIRE_TO_OIP = oip.OIP_TO_WIRE, oip.WIRE_TO_OIP
 STORE = web.AppKey("store", ModelStore)
 METRICS = web.AppKey("metrics", LeafMetrics)
 CONFIG = web.AppKey("config", LeafConfig)
@@ -53,6 +52,7 @@ BOUND = web.AppKey("bound_metrics", dict)
 
 RETRY_AFTER_S = "1"  # on retryable 503s (loading, version replaced mid-request)
 MISMATCH_LOG_INTERVAL_S = 10.0  # at most one allowlist-mismatch warning per model version per interval
+MODEL_ERROR_LOG_INTERVAL_S = 10.0  # at most one model-failure ERROR (and one dtype-mismatch WARNING) per model version
 
 
 class HTTPError(Exception):
@@ -73,8 +73,9 @@ def error_response(status: int, message: str, code: str | None = None, headers: 
 class RateLimitedWarning:
     """One WARNING per key per interval, with the count of those suppressed since (a flood stays one line)."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, level: int = logging.WARNING) -> None:
         self.interval_s = interval_s
+        self.level = level
         self.last: dict[Any, float] = {}
         self.suppressed: dict[Any, int] = {}
 
@@ -86,10 +87,12 @@ class RateLimitedWarning:
             return
         self.last[key] = now
         n = self.suppressed.pop(key, 0)
-        log.warning(msg + (f" ({n} more since the last warning)" if n else ""), *args)
+        log.log(self.level, msg + (f" ({n} more since the last one)" if n else ""), *args)
 
 
 MISMATCH_LOG = web.AppKey("mismatch_log", RateLimitedWarning)
+MODEL_ERROR_LOG = web.AppKey("model_error_log", RateLimitedWarning)
+DTYPE_LOG = web.AppKey("dtype_log", RateLimitedWarning)
 
 
 @web.middleware
@@ -170,8 +173,11 @@ def resolve(request: web.Request, need_ready: bool = True) -> VersionState:
     return vs
 
 
-async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, features: dict[str, Any], t_convert: float) -> list:
-    """Convert, count, batch, run; returns the per-request outputs in output order."""
+async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, features: dict[str, Any], t_convert: float,
+                    request_id: Any = None) -> list:
+    """Convert, count, batch, run; returns the per-request outputs in output order. A model failure is a 500 and one
+    rate-limited ERROR line (model, version, request id, exception); a dtype the model rejects for an input without
+    a declared dtype is a 400 that names the input and the fix (leaf/failures.py)."""
     assert vs.converter is not None and vs.batcher is not None
     t0 = time.thread_time()
     try:
@@ -193,12 +199,25 @@ async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, 
         metrics.feature_defaulted.add(vs.model, vs.version, conv.defaulted)
     try:
         return await vs.batcher.submit(conv)
+    except DtypeMismatch as exc:
+        vm.bad_request.inc()
+        request.app[DTYPE_LOG].warn((vs.model, vs.version), "model %s version %s, request %s: %s", vs.model, vs.version,
+                                    _request_id(request, request_id), exc)
+        raise HTTPError(400, f"model {vs.model!r} version {vs.version!r}: {exc}", code="dtype_mismatch") from None
     except ModelError as exc:
         vm.model_error.inc()
+        request.app[MODEL_ERROR_LOG].warn((vs.model, vs.version), "model %s version %s failed on request %s: %s", vs.model,
+                                          vs.version, _request_id(request, request_id), exc)
         raise HTTPError(500, f"model {vs.model!r} version {vs.version!r}: {exc}") from None
     except Unavailable as exc:
         vm.unavailable.inc()
         raise HTTPError(503, str(exc), code="unavailable", headers={"Retry-After": RETRY_AFTER_S}) from None
+
+
+def _request_id(request: web.Request, request_id: Any) -> str:
+    """The id to log: the body's (native request_id, OIP id), else an X-Request-Id header, else '-'."""
+    rid = request_id if request_id is not None else request.headers.get("X-Request-Id")
+    return "-" if rid is None else repr(rid)[:80]
 
 
 def version_to_run(request: web.Request, first: VersionState, vm: VersionMetrics) -> tuple[VersionState, VersionMetrics]:
@@ -233,13 +252,6 @@ def _wire(o: Any) -> Tensor:
     return o if isinstance(o, Tensor) else output_to_wire(o)
 
 
-def _flat(t: Tensor) -> list:
-    """A wire tensor's values as a flat list (OIP JSON `data`)."""
-    if t.dtype == "bfloat16":
-        return as_tensor(t.data, torch.bfloat16, t.shape).float().reshape(-1).tolist()
-    return t.to_numpy().reshape(-1).tolist()
-
-
 # ---------------------------------------------------------------------- native
 async def score(request: web.Request) -> web.Response:
     t_start = time.perf_counter()
@@ -260,7 +272,7 @@ async def score(request: web.Request) -> web.Response:
         vm.bad_request.inc()
         raise
     t_decode = time.thread_time() - t0
-    outs = await run_model(request, vs, vm, req.get("features", {}), t_decode)
+    outs = await run_model(request, vs, vm, req.get("features", {}), t_decode, req.get("request_id"))
     t1 = time.perf_counter()
     names = vs.signature.output_names if vs.signature and vs.signature.output_names else [f"output{i}" for i in range(len(outs))]
     resp: dict[str, Any] = {"model": vs.model, "version": vs.version}
@@ -275,70 +287,38 @@ async def score(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------- OIP v2
-def _oip_tensor(entry: Any, i: int) -> tuple[str, Any]:
-    if not isinstance(entry, dict):
-        raise PayloadError(f"inputs[{i}] must be an object with name, shape, datatype, data")
-    name, shape, dtype, data = entry.get("name"), entry.get("shape"), entry.get("datatype"), entry.get("data")
-    if not isinstance(name, str) or not name:
-        raise PayloadError(f"inputs[{i}]: 'name' must be a non-empty string")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise PayloadError(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    if dtype == "BYTES":
-        return name, "<bytes>"  # only valid for features the model does not read; the converter rejects it otherwise
-    wire = OIP_TO_WIRE.get(dtype) if isinstance(dtype, str) else None
-    if wire is None or wire == "bfloat16":
-        raise PayloadError(f"input {name!r}: unsupported datatype {dtype!r}; use one of {', '.join(k for k in OIP_TO_WIRE if k != 'BF16')}")
-    try:
-        arr = np.asarray(data, dtype=np.dtype(wire if wire != "bool" else "bool"))
-    except (ValueError, TypeError, OverflowError):
-        raise PayloadError(f"input {name!r}: 'data' is not a list of {dtype} values") from None
-    if arr.size != int(np.prod(shape)):
-        raise PayloadError(f"input {name!r}: 'data' has {arr.size} values, shape {shape} needs {int(np.prod(shape))}")
-    return name, Tensor.from_numpy(arr.reshape(shape))
-
-
 async def infer(request: web.Request) -> web.Response:
+    """JSON or binary tensor extension in (Inference-Header-Content-Length), JSON or binary out (leaf/oip.py)."""
     t_start = time.perf_counter()
     vs = resolve(request)
     vm = version_metrics(request, vs)
     vm.requests["infer"].inc()
-    if "Inference-Header-Content-Length" in request.headers:
-        vm.bad_request.inc()
-        raise HTTPError(415, "binary tensor extension (Inference-Header-Content-Length) is not supported; send JSON data")
+    binary = request.headers.get(oip.HEADER)
     try:
         body = await read_body(request, vm)
         vs, vm = version_to_run(request, vs, vm)  # from here to the enqueue: no await
         t0 = time.thread_time()
-        obj = codec.decode_json(body)
-        if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), list):
-            raise PayloadError("OIP request must be a JSON object with an 'inputs' list")
-        features: dict[str, Any] = {}
-        for i, entry in enumerate(obj["inputs"]):
-            name, value = _oip_tensor(entry, i)
-            if name in features:
-                raise PayloadError(f"input {name!r} appears more than once")
-            features[name] = value
+        req, features = oip.parse_request(body, binary)
+        names = vs.signature.output_names if vs.signature is not None else ()
+        oip.check_outputs(req, names)
     except PayloadError:
         vm.bad_request.inc()
         raise
-    outs = await run_model(request, vs, vm, features, time.thread_time() - t0)
+    outs = await run_model(request, vs, vm, features, time.thread_time() - t0, req.id)
     t1 = time.perf_counter()
-    names = vs.signature.output_names if vs.signature and vs.signature.output_names else [f"output{i}" for i in range(len(outs))]
-    wanted = obj.get("outputs")
-    wanted_names = {o.get("name") for o in wanted if isinstance(o, dict)} if isinstance(wanted, list) and wanted else None
-    outputs = []
-    for n, o in zip(names, outs):
-        if wanted_names is not None and n not in wanted_names:
-            continue
-        wire = _wire(o)
-        outputs.append({"name": n, "datatype": WIRE_TO_OIP.get(wire.dtype, "FP32"), "shape": list(wire.shape), "data": _flat(wire)})
-    resp: dict[str, Any] = {"model_name": vs.model, "model_version": vs.version, "outputs": outputs}
-    if "id" in obj:
-        resp["id"] = obj["id"]
-    data = codec.encode_json(resp)
+    names = names or tuple(f"output{i}" for i in range(len(outs)))
+    try:
+        data, headers = oip.encode_response(vs.model, vs.version, names, [_wire(o) for o in outs], req)
+    except PayloadError:  # an output name checked only now (signature without output names)
+        vm.bad_request.inc()
+        raise
     vm.encode_seconds.observe(time.perf_counter() - t1)
     vm.request_seconds.observe(time.perf_counter() - t_start)
-    return web.Response(body=data, content_type="application/json")
+    return web.Response(body=data, headers=headers)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(oip.server_metadata())
 
 
 async def model_metadata(request: web.Request) -> web.Response:
@@ -407,6 +387,8 @@ def make_app(store: ModelStore, metrics: LeafMetrics, config: LeafConfig) -> web
     app[STORE], app[METRICS], app[CONFIG] = store, metrics, config
     app[BOUND] = {}
     app[MISMATCH_LOG] = RateLimitedWarning(MISMATCH_LOG_INTERVAL_S)
+    app[MODEL_ERROR_LOG] = RateLimitedWarning(MODEL_ERROR_LOG_INTERVAL_S, logging.ERROR)
+    app[DTYPE_LOG] = RateLimitedWarning(MODEL_ERROR_LOG_INTERVAL_S)
     r = app.router
     for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"):
         r.add_post(prefix + "/score", score)
@@ -414,6 +396,7 @@ def make_app(store: ModelStore, metrics: LeafMetrics, config: LeafConfig) -> web
         r.add_post(prefix + "/infer", infer)
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)
+    r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", health_live)
     r.add_get("/v2/health/ready", health_ready)
     r.add_get("/healthz", health_live)
