@@ -30,7 +30,7 @@ def quickstart_blocks() -> list[tuple[str, str]]:
 
 def test_the_quick_start_has_the_blocks_this_test_runs():
     kinds = [k for k, _ in quickstart_blocks()]
-    assert kinds[:3] == ["sh", "sh", "python"], kinds
+    assert kinds == ["sh", "sh", "python", "python"], kinds
     assert "trimmer leaf --config configs/leaf.yaml" in quickstart_blocks()[0][1]
 
 
@@ -100,3 +100,22 @@ def test_shipped_configs_are_untouched_but_for_ports(quickstart):
     for f in (REPO / "configs").glob("*.yaml"):
         assert quickstart["localize"](f.read_text()) == (quickstart["tmp"] / "configs" / f.name).read_text()
     assert shutil.which("curl"), "curl is needed by the quick start"
+
+
+def test_tritonclient_with_its_defaults_is_trimmed(quickstart):
+    def sent() -> float:
+        import urllib.request
+
+        with urllib.request.urlopen(quickstart["localize"]("http://127.0.0.1:9901/metrics"), timeout=10) as r:
+            text = r.read().decode()
+        return (_metric(text, "trimmer_root_untrimmed_bytes_total", "retrieval"),
+                _metric(text, "trimmer_root_upstream_sent_bytes_total", "retrieval"))
+
+    before = sent()
+    block = quickstart["localize"](quickstart_blocks()[3][1])
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=60, cwd=quickstart["tmp"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith("["), out.stdout
+    after = sent()
+    untrimmed, upstream = after[0] - before[0], after[1] - before[1]
+    assert untrimmed > 4096 * 4 and upstream < 1000, (untrimmed, upstream)  # the 16 KB session_blob never left the root
