@@ -55,7 +55,7 @@ MISSING_SCORE = -1.0e30
 SEED = 1234
 SLATE_K = 50
 SLATE_WINDOW = 8
-SLATE_GAMMA = 0.25
+SLATE_GAMMA = 0.5
 
 # ---------------------------------------------------------------- the feature universe
 # name -> (spec, description); a spec's shape -1 is the candidate dimension.
