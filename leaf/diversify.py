@@ -11,8 +11,8 @@ SSD greedy selection, per step t (k steps):
 where residual_i is the candidate's (normalised) vector after Gram-Schmidt orthogonalisation against the
 orthonormal basis of the last w selected items. As in the paper's Algorithm 1 the basis is built
 incrementally: the selected item's residual, normalised, becomes the newest basis vector q_t and every
-candidate's residual drops its component along q_t (one rank-1 update over all candidates); when an
-item leaves the window its component is added back. The window's q's are mutually orthonormal (each was
+candidate's squared residual norm drops its squared component along q_t (one matrix-vector product over
+all candidates); when an item leaves the window its component is added back. The window's q's are mutually orthonormal (each was
 orthogonalised against all q's then in the window), so the residual is the exact projection of the
 candidate off span(q_{t-w+1..t}). A selected residual shorter than EPS (a near-duplicate of the window)
 adds no direction, so nothing is ever divided by ~0.
@@ -81,29 +81,33 @@ class SSD(nn.Module):
         n = rel.shape[0]
         positions = torch.arange(n, device=rel.device)
         taken = torch.zeros(n, dtype=torch.bool, device=rel.device)
-        resid = x
+        # squared residual norms of every candidate: ||x||^2 minus its squared projections on the window's
+        # orthonormal q's (c_s = x . q_s), so a step costs one matrix-vector product, not an update of [C, d]
+        norm2 = (x * x).sum(dim=1)
         coefs: List[torch.Tensor] = []
         basis: List[torch.Tensor] = []
         picks: List[torch.Tensor] = []
         values: List[torch.Tensor] = []
         neg_inf = torch.full_like(rel, float("-inf"))
         for t in range(self.k):
-            score = rel + self.gamma * torch.linalg.vector_norm(resid, dim=1)
+            score = rel + self.gamma * torch.sqrt(norm2.clamp(min=0.0))
             score = torch.where(taken, neg_inf, score)
-            j = torch.argmax(score)
+            best, j = torch.max(score, dim=0)  # no tensor-valued Python indexing: export keeps no data-dependent sizes
             picks.append(j)
-            values.append(score[j])
+            values.append(best)
             taken = taken | (positions == j)
-            r = resid[j]
+            r = x.index_select(0, j.unsqueeze(0)).squeeze(0)
+            if len(basis) > 0:  # the pick's residual against the window, computed directly (no cancellation)
+                window = torch.stack(basis[-self.window:])
+                r = r - (window @ r) @ window
             norm = torch.linalg.vector_norm(r)
             q = r / norm.clamp(min=self.eps) * (norm > self.eps).to(r.dtype)  # no new direction for a near-duplicate
-            c = resid @ q
-            resid = resid - c.unsqueeze(1) * q.unsqueeze(0)
+            c = x @ q
+            norm2 = norm2 - c * c
             coefs.append(c)
             basis.append(q)
             if t >= self.window:  # the item selected w steps ago leaves the window: add its direction back
-                old = t - self.window
-                resid = resid + coefs[old].unsqueeze(1) * basis[old].unsqueeze(0)
+                norm2 = norm2 + coefs[t - self.window] * coefs[t - self.window]
         slate = torch.stack(picks)
         slate_scores = torch.stack(values)
         real = slate < n_real
