@@ -31,6 +31,7 @@ from .eager import install as install_eager
 from .fanout import PreparedBody, RouteError, Router, fan_out, native_path
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
+from .pipeline import pipeline_handler
 from .upstream import Partition, UpstreamError
 
 log = logging.getLogger("trimmer.root")
@@ -391,6 +392,7 @@ def build_apps(state: RootState) -> tuple[web.Application, web.Application | Non
     main[STATE] = state
     r = main.router
     r.add_post("/v1/score", handle_fanout, name="fanout")
+    r.add_post("/v1/pipelines/{name}/score", pipeline_handler(STATE, _timeout), name="pipeline")  # root/pipeline.py
     r.add_post("/v1/models/{name}/score", handle_model_score, name="model")
     r.add_post("/v1/models/{name}/versions/{version}/score", handle_model_score, name="model_version")
     r.add_post("/v2/models/{name}/infer", handle_oip_infer, name="oip_infer")

@@ -18,6 +18,8 @@ from trimmer.errors import ConfigError
 from trimmer.overrides import check_section as _section
 from trimmer.overrides import load_yaml
 
+from .pipeline_config import PipelineConfig, parse_pipelines
+
 PROTOCOLS = ("native", "oip")
 COMPRESSIONS = ("none", "lz4", "zstd")
 BALANCES = ("least_inflight", "round_robin")
@@ -25,7 +27,7 @@ UNKNOWN_POLICIES = ("reject", "passthrough")
 
 _TOP = {"listen", "admin", "workers", "bundles", "repositories", "overrides", "watch", "partitions", "models",
         "unknown_models", "timeouts", "limits", "deadline_header", "audit_sample_rate", "audit_max_concurrent",
-        "audit_tolerance"}
+        "audit_tolerance", "pipelines"}
 _LISTEN = {"host", "port"}
 _ADMIN = {"enabled", "host", "port"}
 _PARTITION = {"replicas", "protocol", "compression", "balance", "health_path", "max_connections",
@@ -95,6 +97,7 @@ class RootConfig:
     audit_sample_rate: float = 0.0  # fraction of trimmed requests also sent untrimmed and compared (root/audit.py)
     audit_max_concurrent: int = 8  # audits in flight at once; more are dropped and counted
     audit_tolerance: float = 1e-5  # float outputs within this relative difference are near matches, not mismatches
+    pipelines: dict[str, PipelineConfig] = field(default_factory=dict)  # multi-stage requests (root/pipeline_config.py)
 
     def partition_for(self, model: str) -> str | None:
         """The partition a model routes to, or None when the unknown-model policy rejects it."""
@@ -301,6 +304,7 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
         audit_sample_rate=float(audit_rate),
         audit_tolerance=float(audit_tol),
         audit_max_concurrent=_num(doc.get("audit_max_concurrent"), f"{path}: audit_max_concurrent", 8, 1, integer=True),
+        pipelines=parse_pipelines(doc.get("pipelines"), path, lambda m: m in models or policy == "passthrough"),
     )
 
 
