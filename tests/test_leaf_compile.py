@@ -3,7 +3,7 @@
 Tolerance stated: compiled vs eager within rtol 1e-4, atol 1e-5 on float outputs (inductor may fuse and
 reorder float ops; nothing else may change), integer outputs identical. The eager answer is the oracle.
 Only the ranker is compiled here: inductor on CPU runs the system C++ compiler, tens of seconds per model
-on a shared 2-core machine (the unrolled 50-step diversifier takes minutes; see docs/leaf.md).
+on a shared 2-core machine (an unrolled 50-step SSD takes minutes; see docs/leaf.md).
 """
 
 from __future__ import annotations
