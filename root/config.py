@@ -304,7 +304,8 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
         audit_sample_rate=float(audit_rate),
         audit_tolerance=float(audit_tol),
         audit_max_concurrent=_num(doc.get("audit_max_concurrent"), f"{path}: audit_max_concurrent", 8, 1, integer=True),
-        pipelines=parse_pipelines(doc.get("pipelines"), path, lambda m: m in models or policy == "passthrough"),
+        pipelines=parse_pipelines(doc.get("pipelines"), path, lambda m: models[m].partition if m in models else upart if policy == "passthrough" else None,
+                                  lambda p: partitions[p].protocol),
     )
 
 

@@ -50,8 +50,9 @@ def _name(value: Any, where: str) -> str:
     return value
 
 
-def parse_pipelines(raw: Any, path: str, routable: Callable[[str], bool]) -> dict[str, PipelineConfig]:
-    """Validate the section; `routable(model)` says whether the root can route a model (models / unknown_models)."""
+def parse_pipelines(raw: Any, path: str, route: Callable[[str], str | None], protocol_of: Callable[[str], str]) -> dict[str, PipelineConfig]:
+    """Validate the section. `route(model)`: the partition a model goes to (None: unroutable, per models /
+    unknown_models); `protocol_of(partition)`: stages call the native score route, so OIP partitions are refused."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -82,8 +83,12 @@ def parse_pipelines(raw: Any, path: str, routable: Callable[[str], bool]) -> dic
             if unknown:
                 raise ConfigError(f"{sw}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(_STAGE))}")
             model = _name(st.get("model"), f"{sw}.model")
-            if not routable(model):
+            part = route(model)
+            if part is None:
                 raise ConfigError(f"{sw}.model: {model!r} is not in models (and unknown_models.policy is reject)")
+            if protocol_of(part) != "native":
+                raise ConfigError(f"{sw}.model: {model!r} routes to partition {part!r}, which speaks the Open Inference "
+                                  f"Protocol; pipeline stages need native partitions")
             sname = _name(st.get("name", model), f"{sw}.name")
             if sname in outputs_of:
                 raise ConfigError(f"{sw}.name: stage {sname!r} appears twice; give one a 'name'")

@@ -19,7 +19,7 @@ import pytest
 from leaf import demo_models as dm
 from loadtest.procs import free_port, start, trimmer_cmd
 from root.config import parse_config
-from trimmer.codec import decode_msgpack, encode_msgpack
+from trimmer.codec import decode_json, decode_msgpack, encode_json, encode_msgpack
 from trimmer.errors import ConfigError
 from trimmer.tensor import Tensor
 
@@ -130,6 +130,10 @@ async def test_pipeline_end_to_end_matches_the_chain_by_hand_and_trims_every_hop
             slate = doc["outputs"]["slate"].to_numpy()
             real = slate[slate >= 0]
             assert len(real) == min(dm.SLATE_K, dm.TOP_K) and len(set(real.tolist())) == len(real) and real.max() < dm.TOP_K
+        # the same pipeline in JSON: every hop in JSON, same answer
+        status, body = await _post(s, root.url + "/v1/pipelines/feed/score", encode_json({"features": feats}), {"Content-Type": "application/json"})
+        assert status == 200, body[:400]
+        assert np.array_equal(decode_json(body)["outputs"]["slate"].to_numpy(), slate)
         async with s.get(root.url + "/metrics") as r:
             after = await r.text()
     for model in MODELS:
@@ -139,10 +143,10 @@ async def test_pipeline_end_to_end_matches_the_chain_by_hand_and_trims_every_hop
         trimmed = _metric(after, "trimmer_root_trimmed_bytes_total", model=model) - _metric(before, "trimmer_root_trimmed_bytes_total", model=model)
         untrimmed = (_metric(after, "trimmer_root_untrimmed_bytes_total", model=model)
                      - _metric(before, "trimmer_root_untrimmed_bytes_total", model=model))
-        assert sent == 3, (model, sent)
-        assert dropped >= 3 * 4, (model, dropped)  # at least ctx_*, unused_blob, unused_tag dropped at every hop
+        assert sent == 4, (model, sent)  # 3 msgpack + 1 JSON request
+        assert dropped >= 4 * 4, (model, dropped)  # at least ctx_*, unused_blob, unused_tag dropped at every hop
         assert 0 < trimmed < untrimmed, (model, trimmed, untrimmed)
-    assert _metric(after, "trimmer_root_pipeline_requests_total", pipeline="feed", outcome="ok") >= 3
+    assert _metric(after, "trimmer_root_pipeline_requests_total", pipeline="feed", outcome="ok") >= 4
 
 
 async def test_pipeline_errors_name_the_failing_stage(stack):
@@ -179,10 +183,14 @@ def _cfg(pipelines) -> dict:
     ({"feed": {"stages": [{"model": "retrieval"}, {"model": "retrieval"}]}}, "appears twice"),
     ({"feed": {"stages": [{"model": "retrieval", "oops": 1}]}}, "unknown key"),
     ({"feed": {"stages": [{"model": "retrieval"}, {"model": "ranker", "inputs": {"cand_item_id": "retrieval"}}]}}, "<earlier stage>.<output>"),
+    ({"feed": {"stages": [{"model": "oipmodel"}]}}, "pipeline stages need native partitions"),
 ])
 def test_pipeline_config_errors_are_one_line(pipelines, needle):
+    cfg = _cfg(pipelines)
+    cfg["partitions"]["o"] = {"replicas": ["http://127.0.0.1:2"], "protocol": "oip"}
+    cfg["models"]["oipmodel"] = "o"
     with pytest.raises(ConfigError, match=re.escape(needle)):
-        parse_config(_cfg(pipelines))
+        parse_config(cfg)
 
 
 def test_pipeline_config_parses_stages_and_mappings():
