@@ -27,6 +27,8 @@ class LeafConfig:
     torch_threads: int = 0  # 0 = torch's default
     batching: Batching = field(default_factory=Batching)
     models: dict[str, Batching] = field(default_factory=dict)  # per-model batching overrides
+    compile: bool = False  # torch.compile every model (leaf/compile.py) ...
+    compile_models: dict[str, bool] = field(default_factory=dict)  # ... or per model: models.<name>.compile
     max_body_bytes: int = 64 * 1024 * 1024
     # Client limits (trimmer/edge.py): head within header_timeout_s, no body pause over body_timeout_s,
     # idle keep-alive connections closed after keepalive_timeout_s, at most max_connections open.
@@ -45,8 +47,11 @@ class LeafConfig:
     def batching_for(self, model: str) -> Batching:
         return self.models.get(model, self.batching)
 
+    def compile_for(self, model: str) -> bool:
+        return self.compile_models.get(model, self.compile)
 
-_TOP = {f.name for f in fields(LeafConfig)}
+
+_TOP = {f.name for f in fields(LeafConfig)} - {"compile_models"}
 _BATCH = {f.name for f in fields(Batching)}
 
 
@@ -96,5 +101,15 @@ def load_config(path: str | None) -> LeafConfig:
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     base = kw.get("batching", Batching())
-    kw["models"] = {str(m): _batching(v, f"{p}: models.{m}", base) for m, v in kw.get("models", {}).items()}
+    compile_models: dict[str, bool] = {}
+    models: dict[str, Batching] = {}
+    for m, v in kw.get("models", {}).items():
+        if isinstance(v, dict) and "compile" in v:
+            v = dict(v)
+            flag = v.pop("compile")
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{p}: models.{m}.compile must be true or false")
+            compile_models[str(m)] = flag
+        models[str(m)] = _batching(v, f"{p}: models.{m}", base)
+    kw["models"], kw["compile_models"] = models, compile_models
     return LeafConfig(**kw)

@@ -147,15 +147,17 @@ class Converter:
             item = (math.prod(rest) * DTYPES[spec.dtype][1]) if spec.dtype else 0
             self.plans.append(InputPlan(name, spec, dtype, axis, spec.shape, rest, item, _raw_default(spec, dtype, axis)))
         self.allow = frozenset(signature.input_names)
-        # batched calling convention needs dtype and shape for every input (docs/leaf.md)
-        self.batchable = all(p.spec.dtype is not None and p.spec.shape is not None for p in self.plans)
+        # typed: every input has dtype and shape (fast conversion to raw parts). The batched calling convention
+        # needs that, and a signature that does not ask for one request per call (batching: "request")
+        self.typed = all(p.spec.dtype is not None and p.spec.shape is not None for p in self.plans)
+        self.batchable = self.typed and signature.batching == "rows"
         self.has_candidates = any(p.cand_axis is not None for p in self.plans)
-        self.dtypes = [p.torch_dtype for p in self.plans] if self.batchable else None
+        self.dtypes = [p.torch_dtype for p in self.plans] if self.typed else None
         self._fast = [(p.name, p.spec.dtype, p, p.cand_axis) for p in self.plans]
 
     # ------------------------------------------------------------------ per request
     def convert(self, features: Mapping[str, Any]) -> Converted:
-        if not self.batchable:
+        if not self.typed:
             return self._convert_tensors(features)
         parts: list[Any] = []
         shapes: list[tuple[int, ...]] = []
@@ -321,7 +323,7 @@ class Converter:
     def _default(self, plan: InputPlan, rows: int) -> Any:
         spec = plan.spec
         shape = tuple(rows if d == -1 else d for d in (spec.shape or ()))
-        if plan.default_raw is not None and self.batchable:
+        if plan.default_raw is not None and self.typed:
             return _Default(plan.default_raw * rows if plan.cand_axis is not None else plan.default_raw, shape)
         dtype = plan.torch_dtype or (torch.float32 if isinstance(spec.default, float) else torch.int64)
         base = torch.tensor(spec.default, dtype=dtype)

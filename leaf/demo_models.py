@@ -11,6 +11,12 @@ retrieval (SilverTorch style, the index is part of the module):
   content class); probe the top NPROBE clusters, Bloom test (item_bits & query_bits) == query_bits,
   int8-dequantised scoring, top-K item ids and scores. All shapes static except the row axis.
 ranker: per-candidate columns + user features -> T task logits -> value = sum_t w_t * sigmoid(logit_t).
+item_features: feature hydration as a model: catalogue tables looked up by `cand_item_id` -> the candidate
+  features the ranker and the diversifier read (lets the root chain retrieval -> ranker -> diversifier).
+diversifier: SSD slate selection (leaf/diversify.py) over one request's candidates (embeddings, relevance,
+  optional category) -> the ordered slate's indices [k] and adjusted scores. It needs all of a request's
+  candidates together, so its signature says `batching: request` (one request per call) and its inputs
+  have per-request shapes (candidate axis first, no extra row axis).
 
 Weights get meaning from a short seeded training on synthetic interactions (a few seconds on 2 cores).
 """
@@ -49,6 +55,9 @@ CAND_EMB = 16
 ID_BUCKETS = 10007
 MISSING_SCORE = -1.0e30
 SEED = 1234
+SLATE_K = 10  # the demo pipeline's retrieval returns TOP_K = 20 candidates; the bench uses k = 50
+SLATE_WINDOW = 8
+SLATE_GAMMA = 0.5
 
 # ---------------------------------------------------------------- the feature universe
 # name -> (spec, description); a spec's shape -1 is the candidate dimension.
@@ -64,6 +73,8 @@ FEATURE_UNIVERSE: dict[str, tuple[dict[str, Any], str]] = {
     "cand_ctr": ({"dtype": "float32", "shape": [-1]}, "candidate historical click-through rate (logit scale)"),
     "cand_age_hours": ({"dtype": "float32", "shape": [-1], "default": 24.0}, "candidate age in hours"),
     "cand_price": ({"dtype": "float32", "shape": [-1], "default": 0.0}, "candidate price"),
+    "cand_score": ({"dtype": "float32", "shape": [-1]}, "candidate relevance (e.g. the ranker's score), read by the diversifier"),
+    "cand_category": ({"dtype": "int64", "shape": [-1], "default": -1}, "candidate category id, -1 = none (diversifier)"),
     "ctx_hour_of_day": ({"dtype": "int64", "shape": []}, "context: hour of day (used by neither demo model)"),
     "ctx_device_type": ({"dtype": "int64", "shape": []}, "context: device type (used by neither demo model)"),
 }
@@ -71,13 +82,18 @@ RETRIEVAL_INPUTS = ("user_recent_items", "user_dense", "user_country", "user_lan
 RETRIEVAL_OUTPUTS = ("item_ids", "scores", "user_embedding")
 RANKER_INPUTS = ("user_dense", "user_age", "user_country", "cand_item_id", "cand_emb", "cand_ctr", "cand_age_hours", "cand_price")
 RANKER_OUTPUTS = ("score", "task_logits")
+ITEM_FEATURES_INPUTS = ("cand_item_id",)
+ITEM_FEATURES_OUTPUTS = ("cand_emb", "cand_ctr", "cand_age_hours", "cand_price", "cand_category")
+DIVERSIFIER_INPUTS = ("cand_emb", "cand_score", "cand_category")
+DIVERSIFIER_OUTPUTS = ("slate", "slate_scores")
 
 
-def module_info(input_names: tuple[str, ...], output_names: tuple[str, ...]) -> dict[str, Any]:
+def module_info(input_names: tuple[str, ...], output_names: tuple[str, ...], **extra: Any) -> dict[str, Any]:
     return {
         "input_names": list(input_names),
         "output_names": list(output_names),
         "inputs": {n: FEATURE_UNIVERSE[n][0] for n in input_names},
+        **extra,
     }
 
 
@@ -334,6 +350,48 @@ def train_ranker(model: Ranker, steps: int = 200, seed: int = SEED) -> float:
     return float(loss.detach())
 
 
+# ---------------------------------------------------------------- item features (hydration)
+class ItemFeatures(nn.Module):
+    """Feature hydration as a model: the catalogue's per-item features in buffers, looked up by item id, so a
+    pipeline can turn retrieval's item ids into the ranker's and the diversifier's candidate features.
+    Ids outside the catalogue (retrieval's -1 for 'not found') get a neutral row (category -1)."""
+
+    def __init__(self, emb: torch.Tensor, ctr: torch.Tensor, age: torch.Tensor, price: torch.Tensor, category: torch.Tensor) -> None:
+        super().__init__()
+        self.n_items = int(emb.shape[0])
+        self.register_buffer("emb", torch.cat([emb, torch.zeros(1, emb.shape[1])]))
+        self.register_buffer("ctr", torch.cat([ctr, torch.zeros(1)]))
+        self.register_buffer("age", torch.cat([age, torch.full((1,), 24.0)]))
+        self.register_buffer("price", torch.cat([price, torch.zeros(1)]))
+        self.register_buffer("category", torch.cat([category, torch.full((1,), -1, dtype=torch.long)]))
+
+    def forward(self, cand_item_id: torch.Tensor):
+        ok = (cand_item_id >= 0) & (cand_item_id < self.n_items)
+        idx = torch.where(ok, cand_item_id, torch.full_like(cand_item_id, self.n_items))
+        return self.emb[idx], self.ctr[idx], self.age[idx], self.price[idx], self.category[idx]
+
+
+def make_item_features(cat: dict[str, np.ndarray], seed: int = SEED) -> ItemFeatures:
+    """16-d content embeddings (a fixed projection of the 32-d item embeddings, so items of one topic stay
+    alike), synthetic CTR / age / price, and the item's topic as its category."""
+    rng = np.random.default_rng(seed + 21)
+    n = len(cat["topic"])
+    proj = rng.standard_normal((DIM, CAND_EMB)).astype(np.float32)
+    emb = cat["emb"] @ proj
+    return ItemFeatures(torch.from_numpy(emb.astype(np.float32)), torch.from_numpy(rng.standard_normal(n).astype(np.float32)),
+                        torch.from_numpy((200 * rng.random(n)).astype(np.float32)),
+                        torch.from_numpy(np.exp(rng.standard_normal(n)).astype(np.float32)),
+                        torch.from_numpy(np.asarray(cat["topic"], dtype=np.int64)))
+
+
+# ---------------------------------------------------------------- diversifier
+def make_diversifier() -> nn.Module:
+    """The demo slate model: SSD with k=SLATE_K, window SLATE_WINDOW, gamma SLATE_GAMMA (no weights to train)."""
+    from .diversify import SSD
+
+    return SSD(k=SLATE_K, window=SLATE_WINDOW, gamma=SLATE_GAMMA)
+
+
 # ---------------------------------------------------------------- build + save
 def example_inputs(input_names: tuple[str, ...], rows: int = 3) -> tuple[torch.Tensor, ...]:
     """Inputs in the batched calling convention (leading row axis on every input)."""
@@ -346,18 +404,19 @@ def example_inputs(input_names: tuple[str, ...], rows: int = 3) -> tuple[torch.T
     return tuple(out)
 
 
-def _save(model: nn.Module, input_names: tuple[str, ...], output_names: tuple[str, ...], repo: Path, name: str) -> None:
+def _save(model: nn.Module, input_names: tuple[str, ...], output_names: tuple[str, ...], repo: Path, name: str,
+          rows: int = 3, **extra: Any) -> None:
     import warnings
 
     model.eval()
-    info = json.dumps(module_info(input_names, output_names))
+    info = json.dumps(module_info(input_names, output_names, **extra))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         d1 = repo / name / "1"
         d1.mkdir(parents=True, exist_ok=True)
         torch.jit.save(torch.jit.script(model), str(d1 / "model.pt"), _extra_files={"module_info.json": info})
-        rows = torch.export.Dim("rows", min=1, max=1 << 20)
-        ep = torch.export.export(model, example_inputs(input_names), dynamic_shapes=tuple({0: rows} for _ in input_names))
+        dim = torch.export.Dim("rows", min=1, max=1 << 20)
+        ep = torch.export.export(model, example_inputs(input_names, rows), dynamic_shapes=tuple({0: dim} for _ in input_names))
         d2 = repo / name / "2"
         d2.mkdir(parents=True, exist_ok=True)
         tmp = d2 / ".model.tmp.pt2"
@@ -366,7 +425,7 @@ def _save(model: nn.Module, input_names: tuple[str, ...], output_names: tuple[st
 
 
 def build_demo(out: str | os.PathLike[str], n_items: int = N_ITEMS, log: Any = print) -> dict[str, Any]:
-    """Write retrieval/{1: .pt, 2: .pt2} and ranker/{1: .pt, 2: .pt2} (same weights per model) plus .demo/ data."""
+    """Write retrieval/, item_features/, ranker/ and diversifier/ ({1: .pt, 2: .pt2}, same weights per model) plus .demo/ data."""
     t0 = time.perf_counter()
     repo = Path(out)
     repo.mkdir(parents=True, exist_ok=True)
@@ -384,12 +443,17 @@ def build_demo(out: str | os.PathLike[str], n_items: int = N_ITEMS, log: Any = p
     with torch.no_grad():
         _save(retrieval, RETRIEVAL_INPUTS, RETRIEVAL_OUTPUTS, repo, "retrieval")
         _save(ranker, RANKER_INPUTS, RANKER_OUTPUTS, repo, "ranker")
+        _save(make_item_features(cat), ITEM_FEATURES_INPUTS, ITEM_FEATURES_OUTPUTS, repo, "item_features")
+        diversifier = make_diversifier()
+        _save(diversifier, DIVERSIFIER_INPUTS, DIVERSIFIER_OUTPUTS, repo, "diversifier", rows=97, batching="request",
+              settings={"k": diversifier.k, "window": diversifier.window, "gamma": diversifier.gamma,
+                        "category_weight": diversifier.category_weight, "algorithm": "SSD (Huang et al., KDD 2021)"})
     extra = repo / ".demo"
     extra.mkdir(exist_ok=True)
     np.savez(extra / "items.npz", emb=cat["emb"], countries=cat["countries"], languages=cat["languages"],
              classes=cat["classes"], bits=bits, token_masks=masks)
     summary = {"repo": str(repo), "n_items": n_items, "retrieval_loss": round(r_loss, 4), "ranker_loss": round(k_loss, 4),
                "seconds": round(time.perf_counter() - t0, 1)}
-    log(f"built demo repository {repo}: retrieval (1: .pt, 2: .pt2), ranker (1: .pt, 2: .pt2); "
+    log(f"built demo repository {repo}: retrieval, item_features, ranker, diversifier (1: .pt, 2: .pt2 each); "
         f"{n_items} items; tower loss {summary['retrieval_loss']}, ranker loss {summary['ranker_loss']}; {summary['seconds']} s")
     return summary

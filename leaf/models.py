@@ -36,6 +36,7 @@ from trimmer.repository import archive_path
 from trimmer.signature import Signature, read_signature
 
 from .batcher import Batcher, Runner
+from .compile import maybe_compile
 from .config import LeafConfig
 from .convert import Converted, Converter
 from .gctune import settle_gc
@@ -191,6 +192,7 @@ class ModelStore:
         signature = read_signature(vs.path)
         module, platform = _load_module(vs.path, self.device)
         converter = Converter(signature)
+        module = maybe_compile(module, converter, self.config.compile_for(vs.model), f"{vs.model}/{vs.version}", self.device)
         vs.signature, vs.converter, vs.platform = signature, converter, platform
         vs.digest = input_digest(signature.input_names)
         runner = Runner(module, converter, signature.output_names, self.device)

@@ -2,7 +2,8 @@
 
 Builds the demo model repository, starts one leaf and, per scenario, one root
 on free loopback ports, runs a short open-loop matrix that fans each request
-out to both demo models, prints the table and the report's location. Every
+out to the ranker, retrieval and the diversifier, prints the table and the report's location, then sends a
+few requests through the root's retrieval -> ranker -> diversifier pipeline (loadtest/pipeline_demo.py). Every
 process is stopped on success, failure or Ctrl-C (loadtest.procs.running).
 """
 
@@ -28,7 +29,7 @@ def demo_config(out: Path, duration_s: float | None = None) -> LoadtestConfig:
         path="(trimmer demo)",
         out=out,
         repo=None,  # build the demo repository into <out>/models
-        models=(ModelTarget("ranker"), ModelTarget("retrieval")),
+        models=(ModelTarget("ranker"), ModelTarget("retrieval"), ModelTarget("diversifier")),
         # Realistic values (quantised, sparse, repeated ids, short vocabularies), so lz4 and zstd are
         # compared with trimming on data they can compress; `payload.profile: random` in a loadtest config for the worst case.
         payload=PayloadSpec(usage_ratio=0.2, candidates=256, seed=0, distinct=8, profile="realistic"),
@@ -44,8 +45,12 @@ def run_demo(out: Path | None = None, duration_s: float | None = None) -> int:
     out = out or Path(tempfile.mkdtemp(prefix="trimmer-demo-"))
     cfg = demo_config(out, duration_s)
     console.print(f"[bold]trimmer demo[/bold]: building demo models, then {len(cfg.scenarios)} scenarios x "
-                  f"{cfg.load.duration_s:g} s at {cfg.load.rate:g} req/s (fan-out to ranker + retrieval); output in {out}")
+                  f"{cfg.load.duration_s:g} s at {cfg.load.rate:g} req/s (fan-out to ranker + retrieval + diversifier), then the "
+                  f"retrieval -> ranker -> diversifier pipeline; output in {out}")
     t0 = time.monotonic()
     rc = run_and_report(cfg, out, console=console)
+    from .pipeline_demo import run_pipeline_demo
+
+    rc = max(rc, run_pipeline_demo(out / "models", out, console))
     console.print(f"demo finished in {time.monotonic() - t0:.0f} s; leaf and roots stopped.")
     return rc

@@ -39,6 +39,7 @@ from .fanout import PreparedBody, RouteError, Router, _header, fan_out, native_p
 from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
+from .pipeline import pipeline_handler
 from .upstream import Partition, UpstreamError
 
 log = logging.getLogger("trimmer.root")
@@ -581,6 +582,7 @@ def build_apps(state: RootState) -> tuple[web.Application, web.Application | Non
     main[STATE] = state
     r = main.router
     r.add_post("/v1/score", handle_fanout, name="fanout")
+    r.add_post("/v1/pipelines/{name}/score", pipeline_handler(STATE, _timeout), name="pipeline")  # root/pipeline.py
     r.add_post("/v1/models/{name}/score", handle_model_score, name="model")
     r.add_post("/v1/models/{name}/versions/{version}/score", handle_model_score, name="model_version")
     r.add_post("/v2/models/{name}/infer", handle_oip_infer, name="oip_infer")

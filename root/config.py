@@ -19,6 +19,8 @@ from trimmer.names import valid_name
 from trimmer.overrides import check_section as _section
 from trimmer.overrides import load_yaml
 
+from .pipeline_config import PipelineConfig, parse_pipelines
+
 PROTOCOLS = ("native", "oip")
 COMPRESSIONS = ("none", "lz4", "zstd")
 BALANCES = ("least_inflight", "round_robin")
@@ -27,7 +29,7 @@ DEFAULT_ADMIN_PORT = 9901  # Envoy's admin port: loopback only unless admin.host
 
 _TOP = {"listen", "admin", "workers", "bundles", "repositories", "overrides", "watch", "partitions", "models",
         "unknown_models", "timeouts", "limits", "deadline_header", "audit_sample_rate", "audit_max_concurrent",
-        "audit_tolerance"}
+        "audit_tolerance", "pipelines"}
 _LISTEN = {"host", "port"}
 _ADMIN = {"enabled", "host", "port", "on_service_port"}
 _PARTITION = {"replicas", "protocol", "compression", "balance", "health_path", "max_connections",
@@ -110,6 +112,7 @@ class RootConfig:
     audit_sample_rate: float = 0.0  # fraction of trimmed requests also sent untrimmed and compared (root/audit.py)
     audit_max_concurrent: int = 8  # audits in flight at once; more are dropped and counted
     audit_tolerance: float = 1e-5  # float outputs within this relative difference are near matches, not mismatches
+    pipelines: dict[str, PipelineConfig] = field(default_factory=dict)  # multi-stage requests (root/pipeline_config.py)
 
     def version_policies(self) -> tuple[dict[str, str], str]:
         """(model -> policy for configured models, policy for the rest): a model's own, else its partition's."""
@@ -353,6 +356,8 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
         audit_sample_rate=float(audit_rate),
         audit_tolerance=float(audit_tol),
         audit_max_concurrent=_num(doc.get("audit_max_concurrent"), f"{path}: audit_max_concurrent", 8, 1, integer=True),
+        pipelines=parse_pipelines(doc.get("pipelines"), path, lambda m: models[m].partition if m in models else upart if policy == "passthrough" else None,
+                                  lambda p: partitions[p].protocol),
     )
 
 

@@ -80,10 +80,14 @@ async def _scrape(session: aiohttp.ClientSession, url: str, timeout_s: float) ->
             raise RuntimeError(f"GET /metrics answered {resp.status}")
         if resp.content_length is not None and resp.content_length > MAX_METRICS_BYTES:
             raise RuntimeError(f"/metrics is {resp.content_length} bytes, over {MAX_METRICS_BYTES}")
-        body = await resp.content.read(MAX_METRICS_BYTES + 1)
-        if len(body) > MAX_METRICS_BYTES:
-            raise RuntimeError(f"/metrics is over {MAX_METRICS_BYTES} bytes")
-        return body.decode("utf-8", "replace")
+        # read to the end: one read(n) returns whatever has arrived, which cut bigger /metrics pages mid-line
+        chunks, total = [], 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            total += len(chunk)
+            if total > MAX_METRICS_BYTES:
+                raise RuntimeError(f"/metrics is over {MAX_METRICS_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _counts(c: Counter) -> dict[str, int]:

@@ -105,7 +105,9 @@ def items(repo: Path) -> dict:
 
 def test_ready_lists_every_version_and_metadata(leaf):
     status, body = get(leaf + "/v2/health/ready")
-    assert status == 200 and body["models"] == ["ranker/1", "ranker/2", "retrieval/1", "retrieval/2"] and body["failed"] == {}
+    assert status == 200 and body["models"] == ["diversifier/1", "diversifier/2", "item_features/1", "item_features/2",
+                                                 "ranker/1", "ranker/2", "retrieval/1", "retrieval/2"]
+    assert body["failed"] == {}
     status, meta = get(leaf + "/v2/models/ranker")
     assert status == 200 and meta["version"] == "2" and meta["platform"] == "pytorch_export"
     assert [i["name"] for i in meta["inputs"]] == list(dm.RANKER_INPUTS)

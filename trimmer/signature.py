@@ -24,6 +24,7 @@ SIGNATURE_FILE = "module_info.json"
 MAX_SIGNATURE_BYTES = 4 * 1024 * 1024
 _ENTRY = re.compile(r"^([^/]+)/extra/module_info\.json$")
 _SPEC_KEYS = {"dtype", "shape", "default"}
+BATCHING_MODES = ("rows", "request")  # how the leaf may batch a model (docs/protocol.md)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Signature:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     inputs: dict[str, InputSpec] = field(default_factory=dict)
+    # "rows": requests may share a call along the row/candidate axis (the leaf's batched convention);
+    # "request": one request per call (e.g. a slate model that looks at all of its candidates at once)
+    batching: str = "rows"
 
     @property
     def allowlist(self) -> frozenset[str]:
@@ -60,6 +64,8 @@ class Signature:
         out: dict[str, Any] = {"input_names": list(self.input_names), "output_names": list(self.output_names)}
         if self.inputs:
             out["inputs"] = {name: spec.to_json() for name, spec in self.inputs.items()}
+        if self.batching != "rows":
+            out["batching"] = self.batching
         return out
 
 
@@ -121,7 +127,10 @@ def parse_signature(data: bytes, where: str = "module_info.json") -> Signature:
     if stray:
         raise SignatureError(f"{where}: 'inputs' describes names not in input_names: {', '.join(stray)}")
     inputs = {name: _spec(name, raw_inputs[name], where) for name in input_names if name in raw_inputs}
-    return Signature(input_names, output_names, inputs)
+    batching = info.get("batching", "rows")
+    if batching not in BATCHING_MODES:
+        raise SignatureError(f"{where}: 'batching' must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
+    return Signature(input_names, output_names, inputs, batching)
 
 
 def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> bytes:
