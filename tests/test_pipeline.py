@@ -43,7 +43,7 @@ def stack(tmp_path_factory):
     subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "3000"), check=True, capture_output=True, timeout=600)
     lport = free_port()
     leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--torch-threads", "1"], lport, "/v2/health/ready", tmp, timeout=180)
-    cfg = {"repositories": [str(repo)], "partitions": {"leaves": {"replicas": [leaf.url]}},
+    cfg = {"repositories": [str(repo)], "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [leaf.url]}},
            # a default version per model: requests naming none are trimmed to its allowlist (else: counted misses, untrimmed)
            "models": {m: {"partition": "leaves", "default_version": "2"} for m in MODELS}, "timeouts": {"request_s": 30},
            "pipelines": {"feed": {"stages": STAGES}, "broken": {"stages": [{"model": "retrieval"},
