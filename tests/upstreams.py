@@ -10,10 +10,12 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import msgspec
+import numpy as np
 
 
 class Tap:
@@ -110,16 +112,19 @@ class HangUp:
 
 
 class Gate:
-    """Answers each POST with the feature names it received (msgpack), but only once `release` is set.
+    """Holds each POST until the test lets it through, then answers msgpack {"features": [names received],
+    "outputs": {"score": [f1]}} (a value from the bytes it was sent, so an audit can compare two answers).
 
-    `arrived` is set when a request is in; `posts` counts them. A bounded wait: a request never opened is
-    answered 503 after `hold_s`.
+    `open(n)` lets n requests through, `release` (an Event) lets every request through; `arrived` is set when a
+    request is in, `posts` counts them. Bounded: a request never let through is answered 503 after `hold_s`.
     """
 
-    def __init__(self, hold_s: float = 60.0) -> None:
+    def __init__(self, hold_s: float = 60.0, hold=lambda features: True) -> None:
+        """`hold(features)`: whether a request with these features waits for the test (default: every one)."""
         self.arrived = threading.Event()
         self.release = threading.Event()
         self.posts = 0
+        self._permits = threading.Semaphore(0)
         gate = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -136,15 +141,23 @@ class Gate:
                 self._answer(200, b'{"ready": true}', "application/json")
 
             def do_POST(self) -> None:
+                from trimmer.codec import encode_msgpack
+                from trimmer.tensor import Tensor
+
                 n = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(n)
                 gate.posts += 1
                 gate.arrived.set()
-                if not gate.release.wait(hold_s):
-                    self._answer(503, b'{"error": "gate never opened"}', "application/json")
-                    return
-                top = msgspec.msgpack.decode(raw)
-                self._answer(200, msgspec.msgpack.encode({"features": list(top.get("features", {}))}))
+                feats = msgspec.msgpack.decode(raw).get("features", {})
+                deadline = time.monotonic() + hold_s
+                while hold(feats) and not gate.release.is_set() and not gate._permits.acquire(timeout=0.05):
+                    if time.monotonic() > deadline:
+                        self._answer(503, b'{"error": "gate never opened"}', "application/json")
+                        return
+                out = {"features": list(feats)}
+                if isinstance(feats.get("f1"), (int, float)):
+                    out["outputs"] = {"score": Tensor.from_numpy(np.array([feats["f1"]], np.float32))}
+                self._answer(200, encode_msgpack(out))
 
             def log_message(self, *args) -> None:
                 pass
@@ -154,6 +167,10 @@ class Gate:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def open(self, n: int) -> None:
+        for _ in range(n):
+            self._permits.release()
 
     def close(self) -> None:
         self.release.set()
