@@ -13,6 +13,7 @@ deadline. Status codes per fault are summarised in docs/hardening.md.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import msgpack
 import msgspec
 import pytest
 
@@ -46,6 +48,12 @@ def bundle_doc(swap: tuple[str, ...]) -> dict:
               "sleepy": {"1": ["f1"]}, "gamma": {"1": ["f1"]}, "junk": {"1": ["f1"]}}
     return {"kind": BUNDLE_KIND, "format": BUNDLE_FORMAT, "models": {
         m: {"versions": {v: {"input_names": names, "output_names": ["score"]} for v, names in vs.items()}} for m, vs in models.items()}}
+
+
+def kept_sha(names: tuple[str, ...]) -> str:
+    """sha256 of the body the upstream must receive for BODY trimmed to `names`: msgpack-python's encoding of
+    the request with only those features (independent of the trim), so value bytes are checked too."""
+    return hashlib.sha256(msgpack.packb({"request_id": "r", "features": {k: v for k, v in FEATURES.items() if k in names}})).hexdigest()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -116,7 +124,7 @@ def env(tmp_path_factory):
 class Load:
     """Outcomes of a bounded closed-loop load: status, client-side latency, features the upstream got."""
 
-    results: list[tuple[int, float, tuple[str, ...] | None, bytes]] = field(default_factory=list)
+    results: list[tuple[int, float, tuple[str, ...] | None, bytes, str | None]] = field(default_factory=list)
 
     def statuses(self) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -143,11 +151,11 @@ async def run_load(url: str, stop: asyncio.Event, clients: int = 4, max_requests
                     raw = await r.read()
                     status = r.status
             except aiohttp.ClientError as exc:  # the ROOT never drops a connection: this is a failure too
-                load.results.append((-1, time.monotonic() - t0, None, repr(exc).encode()))
+                load.results.append((-1, time.monotonic() - t0, None, repr(exc).encode(), None))
                 continue
             dt = time.monotonic() - t0
-            feats = tuple(msgspec.msgpack.decode(raw).get("features", ())) if status == 200 else None
-            load.results.append((status, dt, feats, raw[:300]))
+            doc = msgspec.msgpack.decode(raw) if status == 200 else {}
+            load.results.append((status, dt, tuple(doc["features"]) if status == 200 else None, raw[:300], doc.get("body_sha256")))
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
         await asyncio.gather(*(client(s) for _ in range(clients)))
@@ -213,7 +221,7 @@ async def test_replica_killed_mid_load_fails_over_then_comes_back(env):
     assert sum(1 for r in load.results[killed_at + 8:] if r[0] != 200) == 0, st  # after the in-flight ones: all served
     assert set(st) <= {200, 502, 503}, st  # a broken in-flight request is 502; never a 500 or a dropped connection
     assert len(load.failed) <= 8, st  # at most the requests in flight on s1 when it died (4 clients, one retry each)
-    assert all(r[2] == ("f1",) for r in load.results if r[0] == 200)
+    assert all(r[2] == ("f1",) and r[4] == kept_sha(("f1",)) for r in load.results if r[0] == 200)
     status = await get_json(root.url + "/admin/allowlists")
     reps = {r["url"]: r for r in status["partitions"]["pair"]["replicas"]}
     assert reps[sinks["s1"].url]["up"] is False and reps[sinks["s2"].url]["up"] is True
@@ -304,6 +312,7 @@ async def test_corrupt_bundle_mid_load_keeps_last_good_allowlists(env):
         atomic_write(bundle, good)
     assert not load.failed, load.failed[:3]
     assert {r[2] for r in load.results} == {FIXED}  # trimmed with the last good allowlist all along
+    assert {r[4] for r in load.results} == {kept_sha(FIXED)}  # and exactly those bytes
     src = source(await get_json(root.url + "/admin/allowlists"), "bundle")
     assert src["failures"] >= 1
 
@@ -338,6 +347,7 @@ async def test_truncated_archive_and_removed_repository_keep_last_good(env):
         await task
     assert not load.failed, load.failed[:3]
     assert {r[2] for r in load.results} == {REPO_ALLOW}  # last good allowlist kept through both faults
+    assert {r[4] for r in load.results} == {kept_sha(REPO_ALLOW)}
     # put it back: the error clears
     (repo / "repo_m" / "1").mkdir(parents=True)
     atomic_write(repo / "repo_m" / "1" / "model.pt", good)
@@ -375,6 +385,7 @@ async def test_twenty_bundle_swaps_under_load_never_mix_allowlists(env):
     seen = {r[2] for r in load.results}
     assert seen <= {ALLOW_A, ALLOW_B}, seen - {ALLOW_A, ALLOW_B}
     assert seen == {ALLOW_A, ALLOW_B}
+    assert {r[4] for r in load.results} == {kept_sha(ALLOW_A), kept_sha(ALLOW_B)}  # value bytes, not only names
     assert after["reloads"] - before >= 20 and after["last_error"] is None  # every swap was picked up
 
 
