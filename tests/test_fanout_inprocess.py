@@ -194,3 +194,5 @@ def test_target_keys_and_fanout_status_rules():
     assert fanout_status({"x": {"status": 404}, "y": {"status": 400}}) == 400
     assert fanout_status({"x": {"status": 404}, "y": {"status": 503}}) == 502
     assert fanout_status({"x": {"status": 500}, "y": {"status": 503}}) == 502
+    assert fanout_status({"x": {"status": 404}, "y": {"status": 500}}) == 502  # a 500 is not the client's fault
+    assert fanout_status({"x": {"status": 499}, "y": {"status": 400}}) == 400
