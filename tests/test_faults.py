@@ -155,7 +155,7 @@ async def run_load(url: str, stop: asyncio.Event, clients: int = 4, max_requests
                 continue
             dt = time.monotonic() - t0
             doc = msgspec.msgpack.decode(raw) if status == 200 else {}
-            load.results.append((status, dt, tuple(doc["features"]) if status == 200 else None, raw[:300], doc.get("body_sha256")))
+            load.results.append((status, dt, tuple(doc.get("features", ())) if status == 200 else None, raw[:300], doc.get("body_sha256")))
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
         await asyncio.gather(*(client(s) for _ in range(clients)))
