@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench soak clean
+.PHONY: setup test demo bench soak clean mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,16 @@ bench: setup
 soak: setup
 	$(VENV)/bin/trimmer loadtest --config configs/soak.yaml
 
+# Mutation testing (mutmut, config in pyproject.toml [tool.mutmut]): the trim, the fan-out, the converter and
+# version resolution against their fast in-process tests. On demand, not in CI: about 20-30 minutes on 2 cores.
+mutate: setup
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(VENV)/bin/mutmut results --all true > mutants/results.txt || $(VENV)/bin/mutmut results > mutants/results.txt
+	@grep -c ": killed" mutants/results.txt | xargs echo killed:; grep -vc ": killed" mutants/results.txt | xargs echo not killed:
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache mutants
 
 # Container images (deploy/docker/): podman when present, else docker. IMAGE_TAG=... to tag.
 IMAGE_TAG ?= 0.1.0

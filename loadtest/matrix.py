@@ -21,11 +21,10 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
-from trimmer.codec import MSGPACK, encode_msgpack
+from trimmer.codec import encode_msgpack
 from trimmer.errors import ConfigError, TrimmerError
 from trimmer.repository import scan_repository
 from trimmer.signature import Signature
-from trimmer.trim import trim
 
 from . import procs
 from .config import LoadtestConfig, ModelTarget, parse_rate
@@ -80,7 +79,7 @@ def _pick_version(model: str, available: dict[tuple[str, str], Signature], versi
 
 
 def build_workload(cfg: LoadtestConfig, repo: Path) -> Workload:
-    """Universe from the target models' signatures plus unused features; sizes computed with trimmer.trim."""
+    """Universe from the target models' signatures plus unused features; sizes computed by encoding only the kept features (independent of trimmer.trim)."""
     scan = scan_repository(repo)
     sigs = {k: mv.signature for k, mv in scan.versions.items()}
     chosen: list[tuple[ModelTarget, str, Signature]] = []
@@ -97,14 +96,17 @@ def build_workload(cfg: LoadtestConfig, repo: Path) -> Workload:
         url_path = f"/v1/models/{t.name}/score" if t.version is None else f"/v1/models/{t.name}/versions/{t.version}/score"
     bodies, untrimmed, minimum = [], 0, 0
     for i in range(p.distinct):
-        req = make_request(universe, p.candidates, p.seed + i, profile=p.profile)
-        forwarded = encode_msgpack(req)  # what the root forwards untrimmed (fan-out strips "models")
+        plain = make_request(universe, p.candidates, p.seed + i, profile=p.profile)
+        forwarded = encode_msgpack(plain)  # what the root forwards untrimmed (fan-out strips "models")
+        req = plain
         if fan_out:
-            req = {**req, "models": [{"name": t.name, **({"version": t.version} if t.version else {})} for t in cfg.models]}
+            req = {**plain, "models": [{"name": t.name, **({"version": t.version} if t.version else {})} for t in cfg.models]}
         bodies.append(encode_msgpack(req))
         for _, _, sig in chosen:
             untrimmed += len(forwarded)
-            minimum += len(trim(forwarded, sig.allowlist, MSGPACK).body)
+            # The floor, computed without the trim under test: the request encoded with only the kept features.
+            kept = {k: v for k, v in plain["features"].items() if k in sig.allowlist}
+            minimum += len(encode_msgpack({**plain, "features": kept}))
     n = len(bodies)
     return Workload(
         url_path=url_path, bodies=bodies, features=len(universe.features), used=len(universe.used), usage_ratio=universe.usage_ratio,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 
 import msgspec
 from aiohttp import web
@@ -61,7 +62,7 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
         top = dec.decode(body)
         feats = dec.decode(top["features"]) if "features" in top else {}
         out = {"model": name, "version": version, "features": list(feats), "keys": list(top), "body_bytes": len(body),
-               "wire_bytes": len(raw), "encoding": request.headers.get("Content-Encoding"),
+               "body_sha256": hashlib.sha256(body).hexdigest(), "wire_bytes": len(raw), "encoding": request.headers.get("Content-Encoding"),
                "deadline_ms": request.headers.get("X-Deadline-Ms")}
         if is_mp:
             return web.Response(body=msgspec.msgpack.encode(out), content_type="application/msgpack")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -141,3 +142,20 @@ def test_settle_gc_freezes_loaded_objects_and_reclaims_dropped_cycles():
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("name, array", [
+    ("a", np.zeros(12, np.float32)),            # rank 1 for a declared [-1, 4]
+    ("a", np.zeros((3, 4, 1), np.float32)),     # rank 3
+    ("a", np.zeros((3, 5), np.float32)),        # wrong fixed dimension
+    ("b", np.zeros((3, 1), np.float32)),        # rank 2 for a declared [-1]
+])
+def test_typed_tensor_of_the_wrong_shape_is_refused_naming_the_feature(name, array):
+    """The fast path must not accept a typed tensor whose rank or fixed dimensions differ from the signature."""
+    conv = Converter(parse_signature(json.dumps({"input_names": ["a", "b"], "output_names": ["s"],
+                                      "inputs": {"a": {"dtype": "float32", "shape": [-1, 4]}, "b": {"dtype": "float32", "shape": [-1]}}}).encode()))
+    good = {"a": Tensor.from_numpy(np.zeros((3, 4), np.float32)), "b": Tensor.from_numpy(np.zeros(3, np.float32))}
+    ok = conv.convert(good)
+    assert ok.rows == 3 and ok.shapes == [(3, 4), (3,)]
+    with pytest.raises(PayloadError, match=f"'{name}'"):
+        conv.convert({**good, name: Tensor.from_numpy(array)})

@@ -1,13 +1,11 @@
 """A short real matrix against a real root and a real leaf: the report's trimmed bytes equal the computed minimum.
 
 Real processes on loopback ports (loadtest.procs); a few seconds of load per
-scenario, three scenarios. Skipped only when the leaf or root package is not
-in the tree at all.
+scenario, three scenarios.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,11 +18,6 @@ from loadtest.config import LoadtestConfig, ModelTarget, PayloadSpec
 from loadtest.matrix import run_matrix
 from loadtest.report import write_report
 from loadtest.runner import LoadSpec
-
-needs_root_and_leaf = pytest.mark.skipif(
-    importlib.util.find_spec("leaf.cli") is None or importlib.util.find_spec("root.cli") is None,
-    reason="leaf/cli.py or root/cli.py is not in the tree yet (component missing)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,6 @@ def _cfg(tmp: Path, repo: Path) -> LoadtestConfig:
     )
 
 
-@needs_root_and_leaf
 def test_short_real_matrix_trimmed_bytes_match_minimum(tmp_path: Path, demo_repo: Path) -> None:
     cfg = _cfg(tmp_path, demo_repo)
     report = run_matrix(cfg, tmp_path)

@@ -208,6 +208,18 @@ def test_disagreeing_sources_forward_the_union() -> None:
     assert reg.status()["conflicts"]
 
 
+async def rewrite_until(write, predicate, timeout: float = 20.0) -> bool:
+    """Write, then poll; write again every half second until `predicate` holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        write()
+        for _ in range(10):
+            if predicate():
+                return True
+            await asyncio.sleep(0.05)
+    return predicate()
+
+
 async def test_hot_reload_picks_up_replaced_and_corrupt_bundles(tmp_path: Path) -> None:
     path = write_json_bundle(tmp_path / "bundle.json", {"m": {"1": ["a"]}})
     reg = Registry([BundleSource(path)])
@@ -224,9 +236,9 @@ async def test_hot_reload_picks_up_replaced_and_corrupt_bundles(tmp_path: Path) 
         return False
 
     try:
-        await asyncio.sleep(0.3)  # let the watcher start
-        write_json_bundle(path, {"m": {"1": ["a", "b"], "2": ["c"]}})
-        assert await until(lambda: reg.resolve("m", "2").allowlist == {"c"})
+        # rewritten until seen: a write made before the watcher is up would otherwise be missed (no sleep to guess)
+        assert await rewrite_until(lambda: write_json_bundle(path, {"m": {"1": ["a", "b"], "2": ["c"]}}),
+                                   lambda: reg.resolve("m", "2").allowlist == {"c"})
         assert reg.resolve("m", "1").allowlist == {"a", "b"}
         path.write_text("{ corrupt")
         assert await until(lambda: reg.status()["sources"][0]["failures"] == 1)
@@ -282,12 +294,8 @@ async def test_overrides_file_hot_reload_keeps_last_good(tmp_path: Path) -> None
     stop = asyncio.Event()
     task = asyncio.create_task(reg.watch(stop, debounce_ms=50))
     try:
-        await asyncio.sleep(0.3)
-        path.write_text("models:\n  m:\n    keep: [k2]\n    mode: shadow\n")
-        for _ in range(200):
-            if reg.resolve("m", "1").allowlist == {"a", "k2"}:
-                break
-            await asyncio.sleep(0.05)
+        await rewrite_until(lambda: path.write_text("models:\n  m:\n    keep: [k2]\n    mode: shadow\n"),
+                            lambda: reg.resolve("m", "1").allowlist == {"a", "k2"})
         assert reg.resolve("m", "1").allowlist == {"a", "k2"} and reg.resolve("m", "1").mode == "shadow"
         path.write_text("models:\n  m:\n    mode: trim-everything\n")
         for _ in range(200):

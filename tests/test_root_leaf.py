@@ -167,6 +167,7 @@ async def test_dead_replica_fails_over_and_bundle_replacement_loses_nothing(stac
         assert status == 200
         stop = asyncio.Event()
         bad: list = []
+        done = [0]
 
         async def client() -> int:
             n = 0
@@ -175,24 +176,43 @@ async def test_dead_replica_fails_over_and_bundle_replacement_loses_nothing(stac
                 if status != 200 or out != expected:
                     bad.append((status, out[:200]))
                 n += 1
+                done[0] += 1
             return n
+
+        async def reloads() -> int:
+            async with s.get(root.url + "/admin/allowlists") as r:
+                return (await r.json())["sources"][0]["reloads"]
+
+        async def until(pred, what: str) -> None:  # polling with a generous deadline, no fixed sleeps
+            deadline = time.monotonic() + 30
+            while not await pred() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert await pred(), what
 
         tasks = [asyncio.create_task(client()) for _ in range(3)]
         for i in range(5):
-            await asyncio.sleep(0.3)
+            seen, served = await reloads(), done[0]
             original["created_unix"] = int(time.time()) + i
             write_bundle(original, bundle)  # atomic replace, same allowlists
-        await asyncio.sleep(0.5)
+            await until(lambda: _gt(reloads(), seen), f"replacement {i} picked up")
+
+            async def more() -> bool:
+                return done[0] >= served + 3
+            await until(more, f"requests served across replacement {i}")
         stop.set()
         counts = await asyncio.gather(*tasks)
         async with s.get(root.url + "/admin/allowlists") as r:
             status_doc = await r.json()
     assert not bad, bad[:3]
-    assert sum(counts) >= 10
+    assert sum(counts) == done[0] >= 15
     src = status_doc["sources"][0]
-    assert src["reloads"] >= 2 and src["last_error"] is None  # the replacements were picked up
+    assert src["reloads"] >= 5 and src["last_error"] is None  # every replacement was picked up
     dead = [r for r in status_doc["partitions"]["leaves"]["replicas"] if not r["up"]]
     assert len(dead) == 1
+
+
+async def _gt(value, than: int) -> bool:
+    return await value > than
 
 
 def test_root_processes_never_load_torch(stack):

@@ -8,6 +8,7 @@ test_root_leaf.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -16,12 +17,12 @@ import time
 from pathlib import Path
 
 import aiohttp
+import msgpack
 import msgspec
 import pytest
 
 from loadtest.procs import ManagedProcess, free_port, start
 from trimmer.bundle import BUNDLE_KIND, BUNDLE_FORMAT
-from trimmer.trim import trim
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
@@ -59,6 +60,17 @@ def body(models=None, **extra) -> bytes:
 
 
 MP = {"Content-Type": "application/msgpack"}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def kept_body(doc: dict, allow: set[str]) -> bytes:
+    """The oracle for a trimmed msgpack body, independent of trimmer.trim: msgpack-python's encoding of the same
+    document with only the allowlisted features (key order kept)."""
+    return msgpack.packb({k: ({n: v for n, v in doc["features"].items() if n in allow} if k == "features" else v)
+                          for k, v in doc.items()})
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +167,18 @@ async def test_fanout_json_and_shortcut(env):
 async def test_megabyte_bodies_are_trimmed_and_forwarded_from_their_chunks(env):
     """A body that arrives in many chunks: trimmed while it arrives (enforce), forwarded chunk by chunk (miss, shadow)."""
     big = {**FEATURES, **{f"pad{i:03d}": bytes([i % 251]) * 10_000 for i in range(300)}}
-    data = msgspec.msgpack.encode({"request_id": "big", "features": big, "tail": "end"})
+    doc = {"request_id": "big", "features": big, "tail": "end"}
+    data = msgspec.msgpack.encode(doc)
     assert len(data) > 3_000_000
-    expected_trim = trim(data, frozenset({"f1", "f2"}), "application/msgpack").body
+    expected_trim = kept_body(doc, {"f1", "f2"})
     status, out = await post(env["root"].url + "/v1/models/alpha/score", data)
     assert status == 200, out
     assert out["features"] == ["f1", "f2"] and out["keys"] == ["request_id", "features", "tail"]
-    assert out["body_bytes"] == len(expected_trim)
+    assert out["body_bytes"] == len(expected_trim) and out["body_sha256"] == sha(expected_trim)
     for model in ("nolist", "shadowed"):  # untrimmed: every byte arrives
         status, out = await post(env["root"].url + f"/v1/models/{model}/score", data)
         assert status == 200, out
-        assert out["body_bytes"] == len(data) and out["features"] == list(big)
+        assert out["body_bytes"] == len(data) and out["body_sha256"] == sha(data) and out["features"] == list(big)
     truncated = data[: len(data) // 2]  # a body cut off mid-feature is a 400, not a partial trim
     status, out = await post(env["root"].url + "/v1/models/alpha/score", truncated)
     assert status == 400 and "truncated" in out["error"]
@@ -311,6 +324,7 @@ async def test_bundle_replacement_while_requests_flow_loses_none(env):
     bundle = env["bundle"]
     original = bundle.read_text()
     seen: set[tuple[str, ...]] = set()
+    latest: list[tuple[str, ...] | None] = [None]
     failures: list = []
     stop = asyncio.Event()
 
@@ -322,24 +336,25 @@ async def test_bundle_replacement_while_requests_flow_loses_none(env):
                 if r.status != 200:
                     failures.append((r.status, raw[:200]))
                 else:
-                    seen.add(tuple(msgspec.msgpack.decode(raw)["features"]))
+                    latest[0] = tuple(msgspec.msgpack.decode(raw)["features"])
+                    seen.add(latest[0])
             n += 1
         return n
 
     async with aiohttp.ClientSession() as s:
         tasks = [asyncio.create_task(client(s)) for _ in range(4)]
         doc = json.loads(original)
-        deadline = time.monotonic() + 20
         for i in range(6):
-            await asyncio.sleep(0.3)
-            doc["models"]["beta"]["versions"]["1"]["input_names"] = ["f3", "f4"] if i % 2 else ["f3", "f4", "f5"]
+            want = ("f3", "f4") if i % 2 else ("f3", "f4", "f5")
+            doc["models"]["beta"]["versions"]["1"]["input_names"] = list(want)
             tmp = bundle.with_suffix(".tmp")
             tmp.write_text(json.dumps(doc))
             os.replace(tmp, bundle)
-        # wait until the last write (["f3","f4"]) is visible, bounded
-        while ("f3", "f4", "f5") not in seen and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)
+            # the next replacement only once this one is being served (polling, generous deadline)
+            deadline = time.monotonic() + 20
+            while latest[0] != want and time.monotonic() < deadline and not failures:
+                await asyncio.sleep(0.02)
+            assert latest[0] == want, (i, latest[0], failures[:3])
         stop.set()
         counts = await asyncio.gather(*tasks)
     bundle.write_text(original)
@@ -387,21 +402,80 @@ async def test_workers_share_the_port_and_metrics_add_up(env, tmp_path):
     assert not any(c.is_running() for c in children)
 
 
-async def test_sigterm_drains_in_flight_requests(tmp_path):
-    slow = start_sink(tmp_path, "slow2", "--delay-ms", "800")
-    root = start_root(tmp_path, "root-drain", small_config(tmp_path, slow.url, timeouts={"request_s": 5, "drain_s": 5}))
+async def test_workers_supervisor_restarts_a_crashed_worker(env, tmp_path):
+    """SIGKILL one of two workers: the supervisor starts a replacement, which listens on the shared port and
+    serves; the supervisor still exits 0 on SIGTERM."""
+    import signal
+
+    import psutil
+
+    root = start_root(tmp_path, "root-crash", small_config(tmp_path, env["sink"].url), "--workers", "2")
+    port = int(root.url.rsplit(":", 1)[1])
     try:
+        sup = psutil.Process(root.pid)
+        first = {c.pid for c in sup.children()}
+        assert len(first) == 2
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+
+        def live_listeners() -> set[int]:
+            out = set()
+            for c in sup.children():
+                try:
+                    if c.status() != psutil.STATUS_ZOMBIE and any(
+                            conn.status == psutil.CONN_LISTEN and conn.laddr.port == port for conn in c.net_connections("tcp")):
+                        out.add(c.pid)
+                except psutil.NoSuchProcess:
+                    pass
+            return out
+
+        deadline = time.monotonic() + 60
+        now = live_listeners()
+        while not (len(now) == 2 and victim not in now) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            now = live_listeners()
+        assert len(now) == 2 and victim not in now and len(now - first) == 1, (first, now)
+        for _ in range(20):  # new connections: the kernel spreads them over both listening workers
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                async with s.post(root.url + "/v1/models/alpha/score", data=body(), headers=MP) as r:
+                    assert r.status == 200
+        assert "restarting (1/" in root.log_tail()
+    finally:
+        assert root.stop() == 0
+
+
+async def test_sigterm_drains_in_flight_requests_and_readyz_turns_503(tmp_path):
+    """SIGTERM with a request held in flight by the upstream (a gate the test opens, no sleeps): /readyz on the
+    admin listener answers 503 while the request drains, the request still gets its answer, the root exits 0."""
+    from upstreams import Gate
+
+    gate = Gate()
+    aport = free_port()
+    cfg = small_config(tmp_path, gate.url, timeouts={"request_s": 60, "drain_s": 60})
+    cfg["admin"] = {"port": aport}
+    root = start_root(tmp_path, "root-drain", cfg)
+    admin = f"http://127.0.0.1:{aport}"
+    try:
+        assert (await get_text(admin + "/readyz"))[0] == 200
         pending = asyncio.create_task(post(root.url + "/v1/models/alpha/score", body()))
-        await asyncio.sleep(0.3)
+        assert await asyncio.to_thread(gate.arrived.wait, 30)  # the request is in flight upstream
         root.proc.send_signal(15)
+        seen: list[int] = []
+        deadline = time.monotonic() + 30
+        while 503 not in seen and time.monotonic() < deadline:
+            seen.append((await get_text(admin + "/readyz"))[0])
+            await asyncio.sleep(0.05)
+        assert seen[-1] == 503 and set(seen) <= {200, 503}, seen
+        assert not pending.done()
+        gate.release.set()
         status, out = await pending
         assert status == 200 and out["features"] == ["f1", "f2"]
-        assert root.proc.wait(timeout=10) == 0
+        assert root.proc.wait(timeout=30) == 0
         with pytest.raises(aiohttp.ClientConnectionError):
             await get_text(root.url + "/healthz")
     finally:
         root.stop()
-        slow.stop()
+        gate.close()
 
 
 async def test_untrimmed_chunked_body_is_resent_whole_on_failover(env):
@@ -436,9 +510,10 @@ async def test_body_dripped_in_small_pieces_is_trimmed_exactly(env):
     """A slow client: the body arrives in hundreds of small reads, so most features straddle reads and are
     rescanned when the rest arrives; the upstream still gets exactly the trimmed body."""
     big = {**FEATURES, **{f"pad{i:04d}": [i % 200] * 40 for i in range(2000)}}
-    data = msgspec.msgpack.encode({"request_id": "drip", "features": big})
+    doc = {"request_id": "drip", "features": big}
+    data = msgspec.msgpack.encode(doc)
     assert len(data) > 100_000  # > 100 pieces
-    expected = trim(data, frozenset({"f1", "f2"}), "application/msgpack").body
+    expected = kept_body(doc, {"f1", "f2"})
     host, port = env["root"].url.split("://", 1)[1].rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
@@ -454,51 +529,67 @@ async def test_body_dripped_in_small_pieces_is_trimmed_exactly(env):
     head, _, payload = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     out = msgspec.msgpack.decode(payload)
-    assert out["features"] == ["f1", "f2"] and out["body_bytes"] == len(expected)
+    assert out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
 
 
-@pytest.mark.parametrize("model, audit_rate, released", [
-    ("alpha", 0.0, True),       # enforce: trimmed, nothing else needs the client body
-    ("alpha", 1.0, False),      # sampled for the equivalence audit: the untrimmed body is re-sent later
-    ("shadowed", 0.0, False),   # shadow: the untrimmed body is what goes upstream
-    ("nolist", 0.0, False),     # no allowlist: forwarded untrimmed
+@pytest.mark.parametrize("path, ctype, model, audit_rate, released", [
+    ("/v1/models/alpha/score", "application/msgpack", "alpha", 0.0, True),      # enforce: nothing else needs the body
+    ("/v1/models/alpha/score", "application/json", "alpha", 0.0, True),         # the same for JSON
+    ("/v2/models/oipm/infer", "application/json", "oipm", 0.0, True),           # and for an OIP request
+    ("/v1/models/alpha/score", "application/msgpack", "alpha", 1.0, False),     # sampled for the equivalence audit
+    ("/v1/models/shadowed/score", "application/msgpack", "shadowed", 0.0, False),  # shadow: the whole body goes upstream
+    ("/v1/models/nolist/score", "application/msgpack", "nolist", 0.0, False),   # no allowlist: forwarded untrimmed
 ])
-async def test_a_trimmed_body_is_released_before_the_upstream_answers(env, model, audit_rate, released):
-    """One target (the shortcut route): once the trim is taken, the client's chunks are dropped instead of being
-    held for the model's whole latency; whatever still needs them (shadow, miss, audit) keeps them. In process,
-    against the real sink."""
-    from root.app import RootState
+async def test_a_trimmed_body_is_released_before_the_upstream_answers(env, monkeypatch, path, ctype, model, audit_rate, released):
+    """One target: once the trim is taken, the client's chunks are dropped instead of being held for the model's
+    whole latency; whatever still needs them (shadow, miss, audit) keeps them. Through the real handlers of an
+    in-process root (build_apps) against the real sink; Body.release is wrapped only to record that it ran, and
+    whether the answer had reached the client by then."""
+    from aiohttp import web
+
+    from root.app import RootState, build_apps
     from root.body import Body
     from root.config import parse_config
-    from root.fanout import PreparedBody, native_path
-    from trimmer.trim import StreamTrim
 
+    answered = asyncio.Event()
+    calls: list[tuple[int, bool]] = []
+    real_release = Body.release
+
+    def release(self) -> None:
+        calls.append((self.size, answered.is_set()))
+        real_release(self)
+
+    monkeypatch.setattr(Body, "release", release)
     cfg = parse_config({**env["config"], "audit_sample_rate": audit_rate}, str(env["tmp"] / "root.yaml"))
     state = RootState(cfg)
     await state.start()
+    main, _ = build_apps(state)
+    runner = web.AppRunner(main, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        data = msgspec.msgpack.encode({"request_id": "rel", "features": {**FEATURES, "pad": b"x" * 300_000}})
-        chunks = [data[i:i + 65536] for i in range(0, len(data), 65536)]
-        res = state.registry.resolve(model, None)
-        stream = StreamTrim(res.allowlist) if res.allowlist is not None and res.mode != "off" else None
-        for c in chunks:
-            if stream is not None:
-                stream.feed(c)
-        body = Body(chunks)
-        prepared = PreparedBody(body, "application/msgpack", strip_models=False, stream=stream)
-        out = await state.router.send(model, None, native_path(model), prepared, None, "application/msgpack", 5.0,
-                                      client_bytes=len(body), sole_target=True)
-        assert out.status == 200, out.body
-        got = msgspec.msgpack.decode(out.body)
-        assert ("pad" in got["features"]) == (res.allowlist is None or res.mode != "enforce")
-        assert (body.chunks == []) == released and len(body) == len(data)
-        if not released:
-            assert body.joined() == data
+        pad = "x" * 300_000
+        if path.startswith("/v2"):
+            data = json.dumps({"id": "rel", "inputs": [{"name": n, "datatype": "BYTES", "shape": [1], "data": [pad if n == "pad" else n]}
+                                                        for n in ("f1", "pad", "f2")]}).encode()
+        elif ctype == "application/json":
+            data = json.dumps({"request_id": "rel", "features": {**FEATURES, "pad": pad}}).encode()
         else:
-            with pytest.raises(RuntimeError):
-                body.joined()
+            data = msgspec.msgpack.encode({"request_id": "rel", "features": {**FEATURES, "pad": pad}})
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": ctype}) as r:
+                raw = await r.read()
+                answered.set()
+                assert r.status == 200, raw[:300]
     finally:
+        await runner.cleanup()
         await state.stop()
+    client_releases = [c for c in calls if c[0] == len(data)]
+    if released:
+        assert client_releases == [(len(data), False)]  # released once, before the answer came back
+    else:
+        assert client_releases == []
 
 
 def test_fanout_prepared_body_keeps_no_view_into_the_client_body():
@@ -522,8 +613,8 @@ def test_fanout_prepared_body_keeps_no_view_into_the_client_body():
 def _big_request(tag: str) -> tuple[bytes, bytes]:
     """(body, the body alpha v1 should receive): a multi-chunk body, so its trim is fed as it arrives."""
     feats = {**FEATURES, **{f"pad{i:03d}": bytes([i]) * 3000 for i in range(200)}}
-    data = msgspec.msgpack.encode({"request_id": tag, "features": feats})
-    return data, trim(data, frozenset({"f1", "f2"}), "application/msgpack").body
+    doc = {"request_id": tag, "features": feats}
+    return msgspec.msgpack.encode(doc), kept_body(doc, {"f1", "f2"})
 
 
 async def _eager_trims(root_url: str) -> float:
@@ -542,7 +633,7 @@ async def test_shortcut_trims_are_scanned_as_the_body_arrives(env):
     for i in range(4):
         data, expected = _big_request(f"eager{i}")
         status, out = await post(url + "/v1/models/alpha/score", data)
-        assert status == 200 and out["features"] == ["f1", "f2"] and out["body_bytes"] == len(expected)
+        assert status == 200 and out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
     status, _ = await post(url + "/v1/models/alpha/versions/2/score", body())
     assert status == 200
     status, _ = await post(url + "/v1/models/alpha/score", json.dumps({"features": FEATURES}).encode(), {"Content-Type": "application/json"})
@@ -568,7 +659,7 @@ async def test_pipelined_requests_on_one_connection_are_each_trimmed_exactly(env
             assert head.startswith(b"HTTP/1.1 200"), head
             length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
             out = msgspec.msgpack.decode(await asyncio.wait_for(reader.readexactly(length), 10))
-            assert out["features"] == ["f1", "f2"] and out["body_bytes"] == len(expected)
+            assert out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
     finally:
         writer.close()
 
@@ -583,7 +674,7 @@ async def test_eager_trim_off_gives_the_same_bytes(env, tmp_path):
     try:
         data, expected = _big_request("plain")
         status, out = await post(root.url + "/v1/models/alpha/score", data)
-        assert status == 200 and out["features"] == ["f1", "f2"] and out["body_bytes"] == len(expected)
+        assert status == 200 and out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
         assert await _eager_trims(root.url) == 0
     finally:
         root.stop()

@@ -151,11 +151,68 @@ def test_malformed_bodies(impl: str, case: str) -> None:
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-def test_duplicate_features_key_is_rejected_not_forwarded_untrimmed() -> None:
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_duplicate_features_key_is_rejected_not_forwarded_untrimmed(impl: str) -> None:
     body = b"\x82\xa8features\x81\xa1a\x01\xa8features\x81\xa1b\x02"
-    if "c" in IMPLS:
-        with pytest.raises(PayloadError, match="duplicate"):
-            IMPLS["c"](body, frozenset({"a"}))
+    with pytest.raises(PayloadError, match="duplicate"):
+        IMPLS[impl](body, frozenset({"a"}))
+
+
+# Keys that are not UTF-8 (a stray byte, an overlong NUL, a surrogate, a code point above U+10FFFF), as short
+# (fixstr) and long (str8) keys, for a feature and for a top-level key: every implementation refuses them.
+_BAD_UTF8 = {"stray byte": b"\xff\xfe", "overlong": b"\xc0\x80", "surrogate": b"\xed\xa0\x80", "above U+10FFFF": b"\xf4\x90\x80\x80",
+             "truncated sequence": b"ab\xe2\x82"}
+
+
+def _key(raw: bytes, long: bool) -> bytes:
+    raw = raw + b"k" * 40 if long else raw
+    return (bytes([0xD9, len(raw)]) if long else bytes([0xA0 | len(raw)])) + raw
+
+
+BAD_UTF8_BODIES = {
+    f"{where} key, {kind}, {'str8' if long else 'fixstr'}": (
+        b"\x81\xa8features\x82\xa1a\x01" + _key(raw, long) + b"\x02" if where == "feature"
+        else b"\x82" + _key(raw, long) + b"\x01\xa8features\x81\xa1a\x01")
+    for where in ("feature", "top-level") for kind, raw in _BAD_UTF8.items() for long in (False, True)
+}
+UTF8_IMPLS = {**IMPLS, "c_1byte_chunks": lambda body, allow: trim_mod.trim_msgpack_chunks([body[i:i + 1] for i in range(len(body))], allow)} \
+    if trim_mod.ACCELERATED else dict(IMPLS)
+
+
+@pytest.mark.parametrize("impl", sorted(UTF8_IMPLS))
+@pytest.mark.parametrize("case", sorted(BAD_UTF8_BODIES))
+def test_invalid_utf8_keys_are_refused_by_every_implementation(impl: str, case: str) -> None:
+    body = BAD_UTF8_BODIES[case]
+    for allow in (frozenset({"a"}), frozenset()):  # whether or not the bad key's neighbours are kept
+        with pytest.raises(PayloadError) as info:
+            UTF8_IMPLS[impl](body, allow)
+        assert "UTF-8" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kind", sorted(_BAD_UTF8))
+def test_invalid_utf8_keys_are_refused_in_json_and_oip(kind: str) -> None:
+    raw = _BAD_UTF8[kind]
+    with pytest.raises(PayloadError):
+        trim_mod.trim(b'{"features": {"a": 1, "' + raw + b'": 2}}', frozenset({"a"}), "application/json")
+    with pytest.raises(PayloadError):
+        trim_mod.trim(b'{"' + raw + b'": 1, "features": {"a": 1}}', frozenset({"a"}), "application/json")
+    with pytest.raises(PayloadError):
+        trim_mod.trim_oip(b'{"inputs": [{"name": "' + raw + b'", "data": [1]}]}', frozenset({"a"}))
+
+
+def test_fuzz_smoke_runs_in_pytest() -> None:
+    """tests/fuzz/atheris_trim.py's property (one-line PayloadError or an exact trim; C, chunked C and Python
+    agree) over a few thousand seeded mutations; the hours-long atheris runs stay on demand."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fuzz" / "atheris_trim.py"
+    spec = importlib.util.spec_from_file_location("atheris_trim_smoke", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module.smoke(4000, seed=17)
+    for body in (*BAD_UTF8_BODIES.values(), *(b for b, _ in BAD.values())):  # and the known bad inputs through the same property
+        module.test_one_input(body)
 
 
 def test_json_trim_matches_msgpack_semantics() -> None:
@@ -235,8 +292,11 @@ def test_list_features_skip_exactly_whatever_their_element_encodings(case: str) 
     uniform, almost-uniform and mixed lists all trim to the reference bytes, whole or cut anywhere."""
     value = _list_cases()[case]
     body = msgpack.packb({"features": {"before": 1, "hist": value, "after": [value, "z"], "last": value}, "id": "r"})
+    doc = {"features": {"before": 1, "hist": value, "after": [value, "z"], "last": value}, "id": "r"}
     for allow in (frozenset({"hist", "last"}), frozenset({"before", "after"})):
-        expected = trim_mod.trim_msgpack_py(body, allow)
+        # independent oracle: msgpack-python's encoding of only the kept features
+        expected_body = msgpack.packb({"features": {k: v for k, v in doc["features"].items() if k in allow}, "id": "r"})
+        expected = trim_mod.TrimResult(expected_body, 4, 2)
         for name, fn in IMPLS.items():
             assert fn(body, allow) == expected, name
         for cut in range(1, len(body)):  # every split point: the list header or elements straddle the chunk boundary

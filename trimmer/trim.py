@@ -65,9 +65,40 @@ def _trim_map(body: bytes, allow: AbstractSet[str], decoder, encoder, fmt: str) 
     return TrimResult(encoder.encode(top), len(features), len(kept))
 
 
+def _map_len(body: bytes) -> int | None:
+    """The entry count a msgpack map header declares (None: not a map header)."""
+    if not body:
+        return None
+    b = body[0]
+    if 0x80 <= b <= 0x8F:
+        return b & 0x0F
+    if b == 0xDE and len(body) >= 3:
+        return int.from_bytes(body[1:3], "big")
+    if b == 0xDF and len(body) >= 5:
+        return int.from_bytes(body[1:5], "big")
+    return None
+
+
+def _features_repeated(body: bytes) -> bool:
+    """Rare path (a top-level key is repeated): is it "features"? Only then does the decode order matter."""
+    import msgpack
+
+    try:
+        pairs = msgpack.unpackb(body, raw=True, object_pairs_hook=list, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - msgspec accepted it; anything msgpack-python refuses is not our question
+        return False
+    return isinstance(pairs, list) and sum(1 for k, _ in pairs if k == b"features") > 1
+
+
 def trim_msgpack_py(body: bytes, allow: AbstractSet[str]) -> TrimResult:
     """Portable msgspec implementation; the reference the C accelerator is tested against."""
-    return _trim_map(body, allow, _mp_map, _mp_encoder, "msgpack")
+    result = _trim_map(body, allow, _mp_map, _mp_encoder, "msgpack")
+    # A decoded map keeps the last of two equal keys; the C scan refuses a second "features" (which one a
+    # model reads depends on its decoder), and so must this one.
+    n = _map_len(body)
+    if n is not None and n != len(_mp_map.decode(body)) and _features_repeated(body):
+        raise PayloadError('malformed msgpack body: duplicate "features" key in request')
+    return result
 
 
 def trim_msgpack_c(body: bytes, allow: AbstractSet[str]) -> TrimResult:
