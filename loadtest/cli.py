@@ -79,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f = p.add_argument_group("field mode (--target): load a running root or leaf; starts no processes")
     f.add_argument("--target", help="base URL of a running root (or leaf), e.g. http://127.0.0.1:8080")
     f.add_argument("--models", help="models to load, name[:version], comma-separated; >1 uses the fan-out /v1/score")
+    f.add_argument("--replay", help="replay a capture file written by the root's `capture:` (docs/loadtest.md) instead of --models")
     f.add_argument("--profile", default="realistic", help="feature values: realistic (default) or random")
     f.add_argument("--usage-ratio", type=float, default=0.2, help="features the models read / features sent (default 0.2)")
     f.add_argument("--candidates", type=int, default=256, help="candidates per request (default 256)")

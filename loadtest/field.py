@@ -131,9 +131,11 @@ def run_target(args: Any) -> int:
     base = args.target.rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise ConfigError(f"--target: expected a URL like http://127.0.0.1:8080, got {args.target!r}")
-    if not args.models:
-        raise ConfigError("--target needs --models (e.g. --models ranker,retrieval:2)")
-    targets = parse_models(args.models)
+    if not args.models and not args.replay:
+        raise ConfigError("--target needs --models (e.g. --models ranker,retrieval:2) or --replay FILE")
+    if args.models and args.replay:
+        raise ConfigError("--models and --replay are exclusive: payloads come from the signatures or from the capture")
+    targets = parse_models(args.models) if args.models else []
     if args.profile not in PROFILES:
         raise ConfigError(f"--profile: {args.profile!r} is not one of {', '.join(PROFILES)}")
     if not 0 < args.usage_ratio <= 1:
@@ -155,6 +157,8 @@ def run_target(args: Any) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
+    if args.replay:
+        return _replay(base, args, spec)
     sigs = asyncio.run(fetch_signatures(base, targets, min(args.timeout, 30.0)))
     path, bodies, body_bytes, min_bytes = build_bodies(targets, sigs, usage_ratio=args.usage_ratio, candidates=args.candidates,
                                                        distinct=args.distinct, seed=args.seed, profile=args.profile)
@@ -176,6 +180,28 @@ def run_target(args: Any) -> int:
     lat = doc["latency_ms"]
     print(f"{result.measured} ok, errors {doc['errors'] or 'none'}; achieved {doc['achieved_rate']:g} req/s; latency ms "
           + ", ".join(f"{k} {v:g}" for k, v in lat.items() if v is not None))
+    return 0 if result.measured > 0 and not result.errors else 1
+
+
+def _replay(base: str, args: Any, spec: LoadSpec) -> int:
+    """`--replay FILE`: the captured requests (trimmer/capture.py), cycled in order, each to its own path."""
+    from collections import Counter
+
+    from trimmer.capture import read_capture
+
+    from .runner import Replayed
+
+    records = read_capture(args.replay)
+    reqs = [Replayed(base + r.path, r.body, {"Content-Type": r.content_type, **r.headers}) for r in records]
+    paths = Counter(r.path for r in records)
+    print(f"loadtest {base}: replaying {len(reqs)} captured request(s) from {args.replay} "
+          f"({', '.join(f'{p} x{n}' for p, n in paths.most_common(3))}{', ...' if len(paths) > 3 else ''})", file=sys.stderr)
+    result = asyncio.run(run_load(Target(base, reqs), spec))
+    doc = {"target": base, "replay": str(args.replay), "records": len(reqs), "paths": dict(paths),
+           "body_bytes": round(sum(len(r.body) for r in records) / len(records), 1), **result.to_json()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    print(f"{result.measured} ok, errors {doc['errors'] or 'none'}; achieved {doc['achieved_rate']:g} req/s")
     return 0 if result.measured > 0 and not result.errors else 1
 
 

@@ -49,8 +49,17 @@ class LoadSpec:
 @dataclass(frozen=True)
 class Target:
     url: str
-    bodies: Sequence[bytes]  # cycled; pre-encoded so generation cost stays out of the measurement
+    bodies: Sequence[bytes | Replayed]  # cycled; pre-encoded so generation cost stays out of the measurement
     content_type: str = "application/msgpack"
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """A captured request (trimmer/capture.py): its own URL and headers, sent as it came."""
+
+    url: str
+    body: bytes
+    headers: dict[str, str]
 
 
 @dataclass
@@ -112,11 +121,15 @@ class _Recorder:
             r.errors[status] += 1
 
 
-async def _one(session: aiohttp.ClientSession, target: Target, body: bytes, intended: float, rec: _Recorder,
+async def _one(session: aiohttp.ClientSession, target: Target, body: bytes | Replayed, intended: float, rec: _Recorder,
                timeout: aiohttp.ClientTimeout) -> None:
     status: int | str
+    if isinstance(body, Replayed):
+        url, data, headers = body.url, body.body, body.headers
+    else:
+        url, data, headers = target.url, body, {"Content-Type": target.content_type}
     try:
-        async with session.post(target.url, data=body, headers={"Content-Type": target.content_type}, timeout=timeout) as resp:
+        async with session.post(url, data=data, headers=headers, timeout=timeout) as resp:
             await resp.read()
             status = resp.status
     except asyncio.TimeoutError:

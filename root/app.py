@@ -25,6 +25,7 @@ from trimmer.edge import BodyBudget, EdgeLimits, EdgeMetrics, Lease, handler_arg
 from trimmer.edge import install as install_edge
 from trimmer.errors import ConfigError, PayloadError
 from trimmer import oip_binary
+from trimmer.capture import CaptureWriter
 from trimmer.names import check_name
 from trimmer.registry import BundleSource, Registry, RepositorySource
 from trimmer.trim import ACCELERATED, StreamTrim, trim_oip
@@ -86,6 +87,8 @@ class RootState:
         self.auditor = Auditor(cfg.audit_sample_rate, cfg.audit_max_concurrent, self.metrics, cfg.timeouts.request_s, cfg.deadline_header,
                                cfg.audit_tolerance)
         self.router = Router(cfg, self.registry, self.partitions, self.metrics, self.auditor)
+        self.capture = (CaptureWriter(cfg.capture_path, cfg.capture_sample_rate, cfg.capture_max_bytes)
+                        if cfg.capture_path is not None else None)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.draining = False
@@ -115,6 +118,8 @@ class RootState:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.auditor.stop()
+        if self.capture is not None:
+            self.capture.close()
         for p in self.partitions.values():
             await p.close()
 
@@ -185,6 +190,8 @@ class RootState:
 
 # ---------------------------------------------------------------------- handlers
 STATE = web.AppKey("state", RootState)
+# Routes whose requests `capture:` samples (trimmer/capture.py): the scoring routes, not metadata or admin.
+CAPTURED_ROUTES = frozenset({"fanout", "model", "model_version", "oip_infer", "oip_infer_version"})
 BUDGET = web.AppKey("body_budget", BodyBudget)  # set by serve(): limits.max_inflight_body_bytes across the process
 
 
@@ -237,6 +244,12 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
     else:
         body, received = await _read_streamed(request, limit, encoding, lease if n is None else None, lease, stream)
     state.metrics.child(state.metrics.client_bytes, (route,)).inc(received)
+    capture = state.capture
+    if capture is not None and request.match_info.route.name in CAPTURED_ROUTES and capture.sample():
+        # The body as decoded; raw path (already validated or refused by the handler's checks on replay).
+        if capture.record(request.rel_url.raw_path, request.headers.get("Content-Type", "application/msgpack"), body.joined(),
+                          dict(request.headers)):
+            state.metrics.captured.inc()
     return body
 
 

@@ -29,7 +29,8 @@ DEFAULT_ADMIN_PORT = 9901  # Envoy's admin port: loopback only unless admin.host
 
 _TOP = {"listen", "admin", "workers", "bundles", "repositories", "overrides", "watch", "partitions", "models",
         "unknown_models", "timeouts", "limits", "deadline_header", "audit_sample_rate", "audit_max_concurrent",
-        "audit_tolerance", "pipelines"}
+        "audit_tolerance", "pipelines", "capture"}
+_CAPTURE = {"path", "sample_rate", "max_bytes"}
 _LISTEN = {"host", "port"}
 _ADMIN = {"enabled", "host", "port", "on_service_port"}
 _PARTITION = {"replicas", "protocol", "compression", "balance", "health_path", "max_connections",
@@ -106,6 +107,9 @@ class RootConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body_bytes: int = 64 * 1024 * 1024
     max_fanout_targets: int = 64  # models one /v1/score request may list; more -> 400
+    capture_path: Path | None = None  # a sample of requests written here for `trimmer loadtest --replay` (trimmer/capture.py)
+    capture_sample_rate: float = 0.001
+    capture_max_bytes: int = 256 * 1024 * 1024
     max_connections: int = 4096  # concurrent client connections per process; more are closed at once and counted
     max_inflight_body_bytes: int = 4 * 64 * 1024 * 1024  # request body bytes held per process; past it 503 + Retry-After
     deadline_header: str = "X-Deadline-Ms"
@@ -313,6 +317,13 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
     audit_tol = doc.get("audit_tolerance", 1e-5)
     if isinstance(audit_tol, bool) or not isinstance(audit_tol, (int, float)) or not 0.0 <= audit_tol < 1.0:
         raise ConfigError(f"{path}: audit_tolerance: must be a number >= 0 and < 1 (0: bit for bit), got {audit_tol!r}")
+    capture = _section(doc.get("capture"), _CAPTURE, f"{path}: capture")
+    capture_rate = capture.get("sample_rate", 0.001)
+    if isinstance(capture_rate, bool) or not isinstance(capture_rate, (int, float)) or not 0.0 < capture_rate <= 1.0:
+        raise ConfigError(f"{path}: capture.sample_rate: must be a number in (0, 1], got {capture_rate!r}")
+    capture_path = _str(capture.get("path"), f"{path}: capture.path")
+    if capture and capture_path is None:
+        raise ConfigError(f"{path}: capture.path: required to capture (a file to append to)")
     overrides = _paths(doc.get("overrides"), f"{path}: overrides", base, "file")
     max_body = _num(limits.get("max_body_bytes"), f"{path}: limits.max_body_bytes", 64 * 1024 * 1024, 1, integer=True)
     inflight = _num(limits.get("max_inflight_body_bytes"), f"{path}: limits.max_inflight_body_bytes", 4 * max_body, 1, integer=True)
@@ -349,6 +360,9 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
             client_keepalive_s=float(_num(timeouts.get("client_keepalive_s"), f"{path}: timeouts.client_keepalive_s", 75.0)),
         ),
         max_fanout_targets=_num(limits.get("max_fanout_targets"), f"{path}: limits.max_fanout_targets", 64, 1, integer=True),
+        capture_path=(base / capture_path) if capture_path is not None else None,
+        capture_sample_rate=float(capture_rate),
+        capture_max_bytes=_num(capture.get("max_bytes"), f"{path}: capture.max_bytes", 256 * 1024 * 1024, 1, integer=True),
         max_body_bytes=max_body,
         max_connections=_num(limits.get("max_connections"), f"{path}: limits.max_connections", 4096, 1, integer=True),
         max_inflight_body_bytes=inflight,

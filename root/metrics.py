@@ -58,6 +58,7 @@ class Metrics:
         self.allowlist_mismatches = Counter(
             f"{PREFIX}_allowlist_mismatches", "Trimmed requests a replica refused (412) because it runs another signature than the "
             "allowlist's; action: resent (untrimmed) or refused (503, body already released)", (*m, "action"), registry=r)
+        self.captured = Counter(f"{PREFIX}_captured_requests", "Requests written to the capture file (capture:, for loadtest --replay)", registry=r)
         self.mode_requests = Counter(f"{PREFIX}_mode_requests", "Per-model requests by trimming mode applied", (*m, "mode"), registry=r)
         self.eager_trims = Counter(
             f"{PREFIX}_eager_trims", "Trims scanned as the HTTP parser produced the body (root/eager.py); the rest as the handler read it", registry=r)
