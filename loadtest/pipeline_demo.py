@@ -72,7 +72,7 @@ def run_pipeline_demo(repo: Path, out: Path, console: Console, requests: int = 5
     leaf = start("pipeline-leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--log-level", "WARNING"], lport,
                  "/v2/health/ready", log_dir, timeout=180)
     with running(leaf):
-        cfg = {"repositories": [str(repo)], "watch": False, "partitions": {"leaf": {"replicas": [leaf.url]}},
+        cfg = {"repositories": [str(repo)], "watch": False, "admin": {"on_service_port": True}, "partitions": {"leaf": {"replicas": [leaf.url]}},
                "models": {m: {"partition": "leaf", "default_version": "2"} for m in MODELS},
                "timeouts": {"request_s": 30}, "pipelines": {"feed": {"stages": STAGES}}}
         path = out / "root-pipeline.yaml"
