@@ -284,6 +284,12 @@ class Batcher:
         self.queue.put_nowait(Job(conv, fut))
         return await fut
 
+    def _prepare(self, convs: list[Converted]) -> Any:
+        try:
+            return self.runner.prepare(convs)
+        except Exception as exc:  # noqa: BLE001 - inputs the model cannot take become a 500
+            raise ModelError(f"cannot assemble the batch: {exc}") from None
+
     async def _direct(self, conv: Converted) -> list[Any]:
         """One request, no batch to form (max_batch_size 1): no queue, no collector task; the forward runs inline
         when the model is cheap (INLINE_MAX_S), else in the model thread. Same metrics, same errors as a batch."""
@@ -292,10 +298,7 @@ class Batcher:
         stats = BatchStats()
         try:
             c0 = time.thread_time()
-            try:
-                inputs = self.runner.prepare(convs)
-            except Exception as exc:  # noqa: BLE001 - inputs the model cannot take become a 500
-                raise ModelError(f"cannot assemble the batch: {exc}") from None
+            inputs = self._prepare(convs)
             c1 = time.thread_time()
             cheap = self._row_cost is not None and self._row_cost * conv.rows < INLINE_MAX_S  # a big request is not cheap
             if cheap and self._inline_ok and self._in_thread == 0:
@@ -380,10 +383,7 @@ class Batcher:
         convs = [j.conv for j in batch]
         try:
             c0 = time.thread_time()
-            try:
-                inputs = self.runner.prepare(convs)
-            except Exception as exc:  # noqa: BLE001 - inputs the model cannot take become a 500
-                raise ModelError(f"cannot assemble the batch: {exc}") from None
+            inputs = self._prepare(convs)
             c1 = time.thread_time()
             outs, stats.compute_s = await loop.run_in_executor(self.executor, self.runner.forward, inputs)
             c2 = time.thread_time()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from trimmer.errors import SignatureError
+from trimmer.names import version_key  # the root resolves "latest" by the same rule
 from trimmer.handshake import input_digest
 from trimmer.names import valid_name
 from trimmer.repository import archive_path
@@ -44,11 +45,6 @@ from .metrics import LeafMetrics
 
 log = logging.getLogger("leaf.models")
 SETTLE_S = 0.5  # an archive modified more recently than this is loaded on a later scan (still being written)
-
-
-def version_key(v: str) -> tuple[int, int | str]:
-    """Numeric versions sort numerically and above non-numeric ones."""
-    return (1, int(v)) if v.isdigit() else (0, v)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from trimmer.codec import AUDIT_HEADER
 from trimmer.compression import BodyTooLarge, UnsupportedEncoding
 from trimmer.compression import decompress as _decompress
 from trimmer.errors import PayloadError
+from trimmer.lograte import RateLimitedLog
 from trimmer.handshake import MISMATCH_CODE, MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
 from trimmer.names import check_name
 from trimmer.tensor import Tensor
@@ -70,29 +71,9 @@ def error_response(status: int, message: str, code: str | None = None, headers: 
     return web.json_response(body, status=status, headers=headers)
 
 
-class RateLimitedWarning:
-    """One WARNING per key per interval, with the count of those suppressed since (a flood stays one line)."""
-
-    def __init__(self, interval_s: float, level: int = logging.WARNING) -> None:
-        self.interval_s = interval_s
-        self.level = level
-        self.last: dict[Any, float] = {}
-        self.suppressed: dict[Any, int] = {}
-
-    def warn(self, key: Any, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        last = self.last.get(key)
-        if last is not None and now - last < self.interval_s:
-            self.suppressed[key] = self.suppressed.get(key, 0) + 1
-            return
-        self.last[key] = now
-        n = self.suppressed.pop(key, 0)
-        log.log(self.level, msg + (f" ({n} more since the last one)" if n else ""), *args)
-
-
-MISMATCH_LOG = web.AppKey("mismatch_log", RateLimitedWarning)
-MODEL_ERROR_LOG = web.AppKey("model_error_log", RateLimitedWarning)
-DTYPE_LOG = web.AppKey("dtype_log", RateLimitedWarning)
+MISMATCH_LOG = web.AppKey("mismatch_log", RateLimitedLog)
+MODEL_ERROR_LOG = web.AppKey("model_error_log", RateLimitedLog)
+DTYPE_LOG = web.AppKey("dtype_log", RateLimitedLog)
 
 
 @web.middleware
@@ -201,12 +182,12 @@ async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, 
         return await vs.batcher.submit(conv)
     except DtypeMismatch as exc:
         vm.bad_request.inc()
-        request.app[DTYPE_LOG].warn((vs.model, vs.version), "model %s version %s, request %s: %s", vs.model, vs.version,
+        request.app[DTYPE_LOG]((vs.model, vs.version), "model %s version %s, request %s: %s", vs.model, vs.version,
                                     _request_id(request, request_id), exc)
         raise HTTPError(400, f"model {vs.model!r} version {vs.version!r}: {exc}", code="dtype_mismatch") from None
     except ModelError as exc:
         vm.model_error.inc()
-        request.app[MODEL_ERROR_LOG].warn((vs.model, vs.version), "model %s version %s failed on request %s: %s", vs.model,
+        request.app[MODEL_ERROR_LOG]((vs.model, vs.version), "model %s version %s failed on request %s: %s", vs.model,
                                           vs.version, _request_id(request, request_id), exc)
         raise HTTPError(500, f"model {vs.model!r} version {vs.version!r}: {exc}") from None
     except Unavailable as exc:
@@ -229,7 +210,7 @@ def version_to_run(request: web.Request, first: VersionState, vm: VersionMetrics
     sent = request.headers.get(SIGNATURE_HEADER)
     if sent is not None and sent != vs.digest:
         vm.allowlist_mismatch.inc()
-        request.app[MISMATCH_LOG].warn(
+        request.app[MISMATCH_LOG](
             (vs.model, vs.version), "allowlist mismatch on %s/%s: request trimmed for inputs %r, this version reads %s; "
             "answered %d without running the model", vs.model, vs.version, sent[:64], vs.digest, MISMATCH_STATUS)
         raise HTTPError(MISMATCH_STATUS,
@@ -386,9 +367,9 @@ def make_app(store: ModelStore, metrics: LeafMetrics, config: LeafConfig) -> web
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
     app[STORE], app[METRICS], app[CONFIG] = store, metrics, config
     app[BOUND] = {}
-    app[MISMATCH_LOG] = RateLimitedWarning(MISMATCH_LOG_INTERVAL_S)
-    app[MODEL_ERROR_LOG] = RateLimitedWarning(MODEL_ERROR_LOG_INTERVAL_S, logging.ERROR)
-    app[DTYPE_LOG] = RateLimitedWarning(MODEL_ERROR_LOG_INTERVAL_S)
+    app[MISMATCH_LOG] = RateLimitedLog(log, MISMATCH_LOG_INTERVAL_S)
+    app[MODEL_ERROR_LOG] = RateLimitedLog(log, MODEL_ERROR_LOG_INTERVAL_S, logging.ERROR)
+    app[DTYPE_LOG] = RateLimitedLog(log, MODEL_ERROR_LOG_INTERVAL_S)
     r = app.router
     for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version}"):
         r.add_post(prefix + "/score", score)

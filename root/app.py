@@ -36,7 +36,7 @@ from .config import RootConfig
 from .drift import gather_drift
 from .eager import handler_of as eager_handler_of
 from .eager import install as install_eager
-from .fanout import PreparedBody, RouteError, Router, _header, fan_out, native_path
+from .fanout import PreparedBody, RouteError, Router, fan_out, native_path
 from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
@@ -181,7 +181,7 @@ class RootState:
         """`text` without this host's absolute paths: the config's directory becomes `.`, other sources their file name."""
         base = str(Path(self.cfg.path).absolute().parent)
         text = text.replace(base + os.sep, "./")
-        for st in self.registry._all_states():
+        for _, st in self.registry.source_states():
             name = st.source.name
             if os.path.isabs(name):
                 text = text.replace(name, ".../" + os.path.basename(name))
@@ -308,7 +308,7 @@ def _outcome_response(out) -> web.Response:
     resp = web.Response(body=out.body, status=out.status)
     resp.headers["Content-Type"] = out.content_type
     for name in ("Retry-After", OIP_BINARY_HEADER):  # binary OIP outputs: the client needs the JSON header's length
-        value = _header(out.headers, name)
+        value = out.headers.get(name)
         if value is not None:
             resp.headers[name] = value
     return resp

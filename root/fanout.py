@@ -11,12 +11,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import AbstractSet, Any
+from typing import AbstractSet, Any, Mapping
 
 import msgspec
 
 from trimmer.codec import MSGPACK
 from trimmer.errors import PayloadError
+from trimmer.lograte import RateLimitedLog
 from trimmer.handshake import MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
 from trimmer.names import check_name
 from trimmer.registry import Registry, Resolution
@@ -38,22 +39,6 @@ MODE_OFF = "mode_off"
 SHADOW = "shadow"  # trimmed for measurement only
 SIGNATURE_MISMATCH = "signature_mismatch"  # the leaf runs another signature (handshake): re-sent whole
 UNPARSED_ENCODING = "unparsed_encoding"  # a body format the root does not trim
-
-
-class _WarnEvery:
-    """One WARNING per key per interval: a fail-open is loud without flooding the log at 10k req/s."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last: dict[tuple, float] = {}
-
-    def __call__(self, key: tuple, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) >= self.interval_s:
-            if len(self._last) > 4096:  # bounded: label values are bounded, this is a backstop
-                self._last.clear()
-            self._last[key] = now
-            log.warning(msg, *args)
 
 
 class ModelRef(msgspec.Struct, forbid_unknown_fields=True):
@@ -135,7 +120,7 @@ class Outcome:
     status: int
     body: bytes
     content_type: str
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # an upstream's: case-insensitive (root/upstream.py); the root's own: canonical names
     error: str | None = None  # set when the root made the error (or upstream answered non-2xx)
 
 
@@ -150,7 +135,7 @@ class Router:
         self.metrics = metrics
         self.auditor = auditor  # equivalence audit of sampled trimmed requests (root/audit.py)
         self._known: tuple[int, set[str]] = (-1, set())
-        self._warn = _WarnEvery()
+        self._warn = RateLimitedLog(log)
 
     def labels(self, model: str, version: str | None, partition: str) -> tuple[str, str, str]:
         """Bounded label values: unlisted names from clients collapse to one value each."""
@@ -269,7 +254,7 @@ class Router:
             sent_headers = {**headers, **trimmed_headers} if trimmed_headers and body is not untrimmed else headers
             resp = await part.request("POST", path, body, {**sent_headers, SIGNATURE_HEADER: res.digest} if handshake else sent_headers,
                                       timeout_s, labels, self.cfg.deadline_header)
-            if handshake and resp.status == MISMATCH_STATUS and _header(resp.headers, MISMATCH_HEADER) == "allowlist":
+            if handshake and resp.status == MISMATCH_STATUS and resp.headers.get(MISMATCH_HEADER) == "allowlist":
                 # The replica runs another signature than the allowlist's (a model swapped, root and leaf
                 # reloaded at different moments). Nothing ran; the whole body is always a right answer.
                 m.child(m.allowlist_mismatches, (*labels, "refused" if released else "resent")).inc()
@@ -303,14 +288,6 @@ class Router:
         if reason in (NO_VERSION, NO_ALLOWLIST, UNPARSED_ENCODING):
             self._warn((*labels, reason), "model %s version %s (partition %s) forwarded untrimmed: %s", labels[0],
                        labels[1] or "(none)", labels[2], reason)
-
-
-def _header(headers: dict[str, str], name: str) -> str | None:
-    low = name.lower()
-    for k, v in headers.items():
-        if k.lower() == low:
-            return v
-    return None
 
 
 class RouteError(Exception):

@@ -15,8 +15,10 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 import aiohttp
+from multidict import CIMultiDict
 
 from trimmer.compression import compressor as _compressor
 
@@ -53,7 +55,7 @@ class UpstreamResponse:
     status: int
     body: bytes
     content_type: str
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # case-insensitive (CIMultiDict), as HTTP header names are
     replica: str
     sent_bytes: int
 
@@ -173,7 +175,7 @@ class Partition:
                                                 timeout=aiohttp.ClientTimeout(total=remaining, sock_connect=min(remaining, self.timeouts.connect_s))) as resp:
                     data = await resp.read()
                     ctype = resp.headers.get("Content-Type", "application/octet-stream")
-                    out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
+                    out_headers = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS)
                 self._count_attempt(replica, "ok" if resp.status < 500 else "http_error")
                 if not replica.up and 200 <= resp.status < 300:
                     # Only a success is proof of health: a restarting leaf answers 404/503 while it loads.

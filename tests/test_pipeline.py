@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from leaf import demo_models as dm
+from loadtest.pipeline_demo import STAGES  # the demo's feed pipeline: retrieval -> item_features -> ranker -> diversifier
 from loadtest.procs import free_port, start, trimmer_cmd
 from root.config import parse_config
 from trimmer.codec import decode_json, decode_msgpack, encode_json, encode_msgpack
@@ -25,15 +26,7 @@ from trimmer.tensor import Tensor
 
 MP = {"Content-Type": "application/msgpack"}
 MODELS = ("retrieval", "item_features", "ranker", "diversifier")
-STAGES = [
-    {"model": "retrieval"},
-    {"model": "item_features", "inputs": {"cand_item_id": "retrieval.item_ids"}},
-    {"model": "ranker", "inputs": {"cand_item_id": "retrieval.item_ids", "cand_emb": "item_features.cand_emb",
-                                   "cand_ctr": "item_features.cand_ctr", "cand_age_hours": "item_features.cand_age_hours",
-                                   "cand_price": "item_features.cand_price"}},
-    {"model": "diversifier", "inputs": {"cand_emb": "item_features.cand_emb", "cand_score": "ranker.score",
-                                        "cand_category": "item_features.cand_category"}},
-]
+assert tuple(s["model"] for s in STAGES) == MODELS
 
 
 @pytest.fixture(scope="module")

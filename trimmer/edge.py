@@ -57,6 +57,7 @@ from aiohttp import web, web_protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .errors import ConfigError
+from .lograte import RateLimitedLog
 from .malloc import release_free_memory
 
 log = logging.getLogger("trimmer.edge")
@@ -114,28 +115,6 @@ class EdgeMetrics:
         self.memory_releases = Counter(f"{prefix}_memory_releases", "Times free heap was handed back to the kernel after held body bytes fell", registry=r)
         self.decoded = Counter(f"{prefix}_decoded_bodies", "Compressed request bodies by Content-Encoding and outcome (ok, too_large, corrupt, unsupported)",
                                ("encoding", "outcome"), registry=r)
-
-
-class Throttled:
-    """A warning at most once per `interval` s, saying how many were folded into it."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._next = 0.0
-        self._folded = 0
-
-    def warning(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._folded += 1
-            return
-        if self._folded:
-            msg += " (and %d more in the last %.0f s)"
-            args = (*args, self._folded, self.interval)
-        self.logger.warning(msg, *args)
-        self._next = now + self.interval
-        self._folded = 0
 
 
 def ensure_fd_limit(needed: int) -> int:
@@ -257,8 +236,8 @@ class Edge:
         self.timeouts = timeouts  # False where aiohttp's message queue is not as expected (supported())
         self.conns: dict[web_protocol.RequestHandler, _Conn] = {}
         self.refused = 0
-        self._refuse_log = Throttled(log)
-        self._timeout_log = Throttled(log)
+        self._refuse_log = RateLimitedLog(log)
+        self._timeout_log = RateLimitedLog(log)
         self._classes: dict[type, type] = {}
         self.loop = asyncio.get_running_loop()
 
@@ -272,7 +251,7 @@ class Edge:
     def refuse(self, transport: asyncio.BaseTransport) -> None:
         self.refused += 1
         self.metrics.refused.inc()
-        self._refuse_log.warning("%s: refusing a connection: %d open = max_connections; %d refused so far",
+        self._refuse_log(None, "%s: refusing a connection: %d open = max_connections; %d refused so far",
                                  self.name, len(self.conns), self.refused)
         transport.close()
 
@@ -344,7 +323,7 @@ class Edge:
         else:
             what = f"no complete request head within {lim.header_timeout_s:g} s (header_timeout_s)"
         self.metrics.timed_out.labels(st.phase).inc()
-        self._timeout_log.warning("%s: closed a connection from %s: %s", self.name, _peer(transport), what)
+        self._timeout_log(None, "%s: closed a connection from %s: %s", self.name, _peer(transport), what)
         proto.force_close()
 
 
@@ -411,5 +390,5 @@ def install(runner: web.BaseRunner, limits: EdgeLimits, metrics: EdgeMetrics, na
     return edge
 
 
-__all__ = ["EdgeLimits", "EdgeMetrics", "Edge", "BodyBudget", "Lease", "Throttled", "install", "handler_args", "supported",
+__all__ = ["EdgeLimits", "EdgeMetrics", "Edge", "BodyBudget", "Lease", "install", "handler_args", "supported",
            "ensure_fd_limit"]
