@@ -14,6 +14,7 @@ from trimmer.edge import EdgeLimits, EdgeMetrics, handler_args
 from trimmer.edge import install as install_edge
 from trimmer.errors import ConfigError
 from trimmer.malloc import tune_for_large_bodies
+from trimmer.settings import settings
 
 from .config import LeafConfig
 from .gctune import tune_gc
@@ -79,6 +80,7 @@ async def serve(config: LeafConfig) -> None:
 def main(config: LeafConfig) -> int:
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("settings: %s", settings().line())
     if config.repo is None:
         raise ConfigError("no model repository: pass --repo DIR or set repo: in the config file")
     if not config.repo.is_dir():

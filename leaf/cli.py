@@ -35,6 +35,9 @@ def _config(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from trimmer.settings import settings
+
+    settings()  # every TRIMMER_* variable parsed once: a bad value is a one-line error before torch is imported
     from .app import main
 
     return main(_config(args))

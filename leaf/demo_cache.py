@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-CACHE_ENV = "TRIMMER_DEMO_CACHE"
+from trimmer.settings import ENV_VARS, settings
+
+CACHE_ENV = ENV_VARS["demo_cache"]  # TRIMMER_DEMO_CACHE, read once (trimmer/settings.py)
 
 
 def _key(**params: object) -> str:
@@ -35,7 +37,7 @@ def build_cached(out: str | os.PathLike[str], build: Callable[[Path], None], **p
     Returns True on a cache hit. Without the variable this is just `build(out)`.
     """
     out = Path(out)
-    cache_root = os.environ.get(CACHE_ENV)
+    cache_root = settings().demo_cache
     if not cache_root:
         build(out)
         return False

@@ -7,19 +7,20 @@
   (decode + convert measured 34 us per request under load, 21 us with this threshold).
 
 Request objects die by reference counting; only reference cycles wait for a collection, a little longer.
-Set TRIMMER_GC_TUNING=0 to leave the collector as Python configures it.
+Set TRIMMER_GC_TUNING=0 to leave the collector as Python configures it (trimmer/settings.py).
 """
 
 from __future__ import annotations
 
 import gc
-import os
+
+from trimmer.settings import settings
 
 YOUNG_THRESHOLD = 20_000
 
 
 def enabled() -> bool:
-    return os.environ.get("TRIMMER_GC_TUNING", "1") != "0"
+    return settings().gc_tuning
 
 
 def tune_gc() -> bool:

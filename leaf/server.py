@@ -33,6 +33,7 @@ from trimmer.errors import PayloadError
 from trimmer.lograte import RateLimitedLog
 from trimmer.handshake import MISMATCH_CODE, MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
 from trimmer.names import check_name
+from trimmer.settings import describe as settings_describe
 from trimmer.tensor import Tensor
 
 from . import oip
@@ -363,6 +364,11 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def settings_endpoint(request: web.Request) -> web.Response:
+    """The runtime switches in force (trimmer/settings.py, docs/settings.md)."""
+    return web.json_response(settings_describe())
+
+
 def make_app(store: ModelStore, metrics: LeafMetrics, config: LeafConfig) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=config.max_body_bytes)
     app[STORE], app[METRICS], app[CONFIG] = store, metrics, config
@@ -384,4 +390,5 @@ def make_app(store: ModelStore, metrics: LeafMetrics, config: LeafConfig) -> web
     r.add_get("/readyz", health_ready)
     r.add_get("/v1/models", list_models)
     r.add_get("/metrics", metrics_endpoint)
+    r.add_get("/admin/settings", settings_endpoint)
     return app

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from trimmer.codec import JSON, MSGPACK, media_type
+from trimmer.settings import describe as settings_describe
 from trimmer.compression import BodyTooLarge, Decoder, DecompressError, UnsupportedEncoding, normalize
 from trimmer.edge import BodyBudget, EdgeLimits, EdgeMetrics, Lease, handler_args
 from trimmer.edge import install as install_edge
@@ -552,6 +553,11 @@ async def handle_drift(request: web.Request) -> web.Response:
     return json_response(await gather_drift(state.partitions, state.registry, min(state.cfg.timeouts.request_s, 10.0)))
 
 
+async def handle_settings(request: web.Request) -> web.Response:
+    """The runtime switches in force (trimmer/settings.py, docs/settings.md)."""
+    return json_response(settings_describe())
+
+
 async def handle_reload(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await asyncio.get_running_loop().run_in_executor(None, state.reload)
@@ -628,6 +634,7 @@ def build_apps(state: RootState) -> tuple[web.Application, web.Application | Non
         ar.add_get("/admin/allowlists", handle_allowlists, name="admin_allowlists")
         ar.add_post("/admin/reload", handle_reload, name="admin_reload")
         ar.add_get("/admin/audit", handle_audit, name="admin_audit")
+        ar.add_get("/admin/settings", handle_settings, name="admin_settings")
         ar.add_get("/admin/drift", handle_drift, name="admin_drift")
     return main, admin
 

@@ -47,12 +47,17 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _run_root(args: argparse.Namespace) -> int:
-    level = (args.log_level or os.environ.get("TRIMMER_LOG_LEVEL") or "INFO").upper()
+    from trimmer.settings import settings
+
+    env = settings()  # every TRIMMER_* variable parsed once: a bad value is a one-line error here, before anything starts
+    level = (args.log_level or env.log_level).upper()
     if level not in LOG_LEVELS:
-        raise ConfigError(f"--log-level / TRIMMER_LOG_LEVEL: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+        raise ConfigError(f"--log-level: {level!r} is not one of {', '.join(LOG_LEVELS)}")
     from .logs import configure as configure_logs
 
     configure_logs(args.log_format, level)
+    if not args.worker:  # once per service, not once per `--workers N` child
+        logging.getLogger("trimmer.root").info("settings: %s", env.line())
     cfg = _load(args)
     if cfg.workers > 1 and not args.worker:
         return _supervise(args, cfg)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import re
 from typing import Callable
 
@@ -39,6 +38,7 @@ from aiohttp.streams import StreamReader
 
 from trimmer.codec import MSGPACK, media_type
 from trimmer.errors import PayloadError
+from trimmer.settings import settings
 from trimmer.trim import ACCELERATED, StreamTrim
 
 log = logging.getLogger("trimmer.root.eager")
@@ -63,7 +63,7 @@ def supported() -> bool:
 
 
 def enabled() -> bool:
-    return ACCELERATED and os.environ.get("TRIMMER_EAGER_TRIM", "1") != "0" and supported()
+    return ACCELERATED and settings().eager_trim and supported()
 
 
 class _Pending:

@@ -59,14 +59,15 @@ class JsonFormatter(logging.Formatter):
 def configure(fmt: str | None = None, level: str | None = None) -> str:
     """Set up the root logger once per process; returns the format used (exported for worker processes)."""
     from trimmer.errors import ConfigError
+    from trimmer.settings import settings
 
-    fmt = fmt or os.environ.get(FORMAT_ENV) or "text"
+    fmt = fmt or settings().log_format
     if fmt not in FORMATS:
         raise ConfigError(f"log format {fmt!r} is not one of {', '.join(FORMATS)} (--log-format, {FORMAT_ENV})")
     os.environ[FORMAT_ENV] = fmt  # `--workers N` children log the same way
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level or os.environ.get("TRIMMER_LOG_LEVEL", "INFO"), handlers=[handler], force=True)
+    logging.basicConfig(level=level or settings().log_level, handlers=[handler], force=True)
     return fmt
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from leaf.demo_cache import CACHE_ENV, build_cached
+from trimmer.settings import settings
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -13,6 +14,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_hits_copy_the_first_build_and_other_parameters_miss(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    settings.cache_clear()  # the variable is read once per process (trimmer/settings.py): read it again
     calls: list[Path] = []
 
     def build(out: Path) -> None:
@@ -26,4 +28,7 @@ def test_hits_copy_the_first_build_and_other_parameters_miss(tmp_path, monkeypat
     assert build_cached(tmp_path / "c", build, items=2000) is False  # another size: built, not copied
     assert _tree(tmp_path / "c") == {"m/1/model.pt": b"weights 2"}
     monkeypatch.delenv(CACHE_ENV)
+    settings.cache_clear()
     assert build_cached(tmp_path / "d", build, items=1000) is False and len(calls) == 3
+    monkeypatch.undo()
+    settings.cache_clear()  # later tests see the suite's own cache variable again

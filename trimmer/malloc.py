@@ -8,7 +8,7 @@ request by default, 1.1 ms with the thresholds below. Memory freed by one
 request is then reused by the next instead of being unmapped, so RSS settles
 at the peak working set (bounded by concurrency x body size).
 
-Set TRIMMER_MALLOC_TUNING=0 to leave malloc alone. No-op off glibc.
+Set TRIMMER_MALLOC_TUNING=0 to leave malloc alone (trimmer/settings.py). No-op off glibc.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
+
+from .settings import settings
 
 log = logging.getLogger("trimmer.malloc")
 
@@ -28,7 +29,7 @@ TRIM_THRESHOLD = 256 * 1024 * 1024
 
 def tune_for_large_bodies() -> bool:
     """Apply the thresholds; True when glibc accepted them."""
-    if os.environ.get("TRIMMER_MALLOC_TUNING", "1") == "0":
+    if not settings().malloc_tuning:
         return False
     name = ctypes.util.find_library("c")
     if not name:
