@@ -5,6 +5,10 @@ are kept in plain Counters updated from the event loop and exported by a custom 
 time: a prometheus_client child per feature per request would cost microseconds per feature on the hot
 path. Their label cardinality is capped (`feature_series_limit`); overflow is counted under
 feature="__other__". The root's drift report reads these two families.
+
+Names follow the root's (root/metrics.py, docs/metrics.md): the unit last (`received_bytes`, `request_seconds`),
+counted things plural and first (`features_unused`, `inputs_defaulted`); a per-feature breakdown of an
+aggregate has the aggregate's name plus `_by_feature`.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ class LeafMetrics:
         self.batch_size = Histogram("trimmer_leaf_batch_size", "Requests per executed batch", mv, buckets=_BATCH, registry=r)
         self.batch_rows = Histogram("trimmer_leaf_batch_rows", "Rows (candidates) per executed batch", mv,
                                     buckets=(1, 16, 64, 256, 1024, 4096, 16384, 65536), registry=r)
-        self.bytes_received = Counter("trimmer_leaf_bytes_received", "Request body bytes as received (before decompression)", mv, registry=r)
+        self.received_bytes = Counter("trimmer_leaf_received_bytes", "Request body bytes as received (before decompression)", mv, registry=r)
         self.features_received = Counter("trimmer_leaf_features_received", "Features received", mv, registry=r)
         self.features_unused = Counter("trimmer_leaf_features_unused", "Features received that the model does not read", mv, registry=r)
         self.inputs_defaulted = Counter("trimmer_leaf_inputs_defaulted", "Model inputs filled from their declared default", mv, registry=r)
@@ -86,10 +90,13 @@ class LeafMetrics:
         self.allowlist_mismatches = Counter("trimmer_leaf_allowlist_mismatches", "Requests answered 412: their "
                                             "X-Trimmer-Signature differs from the inputs of the version that would run",
                                             mv, registry=r)
-        self.feature_unused = FeatureTallies("trimmer_leaf_feature_unused", "Per-feature count of features received but not read by the model", feature_series_limit)
-        self.feature_defaulted = FeatureTallies("trimmer_leaf_feature_defaulted", "Per-feature count of inputs filled from their default", feature_series_limit)
-        r.register(self.feature_unused)
-        r.register(self.feature_defaulted)
+        # features_unused / inputs_defaulted again, per feature (capped): summed by (model, version) they equal those two.
+        self.features_unused_by_feature = FeatureTallies(
+            "trimmer_leaf_features_unused_by_feature", "Per-feature count of features received but not read by the model", feature_series_limit)
+        self.inputs_defaulted_by_feature = FeatureTallies(
+            "trimmer_leaf_inputs_defaulted_by_feature", "Per-feature count of inputs filled from their default", feature_series_limit)
+        r.register(self.features_unused_by_feature)
+        r.register(self.inputs_defaulted_by_feature)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -119,7 +119,7 @@ class VersionMetrics:
         self.convert_seconds = m.convert_seconds.labels(model, version)
         self.encode_seconds = m.encode_seconds.labels(model, version)
         self.request_seconds = m.request_seconds.labels(model, version)
-        self.bytes_received = m.bytes_received.labels(model, version)
+        self.received_bytes = m.received_bytes.labels(model, version)
         self.features_received = m.features_received.labels(model, version)
         self.features_unused = m.features_unused.labels(model, version)
         self.inputs_defaulted = m.inputs_defaulted.labels(model, version)
@@ -174,11 +174,11 @@ async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, 
     elif conv.unused:
         metrics = request.app[METRICS]
         vm.features_unused.inc(len(conv.unused))
-        metrics.feature_unused.add(vs.model, vs.version, conv.unused)
+        metrics.features_unused_by_feature.add(vs.model, vs.version, conv.unused)
     if conv.defaulted and request.headers.get(AUDIT_HEADER) != "1":
         metrics = request.app[METRICS]
         vm.inputs_defaulted.inc(len(conv.defaulted))
-        metrics.feature_defaulted.add(vs.model, vs.version, conv.defaulted)
+        metrics.inputs_defaulted_by_feature.add(vs.model, vs.version, conv.defaulted)
     try:
         return await vs.batcher.submit(conv)
     except DtypeMismatch as exc:
@@ -226,7 +226,7 @@ async def read_body(request: web.Request, vm: VersionMetrics) -> bytes:
         body = await request.read()
     except ConnectionError:  # the client went away mid-body: its error, not a 500 with a traceback
         raise PayloadError("request body truncated: client closed the connection mid-body") from None
-    vm.bytes_received.inc(len(body))
+    vm.received_bytes.inc(len(body))
     return decompress(body, request.headers.get("Content-Encoding"), request.app[CONFIG].max_body_bytes)
 
 

@@ -1,9 +1,9 @@
 """Allowlist drift report: what the leaves say about the features the root sends them.
 
 Every native leaf counts, per model/version and feature, features it received
-but the model does not read (`trimmer_leaf_feature_unused_total`) and inputs it
+but the model does not read (`trimmer_leaf_features_unused_by_feature_total`) and inputs it
 filled from their declared default because the request lacked them
-(`trimmer_leaf_feature_defaulted_total`). The root scrapes GET /metrics of
+(`trimmer_leaf_inputs_defaulted_by_feature_total`). The root scrapes GET /metrics of
 every replica of every native partition, sums the counters over replicas and
 sets them next to its own allowlist for the (model, version):
 
@@ -32,11 +32,15 @@ from trimmer.registry import Registry
 
 from .upstream import Partition
 
-UNUSED = "trimmer_leaf_feature_unused"
-DEFAULTED = "trimmer_leaf_feature_defaulted"
+UNUSED = "trimmer_leaf_features_unused_by_feature"
+DEFAULTED = "trimmer_leaf_inputs_defaulted_by_feature"
 REQUESTS = "trimmer_leaf_requests"
 RECEIVED = "trimmer_leaf_features_received"
-_FAMILIES = {UNUSED: "unused", DEFAULTED: "defaulted", REQUESTS: "requests", RECEIVED: "features_received"}
+# The names leaves used before the rename (docs/metrics.md, "Renamed"): a leaf exports one or the other, never
+# both, so a root reads leaves of either release during a rolling upgrade.
+OLD_UNUSED, OLD_DEFAULTED = "trimmer_leaf_feature_unused", "trimmer_leaf_feature_defaulted"
+_FAMILIES = {UNUSED: "unused", DEFAULTED: "defaulted", REQUESTS: "requests", RECEIVED: "features_received",
+             OLD_UNUSED: "unused", OLD_DEFAULTED: "defaulted"}
 MAX_METRICS_BYTES = 64 * 1024 * 1024  # a leaf's /metrics larger than this is refused, not parsed
 
 Tallies = dict[tuple[str, str], dict[str, Any]]

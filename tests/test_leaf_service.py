@@ -280,9 +280,9 @@ def test_unused_and_defaulted_features_are_counted_per_feature(leaf):
     del f["cand_price"], f["user_age"]
     f["drift_probe_feature"] = 1.0
     score(leaf, "ranker", f, version="1")
-    unused = _metric_lines(leaf, "trimmer_leaf_feature_unused_total")
+    unused = _metric_lines(leaf, "trimmer_leaf_features_unused_by_feature_total")
     assert any('feature="drift_probe_feature"' in ln and 'model="ranker"' in ln and 'version="1"' in ln for ln in unused)
-    defaulted = _metric_lines(leaf, "trimmer_leaf_feature_defaulted_total")
+    defaulted = _metric_lines(leaf, "trimmer_leaf_inputs_defaulted_by_feature_total")
     assert any('feature="cand_price"' in ln and 'version="1"' in ln for ln in defaulted)
     assert any('feature="user_age"' in ln for ln in defaulted)
     assert _metric_lines(leaf, "trimmer_leaf_inputs_defaulted_total")
@@ -295,11 +295,11 @@ def test_audit_copies_stay_out_of_drift_counters(leaf):
     path = leaf + "/v1/models/ranker/versions/1/score"
     status, _ = post(path, encode_msgpack({"features": f}), {**MSGPACK, "X-Trimmer-Audit": "1"})
     assert status == 200
-    assert not any("audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_feature_unused_total"))
+    assert not any("audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_features_unused_by_feature_total"))
     # the same request without the header is counted: the check above can fail
     status, _ = post(path, encode_msgpack({"features": f}))
     assert status == 200
-    assert any("audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_feature_unused_total"))
+    assert any("audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_features_unused_by_feature_total"))
 
 
 def test_payload_generator_requests_are_served(leaf, repo):
