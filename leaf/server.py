@@ -18,7 +18,6 @@ the handshake digest is compared with exactly that version (trimmer/handshake.py
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -32,6 +31,7 @@ from trimmer.compression import decompress as _decompress
 from trimmer.errors import PayloadError
 from trimmer.lograte import RateLimitedLog
 from trimmer.handshake import MISMATCH_CODE, MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
+from trimmer.http_errors import HttpError, error_middleware
 from trimmer.names import check_name
 from trimmer.settings import describe as settings_describe
 from trimmer.tensor import Tensor
@@ -57,43 +57,13 @@ MISMATCH_LOG_INTERVAL_S = 10.0  # at most one allowlist-mismatch warning per mod
 MODEL_ERROR_LOG_INTERVAL_S = 10.0  # at most one model-failure ERROR (and one dtype-mismatch WARNING) per model version
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.headers = headers
-
-
-def error_response(status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if code is not None:
-        body["code"] = code
-    return web.json_response(body, status=status, headers=headers)
-
-
 MISMATCH_LOG = web.AppKey("mismatch_log", RateLimitedLog)
 MODEL_ERROR_LOG = web.AppKey("model_error_log", RateLimitedLog)
 DTYPE_LOG = web.AppKey("dtype_log", RateLimitedLog)
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except HTTPError as exc:
-        return error_response(exc.status, str(exc), exc.code, exc.headers)
-    except PayloadError as exc:
-        return error_response(400, str(exc))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(exc.status, exc.reason if exc.status != 413 else f"request body too large ({exc.text})")
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - never a traceback to the client
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+# Every error leaves as JSON {"error": ...[, "code": ...]}; a 500 names the exception and its first line.
+errors_middleware = error_middleware(log, internal_detail=True)
 
 
 # ---------------------------------------------------------------------- body handling
@@ -102,9 +72,9 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     try:
         return _decompress(body, encoding, limit)
     except BodyTooLarge as exc:
-        raise HTTPError(413, str(exc)) from None
+        raise HttpError(413, str(exc)) from None
     except UnsupportedEncoding as exc:
-        raise HTTPError(415, str(exc)) from None
+        raise HttpError(415, str(exc)) from None
 
 
 class VersionMetrics:
@@ -142,15 +112,15 @@ def resolve(request: web.Request, need_ready: bool = True) -> VersionState:
     if version is not None:
         check_name("model version", version)
     if not store.initial_done:
-        raise HTTPError(503, "the leaf is loading its models; retry shortly", code="loading", headers={"Retry-After": RETRY_AFTER_S})
+        raise HttpError(503, "the leaf is loading its models; retry shortly", code="loading", headers={"Retry-After": RETRY_AFTER_S})
     vs = store.resolve(name, version)
     if vs is None:
         request.app[METRICS].not_found.inc()
         if version is None or not store.model_versions(name):
-            raise HTTPError(404, f"unknown model {name!r}; loaded: {', '.join(sorted({m for m, _ in store.versions})) or 'none'}")
-        raise HTTPError(404, f"unknown version {version!r} of model {name!r}; versions: {', '.join(store.model_versions(name))}")
+            raise HttpError(404, f"unknown model {name!r}; loaded: {', '.join(sorted({m for m, _ in store.versions})) or 'none'}")
+        raise HttpError(404, f"unknown version {version!r} of model {name!r}; versions: {', '.join(store.model_versions(name))}")
     if need_ready and not vs.ready:
-        raise HTTPError(503, f"model {vs.model!r} version {vs.version!r} is not ready: {vs.state.lower()}"
+        raise HttpError(503, f"model {vs.model!r} version {vs.version!r} is not ready: {vs.state.lower()}"
                         + (f" ({vs.error})" if vs.error else ""))
     return vs
 
@@ -185,15 +155,15 @@ async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, 
         vm.bad_request.inc()
         request.app[DTYPE_LOG]((vs.model, vs.version), "model %s version %s, request %s: %s", vs.model, vs.version,
                                     _request_id(request, request_id), exc)
-        raise HTTPError(400, f"model {vs.model!r} version {vs.version!r}: {exc}", code="dtype_mismatch") from None
+        raise HttpError(400, f"model {vs.model!r} version {vs.version!r}: {exc}", code="dtype_mismatch") from None
     except ModelError as exc:
         vm.model_error.inc()
         request.app[MODEL_ERROR_LOG]((vs.model, vs.version), "model %s version %s failed on request %s: %s", vs.model,
                                           vs.version, _request_id(request, request_id), exc)
-        raise HTTPError(500, f"model {vs.model!r} version {vs.version!r}: {exc}") from None
+        raise HttpError(500, f"model {vs.model!r} version {vs.version!r}: {exc}") from None
     except Unavailable as exc:
         vm.unavailable.inc()
-        raise HTTPError(503, str(exc), code="unavailable", headers={"Retry-After": RETRY_AFTER_S}) from None
+        raise HttpError(503, str(exc), code="unavailable", headers={"Retry-After": RETRY_AFTER_S}) from None
 
 
 def _request_id(request: web.Request, request_id: Any) -> str:
@@ -214,7 +184,7 @@ def version_to_run(request: web.Request, first: VersionState, vm: VersionMetrics
         request.app[MISMATCH_LOG](
             (vs.model, vs.version), "allowlist mismatch on %s/%s: request trimmed for inputs %r, this version reads %s; "
             "answered %d without running the model", vs.model, vs.version, sent[:64], vs.digest, MISMATCH_STATUS)
-        raise HTTPError(MISMATCH_STATUS,
+        raise HttpError(MISMATCH_STATUS,
                         f"the request was trimmed for inputs with signature {sent[:64]!r}; model {vs.model!r} version "
                         f"{vs.version!r} reads inputs with signature {vs.digest!r}; nothing ran: re-send it untrimmed",
                         code=MISMATCH_CODE, headers={MISMATCH_HEADER: "allowlist"})
@@ -244,7 +214,7 @@ async def score(request: web.Request) -> web.Response:
         mtype = codec.media_type(request.headers.get("Content-Type"))
     except PayloadError as exc:
         vm.bad_request.inc()
-        raise HTTPError(415, str(exc)) from None
+        raise HttpError(415, str(exc)) from None
     try:
         body = await read_body(request, vm)
         vs, vm = version_to_run(request, vs, vm)  # from here to the enqueue: no await

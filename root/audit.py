@@ -28,7 +28,7 @@ import aiohttp
 import msgspec
 import numpy as np
 
-from trimmer.codec import AUDIT_HEADER, decode
+from trimmer.codec import AUDIT_HEADER, decode, is_msgpack
 from trimmer.errors import TrimmerError
 from trimmer.tensor import Tensor
 
@@ -169,10 +169,11 @@ def compare_outputs(trimmed: dict[str, Any], untrimmed: dict[str, Any], toleranc
 def dropped_features(untrimmed: bytes, content_type: str, allowlist: AbstractSet[str], limit: int = 32) -> list[str]:
     """Names of the features the allowlist removed (for the mismatch log; decoded only on a mismatch)."""
     try:
-        doc = (msgspec.msgpack if "msgpack" in content_type else msgspec.json).decode(untrimmed, type=dict[str, msgspec.Raw])
+        fmt = msgspec.msgpack if is_msgpack(content_type) else msgspec.json
+        doc = fmt.decode(untrimmed, type=dict[str, msgspec.Raw])
         raw = doc.get("features")
         if raw is not None:
-            names = list((msgspec.msgpack if "msgpack" in content_type else msgspec.json).decode(raw, type=dict[str, msgspec.Raw]))
+            names = list(fmt.decode(raw, type=dict[str, msgspec.Raw]))
         else:  # OIP: inputs list
             names = [i.get("name") for i in msgspec.json.decode(doc.get("inputs", b"[]")) if isinstance(i, dict)]
     except (msgspec.DecodeError, msgspec.ValidationError, TypeError, AttributeError):

@@ -26,7 +26,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import Counter
 
-from trimmer.codec import MSGPACK, media_type
+from trimmer.codec import MSGPACK, is_msgpack, media_type
 from trimmer.errors import PayloadError
 from trimmer.names import check_name
 
@@ -96,7 +96,7 @@ async def run_pipeline(state: Any, pm: PipelineMetrics, pipe: PipelineConfig, bo
                                           client_bytes=len(stage_body), sole_target=True)
             if res.error is not None or res.status >= 300:
                 raise StageError(res.status, res.error or f"upstream answered {res.status}")
-            if ("msgpack" in res.content_type) != (media == MSGPACK):
+            if is_msgpack(res.content_type) != (media == MSGPACK):
                 raise StageError(502, f"answered {res.content_type}, not the request's {media}")
             try:
                 answer = _decode(res.body, media, "answer")

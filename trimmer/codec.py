@@ -33,6 +33,15 @@ def media_type(content_type: str | None) -> str:
     )
 
 
+def is_msgpack(content_type: str | None) -> bool:
+    """Whether a Content-Type names msgpack (any alias, any case, parameters ignored); never raises.
+
+    For answers and stored records, which are read as JSON when they are not msgpack; a request's own
+    Content-Type goes through `media_type`, which refuses anything else with a 415/400.
+    """
+    return (content_type or "").split(";", 1)[0].strip().lower() in _MSGPACK_ALIASES
+
+
 def _ext_hook(code: int, data: memoryview) -> Any:
     if code == TENSOR_EXT_CODE:
         return Tensor.from_ext_payload(data)
