@@ -20,7 +20,6 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from trimmer.codec import JSON, MSGPACK, media_type
-from trimmer.settings import describe as settings_describe
 from trimmer.compression import BodyTooLarge, Decoder, DecompressError, UnsupportedEncoding, normalize
 from trimmer.edge import BodyBudget, EdgeLimits, EdgeMetrics, Lease, handler_args
 from trimmer.edge import install as install_edge
@@ -29,6 +28,7 @@ from trimmer import oip_binary
 from trimmer.capture import CaptureWriter
 from trimmer.names import check_name
 from trimmer.registry import BundleSource, Registry, RepositorySource
+from trimmer.settings import describe as settings_describe
 from trimmer.trim import ACCELERATED, StreamTrim, trim_oip
 
 from .audit import Auditor
