@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
-from trimmer.codec import is_msgpack
+from trimmer.codec import is_json, is_msgpack
 from trimmer.errors import PayloadError
 from trimmer.http_errors import HttpError, error_middleware
 
@@ -125,3 +125,11 @@ async def test_the_roots_request_ids_plug_in():
 ])
 def test_is_msgpack(ctype, expected):
     assert is_msgpack(ctype) is expected
+
+
+@pytest.mark.parametrize("ctype, expected", [
+    ("application/json", True), ("Application/JSON; charset=utf-8", True), ("application/problem+json", True),
+    ("application/msgpack", False), ("text/json-ish", False), ("", False), (None, False), ("application/octet-stream", False),
+])
+def test_is_json(ctype, expected):
+    assert is_json(ctype) is expected

@@ -21,9 +21,13 @@ _MSGPACK_ALIASES = {MSGPACK, "application/x-msgpack", "application/vnd.msgpack"}
 AUDIT_HEADER = "X-Trimmer-Audit"
 
 
+def _base(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 def media_type(content_type: str | None) -> str:
     """Normalise a Content-Type header to MSGPACK or JSON, or raise PayloadError."""
-    base = (content_type or "").split(";", 1)[0].strip().lower()
+    base = _base(content_type)
     if base in _MSGPACK_ALIASES:
         return MSGPACK
     if base == JSON or base.endswith("+json"):
@@ -39,7 +43,13 @@ def is_msgpack(content_type: str | None) -> bool:
     For answers and stored records, which are read as JSON when they are not msgpack; a request's own
     Content-Type goes through `media_type`, which refuses anything else with a 415/400.
     """
-    return (content_type or "").split(";", 1)[0].strip().lower() in _MSGPACK_ALIASES
+    return _base(content_type) in _MSGPACK_ALIASES
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type names JSON (application/json or any +json type, any case); never raises."""
+    base = _base(content_type)
+    return base == JSON or base.endswith("+json")
 
 
 def _ext_hook(code: int, data: memoryview) -> Any:
