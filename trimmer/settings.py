@@ -99,8 +99,8 @@ ENV_VARS: dict[str, str] = {
     "demo_cache": "TRIMMER_DEMO_CACHE",
     "no_extensions": "TRIMMER_NO_EXTENSIONS",
 }
-_BOOLS = frozenset(f for f, t in Settings.__annotations__.items() if t == "bool")
 _DEFAULTS: dict[str, Any] = {f: getattr(Settings(), f) for f in ENV_VARS}
+_BOOLS = frozenset(f for f, d in _DEFAULTS.items() if isinstance(d, bool))
 assert set(ENV_VARS) == set(Settings.__struct_fields__)
 
 
