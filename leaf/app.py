@@ -80,7 +80,6 @@ async def serve(config: LeafConfig) -> None:
 def main(config: LeafConfig) -> int:
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("settings: %s", settings().line())
     if config.repo is None:
         raise ConfigError("no model repository: pass --repo DIR or set repo: in the config file")
     if not config.repo.is_dir():
@@ -90,6 +89,7 @@ def main(config: LeafConfig) -> int:
             build_demo(config.repo, log=log.info)
         else:
             raise ConfigError(f"{config.repo}: model repository is not a directory (build one with `trimmer leaf build-demo --out DIR`)")
+    log.info("settings: %s", settings().line())  # after the checks above, so a bad repository is one line
     tune_for_large_bodies()
     tune_gc()
     if config.torch_threads > 0:

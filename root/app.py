@@ -29,6 +29,7 @@ from trimmer.capture import CaptureWriter
 from trimmer.names import check_name
 from trimmer.registry import BundleSource, Registry, RepositorySource
 from trimmer.settings import describe as settings_describe
+from trimmer.settings import settings
 from trimmer.trim import ACCELERATED, StreamTrim, trim_oip
 
 from .audit import Auditor
@@ -664,6 +665,8 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
             if ready_line:
                 addrs = ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses)
                 log.info("root %s listening on %s (pid %d)", "admin" if app is admin else "service", addrs, os.getpid())
+        if ready_line and not reuse_port:  # `--workers N`: the supervisor logs them once
+            log.info("settings: %s", settings().line())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

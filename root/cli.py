@@ -56,8 +56,6 @@ def _run_root(args: argparse.Namespace) -> int:
     from .logs import configure as configure_logs
 
     configure_logs(args.log_format, level)
-    if not args.worker:  # once per service, not once per `--workers N` child
-        logging.getLogger("trimmer.root").info("settings: %s", env.line())
     cfg = _load(args)
     if cfg.workers > 1 and not args.worker:
         return _supervise(args, cfg)
@@ -90,6 +88,8 @@ def _run_root(args: argparse.Namespace) -> int:
 
 def _supervise(args: argparse.Namespace, cfg) -> int:
     """Start N workers, forward SIGTERM/SIGINT, restart a crashed worker (bounded), clean the metrics dir."""
+    from trimmer.settings import settings
+
     from .metrics import MULTIPROC_ENV, mark_process_dead
 
     if cfg.port == 0:
@@ -111,6 +111,7 @@ def _supervise(args: argparse.Namespace, cfg) -> int:
     signal.signal(signal.SIGINT, on_signal)
     workers = [subprocess.Popen(cmd, env=env) for _ in range(cfg.workers)]
     log.info("root supervisor (pid %d): %d workers on %s:%d, metrics dir %s", os.getpid(), cfg.workers, cfg.host, cfg.port, mp_dir)
+    log.info("settings: %s", settings().line())  # once here; the workers (reuse_port) do not repeat it
     restarts, rc = 0, 0
     try:
         while not stopping:

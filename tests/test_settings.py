@@ -123,11 +123,12 @@ def test_root_logs_its_settings_once_and_serves_them_on_the_admin_listener(tmp_p
     assert "settings:" not in root.log_path.read_text()
 
 
-def test_root_settings_line_at_info(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_root_settings_line_at_info_once(tmp_path, workers):
     sink = start_sink(tmp_path, "sink")
     port = free_port()
-    root = start("root", ["root", "--config", _root_config(tmp_path, sink.url, free_port()), "--port", str(port)], port,
-                 "/readyz", tmp_path, timeout=30, env={"TRIMMER_MALLOC_TUNING": "0"})
+    root = start("root", ["root", "--config", _root_config(tmp_path, sink.url, free_port()), "--port", str(port),
+                          "--workers", str(workers)], port, "/readyz", tmp_path, timeout=60, env={"TRIMMER_MALLOC_TUNING": "0"})
     root.stop()
     sink.stop()
     lines = [ln for ln in root.log_path.read_text().splitlines() if "settings:" in ln]
