@@ -16,12 +16,16 @@ from trimmer.errors import PayloadError
 
 
 class Body:
-    __slots__ = ("chunks", "size", "_joined")
+    """`chunks` are bytes, or memoryviews of a buffer the receiving listener reuses (root/front.py): `joined()`
+    is then a copy of its own, and `pinned` is set when an upstream connection was closed with them unsent."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
+    __slots__ = ("chunks", "size", "pinned", "_joined")
+
+    def __init__(self, chunks: list[bytes] | list[memoryview]) -> None:
         self.chunks = chunks
         self.size = sum(map(len, chunks))
-        self._joined: bytes | None = chunks[0] if len(chunks) == 1 else None
+        self.pinned = False
+        self._joined: bytes | None = chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else None  # type: ignore[assignment]
 
     @classmethod
     def of(cls, data: bytes) -> Body:
