@@ -159,6 +159,7 @@ class FrontConnection(asyncio.BufferedProtocol):
         self.deadline = 0.0
         self.window_bytes = 0
         self.keep_alive = True
+        self.eof = False
         # The request being received
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -189,6 +190,10 @@ class FrontConnection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.keep_alive = False
+        if self.phase == BODY:  # the client half-closed before its Content-Length arrived: its error, answered
+            self.eof = True
+            self._reject(400, f"request body truncated: Content-Length {self.need}, got {self.got} bytes", route=self.request.get("name", "other"))
+            return True
         return self.phase == BUSY  # half-closed while its request runs: the answer can still be written
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -241,9 +246,11 @@ class FrontConnection(asyncio.BufferedProtocol):
             return self._hand_off("upgrade")
         except httptools.HttpParserError as exc:
             return self._reject(400, f"malformed request head: {exc}")
-        route = _route(parser.get_method(), parser.get_http_version(), self.url) if self._plain_body() else None
+        route = _route(parser.get_method(), parser.get_http_version(), self.url)
         if route is None:
-            return self._hand_off("route" if self._plain_body() else "body_framing")
+            return self._hand_off("route")
+        if not self._plain_body():
+            return self._hand_off("body_framing")
         self.keep_alive = bool(parser.should_keep_alive())
         self._start_body(route, head_end)
 
@@ -355,10 +362,12 @@ class FrontConnection(asyncio.BufferedProtocol):
         state.metrics.child(state.metrics.client_requests, (req["name"], str(out.status))).inc()
         self._respond(out, rid)
         body.release()
-        pinned = body.pinned
-        view.release()
-        if not pinned:  # an upstream connection that still held these bytes unsent was aborted; never reuse them then
-            srv.pool.give(buf)
+        if not body.pinned:  # else an upstream connection aborted with these bytes unsent may still hold them
+            try:
+                view.release()
+                srv.pool.give(buf)
+            except BufferError:  # still exported somewhere: never reuse it
+                pass
         srv.busy -= 1
         if not srv.busy:
             srv.idle.set()
@@ -402,7 +411,7 @@ class FrontConnection(asyncio.BufferedProtocol):
             self.transport.write(head + out.body)
         else:
             self.transport.writelines([head, out.body])
-        if not keep and linger and self.transport.can_write_eof():
+        if not keep and linger and not self.eof and self.transport.can_write_eof():
             self.transport.write_eof()
             self.phase, self.window_bytes, self.head_len = LINGER, 0, 0
             self._arm(LINGER_S)

@@ -673,5 +673,6 @@ async def test_a_connection_handed_to_aiohttp_gets_the_same_bytes(env):
             async with s.post(url + "/v1/models/alpha/score", data=data, headers={"Content-Type": "application/msgpack"}) as r:
                 out = msgspec.msgpack.decode(await r.read())
                 assert r.status == 200 and out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
-    after = metric((await get_text(url + "/metrics"))[1], "trimmer_root_front_handoffs_total", reason="route")
+    text = (await get_text(url + "/metrics"))[1]
+    after = metric(text, "trimmer_root_front_handoffs_total", reason="route")
     assert after - before >= 1
