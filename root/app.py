@@ -31,11 +31,10 @@ from trimmer.registry import BundleSource, Registry, RepositorySource
 from trimmer.trim import StreamTrim
 
 from .audit import Auditor
-from .body import Body, read_chunks
 from .config import RootConfig
 from .drift import gather_drift
 from .front import FrontServer
-from .dataplane import DataPlane, NativeFormat, PreparedBody, RouteError, timeout_for
+from .dataplane import Body, DataPlane, NativeFormat, PreparedBody, RouteError, timeout_for
 from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
@@ -240,6 +239,30 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
                           dict(request.headers)):
             state.metrics.captured.inc()
     return body
+
+
+async def read_chunks(request: web.Request, n: int, on_chunk: Callable[[bytes], None] | None = None) -> Body:
+    """Exactly the Content-Length bytes of a plain (not chunked, not encoded) body, without joining them.
+
+    `on_chunk` sees each chunk as it arrives (the streaming trim scans it then).
+    """
+    chunks: list[bytes] = []
+    got = 0
+    content = request.content
+    try:
+        while got < n:
+            chunk, _ = await content.readchunk()
+            if not chunk:
+                raise PayloadError(f"request body truncated: Content-Length {n}, got {got} bytes")
+            chunks.append(chunk)
+            got += len(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
+    except ConnectionError:  # the client went away mid-body: its error, not a 500 with a traceback
+        raise PayloadError(f"request body truncated: client closed the connection before {n} bytes arrived") from None
+    if got > n:  # the parser never hands out more than Content-Length; guard anyway
+        raise PayloadError(f"request body longer than its Content-Length {n}")
+    return Body(chunks)
 
 
 def _count_decode(request: web.Request, encoding: str, outcome: str) -> None:

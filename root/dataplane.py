@@ -36,10 +36,9 @@ from trimmer.registry import Registry, Resolution
 from trimmer.trim import ACCELERATED, StreamTrim, TrimResult, trim, trim_msgpack_chunks, trim_oip
 
 from .audit import Auditor, AuditJob
-from .body import Body
 from .config import RootConfig
 from .metrics import Metrics
-from .upstream import Partition, UpstreamError
+from .upstream import Body, Partition, UpstreamError
 
 Raw = msgspec.Raw
 log = logging.getLogger("trimmer.root")
@@ -66,7 +65,7 @@ _DECODERS = {
 }
 
 
-# ---------------------------------------------------------------------- body formats
+# ---------------------------------------------------------------------- bodies and body formats
 @dataclass(frozen=True, slots=True)
 class Trimmed:
     body: bytes
@@ -548,6 +547,6 @@ def _decode_any(body: bytes, content_type: str) -> Any:
     return msgspec.json.decode(body)
 
 
-__all__ = ["DataPlane", "Plan", "Target", "PreparedBody", "Outcome", "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for",
+__all__ = ["Body", "DataPlane", "Plan", "Target", "PreparedBody", "Outcome", "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for",
            "OipJsonFormat", "OipBinaryFormat", "UNTRIMMED", "native_path", "oip_path", "upstream_error_text", "target_keys",
            "fanout_status"]

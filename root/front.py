@@ -49,8 +49,7 @@ from trimmer.edge import BodyBudget, Edge, EdgeLimits, EdgeMetrics, Lease
 from trimmer.errors import PayloadError
 from trimmer.lograte import RateLimitedLog
 
-from .body import Body
-from .dataplane import NativeFormat, Outcome, Plan, PreparedBody, RouteError, timeout_for
+from .dataplane import Body, NativeFormat, Outcome, Plan, PreparedBody, RouteError, timeout_for
 from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 
 log = logging.getLogger("trimmer.root.front")
@@ -201,9 +200,7 @@ class FrontConnection(asyncio.BufferedProtocol):
             return self.head_view
         if self.phase == BODY:
             return self.body_view[self.got:self.need]  # type: ignore[index]
-        if self.head_len >= HEAD_MAX:  # only while busy (reading is paused otherwise): keep what fits
-            return memoryview(bytearray(1))
-        return self.head_view[self.head_len:]
+        return self.head_view[self.head_len:]  # never empty: reading pauses when the head buffer is full
 
     def buffer_updated(self, n: int) -> None:
         if self.phase == BODY:
@@ -220,7 +217,7 @@ class FrontConnection(asyncio.BufferedProtocol):
             if self.window_bytes > LINGER_BYTES:
                 self.close()
             return
-        if self.phase == GONE or self.head_len >= HEAD_MAX:
+        if self.phase == GONE:
             return
         if self.phase == WAIT:  # the first bytes of the next request's head
             self.phase = HEAD
@@ -228,6 +225,8 @@ class FrontConnection(asyncio.BufferedProtocol):
         self.head_len += n
         if self.phase == HEAD:
             self._scan_head()
+        elif self.head_len >= HEAD_MAX:  # busy, and a pipelining client filled the head buffer: wait for the answer
+            self.transport.pause_reading()
 
     # ------------------------------------------------------------------ head
     def _scan_head(self) -> None:
@@ -329,9 +328,7 @@ class FrontConnection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ body and answer
     def _body_complete(self) -> None:
-        self.phase = BUSY
-        self._disarm()
-        self.transport.pause_reading()
+        self.phase = BUSY  # reading goes on into the head buffer (a pipelined request); no timer while the answer is made
         srv = self.server
         srv.busy += 1
         srv.idle.clear()
@@ -344,7 +341,14 @@ class FrontConnection(asyncio.BufferedProtocol):
         headers: CIMultiDict[str] = req["headers"]
         rid = request_id_for(headers)
         request_id.set(rid)
-        body = Body([view]) if len(view) else Body([])
+        def recycle() -> None:
+            try:
+                view.release()  # BufferError while anything still holds a view of it: then it is never reused
+            except BufferError:
+                return
+            srv.pool.give(buf)
+
+        body = Body([view] if len(view) else [], recycle)
         try:
             state.metrics.child(state.metrics.client_bytes, (req["kind"],)).inc(len(view))
             capture = state.capture
@@ -361,13 +365,7 @@ class FrontConnection(asyncio.BufferedProtocol):
         stream = None
         state.metrics.child(state.metrics.client_requests, (req["name"], str(out.status))).inc()
         self._respond(out, rid)
-        body.release()
-        if not body.pinned:  # else an upstream connection aborted with these bytes unsent may still hold them
-            try:
-                view.release()
-                srv.pool.give(buf)
-            except BufferError:  # still exported somewhere: never reuse it
-                pass
+        body.release()  # back to the pool now, unless a trim released it earlier (before the upstream answered)
         srv.busy -= 1
         if not srv.busy:
             srv.idle.set()
@@ -415,20 +413,19 @@ class FrontConnection(asyncio.BufferedProtocol):
             self.transport.write_eof()
             self.phase, self.window_bytes, self.head_len = LINGER, 0, 0
             self._arm(LINGER_S)
-            self.transport.resume_reading()
             return
         if not keep:
             self.close()
             return
         self.phase = WAIT
+        if self.head_len >= HEAD_MAX:
+            self.transport.resume_reading()
         if self.head_len:  # a pipelined request already here
             self.phase = HEAD
             self._arm(srv.limits.header_timeout_s)
-            self.transport.resume_reading()
             self._scan_head()
             return
         self._arm(srv.limits.keepalive_timeout_s)
-        self.transport.resume_reading()
 
     def _reject(self, status: int, message: str, headers: dict[str, str] | None = None, route: str = "other") -> None:
         """An error before the body is read: answered with Connection: close. The body still on its way is read and
@@ -497,7 +494,7 @@ class FrontConnection(asyncio.BufferedProtocol):
     def _expire(self) -> None:
         self.timer = None
         if self.phase in (BUSY, GONE):
-            return
+            return  # the answer re-arms
         srv = self.server
         now = srv.loop.time()
         if now < self.deadline:

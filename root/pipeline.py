@@ -30,8 +30,7 @@ from trimmer.codec import MSGPACK, media_type
 from trimmer.errors import PayloadError
 from trimmer.names import check_name
 
-from .body import Body
-from .dataplane import NativeFormat
+from .dataplane import Body, NativeFormat
 from .pipeline_config import PipelineConfig
 
 Raw = msgspec.Raw

@@ -30,7 +30,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -41,7 +41,6 @@ from trimmer.compression import BodyTooLarge, DecompressError, UnsupportedEncodi
 from trimmer.compression import compressor as _compressor
 from trimmer.errors import ConfigError
 
-from .body import Body
 from .config import PartitionConfig, Timeouts
 from .metrics import Metrics
 
@@ -93,7 +92,48 @@ class UpstreamResponse:
     sent_bytes: int
 
 
-# ---------------------------------------------------------------------- connections
+# ---------------------------------------------------------------------- bodies and connections
+class Body:
+    """A request body as the chunks it was received in, joined only when something needs one buffer.
+
+    A megabyte body joined costs a full copy per request; the msgpack trim reads
+    the chunks in place and a passthrough writes them upstream as they are.
+    `chunks` are bytes, or memoryviews of a buffer the receiving listener reuses (root/front.py): `joined()`
+    is then a copy of its own, and `pinned` is set when an upstream connection was closed with them unsent."""
+
+    __slots__ = ("chunks", "size", "pinned", "recycle", "_joined")
+
+    def __init__(self, chunks: list[bytes] | list[memoryview], recycle: Callable[[], None] | None = None) -> None:
+        self.chunks = chunks
+        self.size = sum(map(len, chunks))
+        self.pinned = False
+        self.recycle = recycle  # gives the chunks' buffer back for reuse, once nothing reads it any more
+        self._joined: bytes | None = chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else None  # type: ignore[assignment]
+
+    @classmethod
+    def of(cls, data: bytes) -> Body:
+        return cls([data])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def joined(self) -> bytes:
+        """One buffer (one copy, made once) for the paths that decode or compress the whole body."""
+        if self._joined is None:
+            if self.size and not self.chunks:
+                raise RuntimeError("request body used after release()")
+            self._joined = b"".join(self.chunks)
+        return self._joined
+
+    def release(self) -> None:
+        """Drop the bytes, keep the size: a trimmed request need not hold its whole body while the model runs."""
+        self.chunks = []
+        self._joined = None
+        recycle, self.recycle = self.recycle, None
+        if recycle is not None and not self.pinned:  # pinned: an aborted upstream connection may still hold them
+            recycle()
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to a replica, one exchange at a time; llhttp (httptools) parses replies."""
 
@@ -444,4 +484,4 @@ class Partition:
         self.metrics.child(self.metrics.attempts, (self.name, replica.url, outcome)).inc()
 
 
-__all__ = ["Partition", "Replica", "ReplicaPool", "UpstreamConnection", "UpstreamError", "UpstreamResponse"]
+__all__ = ["Body", "Partition", "Replica", "ReplicaPool", "UpstreamConnection", "UpstreamError", "UpstreamResponse"]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from root.body import Body
+from root.dataplane import Body
 from root.config import load_config, parse_config
 from root.dataplane import NativeFormat, PreparedBody
 from trimmer.codec import JSON, MSGPACK, encode_json, encode_msgpack

@@ -481,7 +481,7 @@ async def test_sigterm_drains_in_flight_requests_and_readyz_turns_503(tmp_path):
 async def test_untrimmed_chunked_body_is_resent_whole_on_failover(env):
     """A multi-chunk body goes upstream chunk by chunk; when the replica tried first refuses the connection,
     the same chunks go to the next replica in full (the partition, in-process, against the real sink)."""
-    from root.body import Body
+    from root.dataplane import Body
     from root.config import PartitionConfig, Timeouts
     from root.metrics import Metrics
     from root.upstream import Partition
@@ -548,7 +548,7 @@ async def test_a_trimmed_body_is_released_before_the_upstream_answers(env, monke
     from aiohttp import web
 
     from root.app import RootState, build_apps
-    from root.body import Body
+    from root.dataplane import Body
     from root.config import parse_config
 
     answered = asyncio.Event()
@@ -597,7 +597,7 @@ def test_fanout_prepared_body_keeps_no_view_into_the_client_body():
     nothing it keeps (not even the `models` value) may be a view that pins the joined client body."""
     import sys as _sys
 
-    from root.body import Body
+    from root.dataplane import Body
     from root.dataplane import PreparedBody
 
     data = body(models=[{"name": "alpha"}, {"name": "beta"}], pad=b"x" * 100_000)
