@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -239,10 +240,12 @@ class ReplicaPool:
 
     def __init__(self, url: str, max_connections: int, connect_s: float, response_limit: int) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ConfigError(f"replica {url!r}: the root's upstream connections speak plain http://host:port")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"replica {url!r}: expected http(s)://host[:port][/prefix]")
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")  # a replica served under a path prefix: every request path gets it
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
         self.authority = f"{parts.hostname}:{self.port}".encode("latin-1")
         self.connect_s = connect_s
         self.response_limit = response_limit
@@ -268,7 +271,7 @@ class ReplicaPool:
                 return conn
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self.response_limit), self.host, self.port),
+                loop.create_connection(lambda: UpstreamConnection(self.response_limit), self.host, self.port, ssl=self.tls),
                 max(0.001, min(self.connect_s, deadline - loop.time())))
         except (OSError, asyncio.TimeoutError) as exc:
             self._slots.release()
@@ -417,7 +420,7 @@ class Partition:
             pool = replica.pool
             assert pool is not None
             try:
-                head = _request_head(method, path, pool.authority, h, sent if body is not None or method == "POST" else None)
+                head = _request_head(method, pool.prefix + path, pool.authority, h, sent if body is not None or method == "POST" else None)
             except ValueError as exc:
                 raise UpstreamError(400, "bad_request", str(exc)) from None
             replica.inflight += 1
