@@ -34,7 +34,7 @@ from .audit import Auditor
 from .config import RootConfig
 from .drift import gather_drift
 from .front import FrontServer
-from .dataplane import Body, DataPlane, NativeFormat, PreparedBody, RouteError, timeout_for
+from .dataplane import SCORING_ROUTES, Body, DataPlane, NativeFormat, PreparedBody, RouteError, timeout_for
 from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
@@ -189,7 +189,7 @@ class RootState:
 # ---------------------------------------------------------------------- handlers
 STATE = web.AppKey("state", RootState)
 # Routes whose requests `capture:` samples (trimmer/capture.py): the scoring routes, not metadata or admin.
-CAPTURED_ROUTES = frozenset({"fanout", "model", "model_version", "oip_infer", "oip_infer_version"})
+CAPTURED_ROUTES = frozenset(name for _, name, _ in SCORING_ROUTES)
 BUDGET = web.AppKey("body_budget", BodyBudget)  # set by serve(): limits.max_inflight_body_bytes across the process
 
 
@@ -520,12 +520,10 @@ def build_apps(state: RootState) -> tuple[web.Application, web.Application | Non
     main = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_middleware], handler_args={"max_field_size": 16384, "read_bufsize": 1 << 20})
     main[STATE] = state
     r = main.router
-    r.add_post("/v1/score", handle_fanout, name="fanout")
+    scoring = {"fanout": handle_fanout, "model": handle_model_score, "oip": handle_oip_infer}
+    for path, name, kind in SCORING_ROUTES:  # the table root/front.py matches too
+        r.add_post(path, scoring[kind], name=name)
     r.add_post("/v1/pipelines/{name}/score", pipeline_handler(STATE, _timeout), name="pipeline")  # root/pipeline.py
-    r.add_post("/v1/models/{name}/score", handle_model_score, name="model")
-    r.add_post("/v1/models/{name}/versions/{version}/score", handle_model_score, name="model_version")
-    r.add_post("/v2/models/{name}/infer", handle_oip_infer, name="oip_infer")
-    r.add_post("/v2/models/{name}/versions/{version}/infer", handle_oip_infer, name="oip_infer_version")
     r.add_get("/v2/models/{name}", handle_oip_get, name="oip_metadata")
     r.add_get("/v2/models/{name}/ready", handle_oip_get, name="oip_model_ready")
     r.add_get("/v2/models/{name}/versions/{version}", handle_oip_get, name="oip_metadata_version")

@@ -123,7 +123,41 @@ class UntrimmedFormat(BodyFormat):
 UNTRIMMED = UntrimmedFormat()
 
 
-# ---------------------------------------------------------------------- plans
+# ---------------------------------------------------------------------- routes and plans
+# The scoring routes: (path pattern, route name, kind). The aiohttp app registers them from this table and
+# root/front.py matches them with it, so the two listeners cannot disagree on what is a scoring request.
+SCORING_ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("/v1/score", "fanout", "fanout"),
+    ("/v1/models/{name}/score", "model", "model"),
+    ("/v1/models/{name}/versions/{version}/score", "model_version", "model"),
+    ("/v2/models/{name}/infer", "oip_infer", "oip"),
+    ("/v2/models/{name}/versions/{version}/infer", "oip_infer_version", "oip"),
+)
+
+
+def match_scoring_route(path: str) -> tuple[str, str, str | None, str | None] | None:
+    """(route name, kind, model, version) of a raw request path, or None. Segments are matched as they are."""
+    parts = path.split("/")
+    for pattern, name, kind in _SPLIT_ROUTES:
+        if len(pattern) != len(parts):
+            continue
+        params: dict[str, str] = {}
+        for want, got in zip(pattern, parts):
+            if want.startswith("{"):
+                if not got:
+                    break
+                params[want[1:-1]] = got
+            elif want != got:
+                break
+        else:
+            return name, kind, params.get("name"), params.get("version")
+    return None
+
+
+_SPLIT_ROUTES = [(tuple(p.split("/")), name, kind) for p, name, kind in SCORING_ROUTES]
+
+
+
 @dataclass(slots=True)
 class Target:
     """One upstream call: resolved once, when the plan is made."""
@@ -547,6 +581,6 @@ def _decode_any(body: bytes, content_type: str) -> Any:
     return msgspec.json.decode(body)
 
 
-__all__ = ["Body", "DataPlane", "Plan", "Target", "PreparedBody", "Outcome", "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for",
+__all__ = ["Body", "DataPlane", "SCORING_ROUTES", "match_scoring_route", "Plan", "Target", "PreparedBody", "Outcome", "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for",
            "OipJsonFormat", "OipBinaryFormat", "UNTRIMMED", "native_path", "oip_path", "upstream_error_text", "target_keys",
            "fanout_status"]

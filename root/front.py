@@ -49,7 +49,7 @@ from trimmer.edge import BodyBudget, Edge, EdgeLimits, EdgeMetrics, Lease
 from trimmer.errors import PayloadError
 from trimmer.lograte import RateLimitedLog
 
-from .dataplane import Body, NativeFormat, Outcome, Plan, PreparedBody, RouteError, timeout_for
+from .dataplane import Body, NativeFormat, Outcome, Plan, PreparedBody, RouteError, match_scoring_route, timeout_for
 from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 
 log = logging.getLogger("trimmer.root.front")
@@ -519,27 +519,13 @@ class FrontConnection(asyncio.BufferedProtocol):
 
 
 def _route(method: bytes, version: str, url: bytes) -> tuple[str, str, str | None, str | None] | None:
-    """(route name, kind, model, version) for the routes this listener serves, from the raw path; None: aiohttp's."""
+    """A scoring route this listener serves (root/dataplane.py's table), from the raw path; None: aiohttp's."""
     if method != b"POST" or version != "1.1":
         return None
     path = url.split(b"?", 1)[0]
-    if b"%" in path or b"//" in path:
+    if b"%" in path:
         return None  # aiohttp decodes and routes these; the names are validated there
-    parts = path.decode("latin-1").split("/")
-    n = len(parts)
-    if n == 3 and parts[1] == "v1" and parts[2] == "score":
-        return "fanout", "fanout", None, None
-    if n < 5 or parts[0] != "" or parts[3] == "" or parts[2] != "models":
-        return None
-    if parts[1] == "v1" and n == 5 and parts[4] == "score":
-        return "model", "model", parts[3], None
-    if parts[1] == "v1" and n == 7 and parts[4] == "versions" and parts[6] == "score" and parts[5]:
-        return "model_version", "model", parts[3], parts[5]
-    if parts[1] == "v2" and n == 5 and parts[4] == "infer":
-        return "oip_infer", "oip", parts[3], None
-    if parts[1] == "v2" and n == 7 and parts[4] == "versions" and parts[6] == "infer" and parts[5]:
-        return "oip_infer_version", "oip", parts[3], parts[5]
-    return None
+    return match_scoring_route(path.decode("latin-1"))
 
 
 def _error(status: int, message: str) -> Outcome:
