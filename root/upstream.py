@@ -138,7 +138,8 @@ class Body:
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to a replica, one exchange at a time; llhttp (httptools) parses replies."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # kept: asyncio.get_running_loop() costs a getpid() syscall per call
         self.transport: asyncio.Transport | None = None
         self.limit = limit
         self.closed = False
@@ -195,7 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- use
     async def exchange(self, head: bytes, body: Sequence[bytes], deadline: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Write one request, await its whole answer: (status, raw headers, body). Raises _Broken or _Timeout."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self._parser = httptools.HttpResponseParser(self)
         self._headers, self._parts, self._size, self._error = [], [], 0, None
         self.keep_alive = False  # set by on_message_complete: an exchange cut short never goes back to the pool
@@ -252,10 +253,13 @@ class ReplicaPool:
         self.max_connections = max_connections
         self.idle: list[UpstreamConnection] = []
         self._slots: asyncio.Semaphore | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, from the first request
 
     async def acquire(self, deadline: float) -> UpstreamConnection:
         """A slot and a connection (an idle one, else a new one). _ConnectFailed if none could be opened."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
         if self._slots.locked():
@@ -271,7 +275,7 @@ class ReplicaPool:
                 return conn
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self.response_limit), self.host, self.port, ssl=self.tls),
+                loop.create_connection(lambda: UpstreamConnection(self.response_limit, loop), self.host, self.port, ssl=self.tls),
                 max(0.001, min(self.connect_s, deadline - loop.time())))
         except (OSError, asyncio.TimeoutError) as exc:
             self._slots.release()
@@ -318,6 +322,7 @@ class Partition:
         for r in self.replicas:
             r.pool = ReplicaPool(r.url, cfg.max_connections, timeouts.connect_s, response_limit)
         self.response_limit = response_limit
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, from the first request
         self._rr = itertools.count()
         self._compress = _compressor(cfg.compression)
         self.session: aiohttp.ClientSession | None = None  # background requests: health, audit, drift
@@ -409,7 +414,9 @@ class Partition:
             headers = {**headers, "Content-Encoding": self.cfg.compression}
         parts: Sequence[bytes] = () if body is None else (body.chunks if isinstance(body, Body) else (body,))
         sent = len(body) if body is not None else 0
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         errors: list[str] = []
         for replica in self._order()[:2]:
