@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench soak clean mutate
+.PHONY: setup test demo bench bench-proxies soak clean mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/trimmer bench trim
+
+# The root beside nginx and HAProxy passthrough, load from wrk (docs/root.md, "Benchmark against C proxies").
+bench-proxies: setup
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || { echo "bench-proxies needs wrk and nginx (haproxy optional): sudo apt-get install wrk nginx-light haproxy"; exit 2; }
+	$(VENV)/bin/trimmer root bench --proxies
 
 soak: setup
 	$(VENV)/bin/trimmer loadtest --config configs/soak.yaml

@@ -30,15 +30,13 @@ from trimmer.names import check_name
 from trimmer.registry import BundleSource, Registry, RepositorySource
 from trimmer.settings import describe as settings_describe
 from trimmer.settings import settings
-from trimmer.trim import ACCELERATED, StreamTrim, trim_oip
+from trimmer.trim import StreamTrim
 
 from .audit import Auditor
-from .body import Body, read_chunks
 from .config import RootConfig
 from .drift import gather_drift
-from .eager import handler_of as eager_handler_of
-from .eager import install as install_eager
-from .fanout import PreparedBody, RouteError, Router, fan_out, native_path
+from .front import FrontServer
+from .dataplane import SCORING_ROUTES, Body, DataPlane, NativeFormat, PreparedBody, RouteError, timeout_for
 from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 from .metadata import MetadataSource, metadata_sources
 from .metrics import Metrics
@@ -88,7 +86,7 @@ class RootState:
             self.partitions, cfg.partitions, {m: mc.default_version for m, mc in cfg.models.items()})
         self.auditor = Auditor(cfg.audit_sample_rate, cfg.audit_max_concurrent, self.metrics, cfg.timeouts.request_s, cfg.deadline_header,
                                cfg.audit_tolerance)
-        self.router = Router(cfg, self.registry, self.partitions, self.metrics, self.auditor)
+        self.plane = DataPlane(cfg, self.registry, self.partitions, self.metrics, self.auditor)
         self.capture = (CaptureWriter(cfg.capture_path, cfg.capture_sample_rate, cfg.capture_max_bytes)
                         if cfg.capture_path is not None else None)
         self._stop = asyncio.Event()
@@ -193,22 +191,12 @@ class RootState:
 # ---------------------------------------------------------------------- handlers
 STATE = web.AppKey("state", RootState)
 # Routes whose requests `capture:` samples (trimmer/capture.py): the scoring routes, not metadata or admin.
-CAPTURED_ROUTES = frozenset({"fanout", "model", "model_version", "oip_infer", "oip_infer_version"})
+CAPTURED_ROUTES = frozenset(name for _, name, _ in SCORING_ROUTES)
 BUDGET = web.AppKey("body_budget", BodyBudget)  # set by serve(): limits.max_inflight_body_bytes across the process
 
 
 def _timeout(request: web.Request, cfg: RootConfig) -> float:
-    """The request's budget: the config timeout, shortened by the client's deadline header (ms remaining)."""
-    raw = request.headers.get(cfg.deadline_header)
-    if raw is None:
-        return cfg.timeouts.request_s
-    try:
-        ms = float(raw)
-    except ValueError:
-        raise PayloadError(f"{cfg.deadline_header} must be a number of milliseconds, got {raw[:40]!r}") from None
-    if not ms > 0:
-        raise PayloadError(f"{cfg.deadline_header} must be > 0 milliseconds, got {raw[:40]!r}")
-    return min(cfg.timeouts.request_s, ms / 1000.0)
+    return timeout_for(request.headers, cfg)
 
 
 def _busy(budget: BodyBudget) -> web.HTTPServiceUnavailable:
@@ -253,6 +241,30 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
                           dict(request.headers)):
             state.metrics.captured.inc()
     return body
+
+
+async def read_chunks(request: web.Request, n: int, on_chunk: Callable[[bytes], None] | None = None) -> Body:
+    """Exactly the Content-Length bytes of a plain (not chunked, not encoded) body, without joining them.
+
+    `on_chunk` sees each chunk as it arrives (the streaming trim scans it then).
+    """
+    chunks: list[bytes] = []
+    got = 0
+    content = request.content
+    try:
+        while got < n:
+            chunk, _ = await content.readchunk()
+            if not chunk:
+                raise PayloadError(f"request body truncated: Content-Length {n}, got {got} bytes")
+            chunks.append(chunk)
+            got += len(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
+    except ConnectionError:  # the client went away mid-body: its error, not a 500 with a traceback
+        raise PayloadError(f"request body truncated: client closed the connection before {n} bytes arrived") from None
+    if got > n:  # the parser never hands out more than Content-Length; guard anyway
+        raise PayloadError(f"request body longer than its Content-Length {n}")
+    return Body(chunks)
 
 
 def _count_decode(request: web.Request, encoding: str, outcome: str) -> None:
@@ -320,117 +332,32 @@ async def handle_fanout(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await _read_body(request, "fanout")
     media = media_type(request.content_type)
-    prepared = PreparedBody(body, media, strip_models=True)
-    if prepared.untrimmed() is not body:
+    prepared = PreparedBody(body, media)
+    if prepared.base is not body:
         body.release()  # each target is trimmed from the copy without `models`; the client's bytes are not read again
-    status, out = await fan_out(state.router, prepared, media, _timeout(request, state.cfg), {}, len(body))
+    status, out = await state.plane.fan_out(prepared, media, _timeout(request, state.cfg), len(body))
     return web.Response(body=out, status=status, content_type=media)
 
 
-def _check_names(model: str, version: str | None) -> None:
-    """The edge's rule for names and versions (trimmer/names.py), as a RouteError(400): upstream paths are built only
-    from values that pass it, so `..`, `%2F` and the like never reach a leaf."""
-    try:
-        check_name("model name", model)
-        if version is not None:
-            check_name("version", version)
-    except PayloadError as exc:
-        raise RouteError(400, str(exc)) from None
-
-
-def _native_partition(state: RootState, model: str) -> Partition:
-    part = state.router.route(model)
-    if part.cfg.protocol != "native":
-        raise RouteError(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open Inference Protocol; "
-                              f"use /v2/models/{model}/infer")
-    return part
-
-
-def _stream_trim(state: RootState, model: str, version: str | None, content_length: int | None) -> StreamTrim | None:
-    """The trim to feed with a shortcut-route msgpack body as it arrives (the allowlist is known from the URL)."""
-    res = state.registry.resolve(model, version)
-    if not ACCELERATED or res.allowlist is None or res.mode == "off":
-        return None
-    return StreamTrim(res.allowlist, min(content_length or 0, state.cfg.max_body_bytes))
-
-
-def eager_stream_factory(state: RootState):
-    """For root/eager.py: the same decision as handle_model_score's, from the request's headers alone."""
-    def start(model: str, version: str | None, content_length: int) -> StreamTrim | None:
-        if content_length > state.cfg.max_body_bytes:
-            return None
-        try:
-            _native_partition(state, model)
-        except RouteError:
-            return None
-        return _stream_trim(state, model, version, content_length)
-    return start
-
-
 async def handle_model_score(request: web.Request) -> web.Response:
+    """The shortcut route, for connections root/front.py handed over (or all of them with `front: aiohttp`)."""
     state = request.app[STATE]
-    model = request.match_info["name"]
-    version = request.match_info.get("version")
-    eager = eager_handler_of(request)
-    try:
-        _check_names(model, version)
-        _native_partition(state, model)
-    except RouteError as exc:
-        await _read_body(request, "model")  # received and counted like any body (and a 413 stays a 413)
-        if eager is not None:
-            eager.take(request.content)
-        return error_response(exc.status, exc.message)
     media = media_type(request.content_type)
-    # The allowlist is known before the body arrives, so msgpack is trimmed chunk by chunk as it is received:
-    # by the protocol as the parser produces each chunk (root/eager.py), else here as each chunk is read.
-    streaming = eager is not None and eager.streaming(request.content)
-    stream = _stream_trim(state, model, version, request.content_length) if media == MSGPACK and not streaming else None
+    plan = state.plane.plan_single("model", request.match_info["name"], request.match_info.get("version"), NativeFormat(media),
+                                   media, _timeout(request, state.cfg))
+    # The allowlist is known before the body arrives: msgpack is trimmed chunk by chunk as each chunk is read.
+    stream = plan.stream_trim(min(request.content_length or 0, state.cfg.max_body_bytes))
+    if stream is not None:
+        state.metrics.eager_trims.inc()
     body = await _read_body(request, "model", stream)
-    if eager is not None:
-        taken = eager.take(request.content)  # always: drops a trim this body's headers started
-        if streaming:
-            stream = taken  # None if it could not follow the body: trimmed from the chunks instead
-            if stream is not None:
-                state.metrics.eager_trims.inc()
-    prepared = PreparedBody(body, media, strip_models=False, stream=stream)
-    out = await state.router.send(model, version, native_path(model), prepared, None, media, _timeout(request, state.cfg),
-                                  client_bytes=len(body), sole_target=True)
-    return _outcome_response(out)
-
-
-def _oip_trim(body: Body, allow) -> tuple[bytes, int, int]:
-    r = trim_oip(body.joined(), allow)
-    return r.body, r.features_in, r.features_kept
+    return _outcome_response(await state.plane.score(plan, body, stream))
 
 
 async def handle_oip_infer(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    model = request.match_info["name"]
-    version = request.match_info.get("version")
     body = await _read_body(request, "oip")
-    try:
-        _check_names(model, version)
-    except RouteError as exc:
-        return error_response(exc.status, exc.message)
-    binary = request.headers.get(OIP_BINARY_HEADER)
-    extra = {OIP_BINARY_HEADER: binary} if binary is not None else None
-    ctype = request.headers.get("Content-Type", JSON) if binary is not None else JSON
-    if binary is None and request.content_type not in ("application/json", "application/octet-stream", "") and not request.content_type.endswith("+json"):
-        return error_response(415, f"inference requests are JSON (or binary with {OIP_BINARY_HEADER}); got {request.content_type!r}")
-
-    def path_for(v: str | None) -> str:
-        return f"/v2/models/{model}/infer" if v is None else f"/v2/models/{model}/versions/{v}/infer"
-
-    trim_fn = _oip_trim
-    if binary is not None:
-        header_len = oip_binary.header_length(binary, len(body))
-
-        def trim_fn(b: Body, allow):  # noqa: F811 - binary tensors: header parsed, segments kept verbatim
-            out, n_in, n_kept, new_len = oip_binary.trim_binary(b.joined(), header_len, allow)
-            return out, n_in, n_kept, {OIP_BINARY_HEADER: str(new_len)}
-    out = await state.router.send(model, version, path_for, None, body, ctype, _timeout(request, state.cfg), trim_fn=trim_fn,
-                                  extra_headers=extra, client_bytes=len(body), sole_target=True)
-    return _outcome_response(out)
+    plan = state.plane.plan_oip(request.match_info["name"], request.match_info.get("version"), request.headers, _timeout(request, state.cfg))
+    return _outcome_response(await state.plane.score(plan, body))
 
 
 async def handle_oip_get(request: web.Request) -> web.Response:
@@ -460,8 +387,7 @@ async def handle_oip_model_proxy(request: web.Request) -> web.Response:
 async def _proxy(request: web.Request, model: str, version: str | None, path: str) -> web.Response:
     state = request.app[STATE]
     try:
-        _check_names(model, version)
-        part = state.router.route(model)
+        part = state.plane.target(model, version, lambda v: path).partition
     except RouteError as exc:
         return error_response(exc.status, exc.message)
     body = None
@@ -601,12 +527,10 @@ def build_apps(state: RootState) -> tuple[web.Application, web.Application | Non
     main = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_middleware], handler_args={"max_field_size": 16384, "read_bufsize": 1 << 20})
     main[STATE] = state
     r = main.router
-    r.add_post("/v1/score", handle_fanout, name="fanout")
+    scoring = {"fanout": handle_fanout, "model": handle_model_score, "oip": handle_oip_infer}
+    for path, name, kind in SCORING_ROUTES:  # the table root/front.py matches too
+        r.add_post(path, scoring[kind], name=name)
     r.add_post("/v1/pipelines/{name}/score", pipeline_handler(STATE, _timeout), name="pipeline")  # root/pipeline.py
-    r.add_post("/v1/models/{name}/score", handle_model_score, name="model")
-    r.add_post("/v1/models/{name}/versions/{version}/score", handle_model_score, name="model_version")
-    r.add_post("/v2/models/{name}/infer", handle_oip_infer, name="oip_infer")
-    r.add_post("/v2/models/{name}/versions/{version}/infer", handle_oip_infer, name="oip_infer_version")
     r.add_get("/v2/models/{name}", handle_oip_get, name="oip_metadata")
     r.add_get("/v2/models/{name}/ready", handle_oip_get, name="oip_model_ready")
     r.add_get("/v2/models/{name}/versions/{version}", handle_oip_get, name="oip_metadata_version")
@@ -650,21 +574,29 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
     t = cfg.timeouts
     limits = EdgeLimits(t.client_header_s, t.client_body_s, t.client_keepalive_s, cfg.max_connections, t.client_body_min_rate)
     runners: list[web.AppRunner] = []
+    fronts: list[tuple[asyncio.AbstractServer, FrontServer]] = []
     try:
         for app, host, port in ((main, cfg.host, cfg.port), (admin, cfg.admin_host, cfg.admin_port)):
             if app is None:
                 continue
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.timeouts.drain_s, access_log=None, **handler_args(limits))
             await runner.setup()
-            if app is main and not install_eager(runner, eager_stream_factory(state)):
-                log.info("trims start when the handler reads the body (eager trim off or unavailable)")
-            install_edge(runner, limits, edge_metrics, "root admin" if app is admin else "root")  # timeouts, connection cap
-            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
-            await site.start()
+            edge = install_edge(runner, limits, edge_metrics, "root admin" if app is admin else "root")  # timeouts, connection cap
             runners.append(runner)
+            if app is main and settings().fast_listener:
+                # The service port: the fast listener (root/front.py) serves the scoring routes and hands the rest to aiohttp.
+                assert runner.server is not None
+                front = FrontServer(state, runner.server, edge, limits, edge_metrics, main[BUDGET])
+                server = await asyncio.get_running_loop().create_server(front, host, port, reuse_port=reuse_port or None, backlog=1024)
+                fronts.append((server, front))
+                addrs = [s.getsockname()[:2] for s in server.sockets]
+            else:
+                site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
+                await site.start()
+                addrs = list(runner.addresses)
             if ready_line:
-                addrs = ", ".join(f"http://{a[0]}:{a[1]}" for a in runner.addresses)
-                log.info("root %s listening on %s (pid %d)", "admin" if app is admin else "service", addrs, os.getpid())
+                log.info("root %s listening on %s (pid %d)", "admin" if app is admin else "service",
+                         ", ".join(f"http://{a[0]}:{a[1]}" for a in addrs), os.getpid())
         if ready_line and not reuse_port:  # `--workers N`: the supervisor logs them once
             log.info("settings: %s", settings().line())
         stop = asyncio.Event()
@@ -675,6 +607,9 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
         log.info("root (pid %d) shutting down: draining in-flight requests for up to %.1fs", os.getpid(), cfg.timeouts.drain_s)
         state.draining = True
     finally:
+        for server, front in fronts:
+            server.close()  # stop accepting; requests in progress finish (timeouts.drain_s)
+            await front.drain(cfg.timeouts.drain_s)
         for runner in runners:
             await runner.cleanup()  # stops listening, waits for handlers (shutdown_timeout), then closes
         await state.stop()

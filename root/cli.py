@@ -146,6 +146,10 @@ def _supervise(args: argparse.Namespace, cfg) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.proxies:
+        from loadtest.proxy_bench import run_proxy_bench
+
+        return run_proxy_bench(seconds=args.seconds, connections=args.concurrency, out=args.out, baseline_python=args.baseline_python)
     from .bench import run_bench
 
     return run_bench(requests=args.requests, concurrency=args.concurrency, warmup=args.warmup, out=args.out)
@@ -169,6 +173,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--concurrency", type=int, default=8)
     b.add_argument("--warmup", type=int, default=200)
     b.add_argument("--out", help="also write the figures as JSON here")
+    b.add_argument("--proxies", action="store_true",
+                   help="side by side with nginx and HAProxy passthrough, load from wrk (needs wrk and nginx; haproxy optional)")
+    b.add_argument("--seconds", type=float, default=5.0, help="--proxies: seconds per measured phase (3 rounds)")
+    b.add_argument("--baseline-python", help="--proxies: also run a root from another build, started by this interpreter")
     b.set_defaults(func=_run_bench)
 
     d = sub.add_parser("drift", help="allowlist drift report of a running root: inputs its leaves defaulted, features sent but unused")

@@ -34,6 +34,8 @@ class Metrics:
         r = self.registry
         m = MODEL_LABELS
         self.client_requests = Counter(f"{PREFIX}_client_requests", "HTTP requests received, by route and status", ("route", "status"), registry=r)
+        self.front_handoffs = Counter(f"{PREFIX}_front_handoffs", "Connections the fast listener handed to the aiohttp server, by the "
+                                      "reason of their first such request (route, body_framing, upgrade)", ("reason",), registry=r)
         self.client_bytes = Counter(f"{PREFIX}_client_bytes", "Request body bytes received from clients, each request once, by route", ("route",), registry=r)
         self.requests = Counter(f"{PREFIX}_requests", "Per-model upstream requests attempted (one per fan-out target)", m, registry=r)
         self.errors = Counter(f"{PREFIX}_errors", "Per-model failures by kind", (*m, "kind"), registry=r)
@@ -61,7 +63,7 @@ class Metrics:
         self.captured = Counter(f"{PREFIX}_captured_requests", "Requests written to the capture file (capture:, for loadtest --replay)", registry=r)
         self.mode_requests = Counter(f"{PREFIX}_mode_requests", "Per-model requests by trimming mode applied", (*m, "mode"), registry=r)
         self.eager_trims = Counter(
-            f"{PREFIX}_eager_trims", "Trims scanned as the HTTP parser produced the body (root/eager.py); the rest as the handler read it", registry=r)
+            f"{PREFIX}_eager_trims", "Trims fed slice by slice while the body arrived (root/front.py, or the handler as it read chunks); the rest ran once the body was in", registry=r)
         self.trim_seconds = Histogram(f"{PREFIX}_trim_seconds", "Time to trim one body for one model", m, buckets=_TRIM_BUCKETS, registry=r)
         self.upstream_seconds = Histogram(
             f"{PREFIX}_upstream_seconds", "Upstream round trip (send body, read whole response), including a failover retry", m, buckets=_LAT_BUCKETS, registry=r)

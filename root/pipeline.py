@@ -3,7 +3,7 @@
 Why in the root: the root already holds every model's allowlist, routes and counts per model, and sits
 next to the leaves; chaining there saves the client a round trip per stage and, more to the point for this
 project, each hop is trimmed like any other request: a stage's request is the client's features plus the
-earlier stages' outputs mapped to feature names (root/pipeline_config.py), and `Router.send` cuts it down to
+earlier stages' outputs mapped to feature names (root/pipeline_config.py), and `DataPlane.send` cuts it down to
 that stage's model allowlist (or forwards it untrimmed, counted, when none is known: fail open).
 
 Values are never decoded: feature values and stage outputs travel as raw msgpack / JSON bytes (msgspec
@@ -30,8 +30,7 @@ from trimmer.codec import MSGPACK, is_msgpack, media_type
 from trimmer.errors import PayloadError
 from trimmer.names import check_name
 
-from .body import Body
-from .fanout import PreparedBody, native_path
+from .dataplane import Body, NativeFormat
 from .pipeline_config import PipelineConfig
 
 Raw = msgspec.Raw
@@ -49,7 +48,7 @@ class StageError(Exception):
 
 
 class PipelineMetrics:
-    """Per pipeline and stage outcomes; the per-hop bytes and trims are the Router's per-model metrics."""
+    """Per pipeline and stage outcomes; the per-hop bytes and trims are the data plane's per-model metrics."""
 
     def __init__(self, registry: Any) -> None:
         self.stages = Counter("trimmer_root_pipeline_stages", "Pipeline stage calls by outcome (ok, error)",
@@ -91,9 +90,8 @@ async def run_pipeline(state: Any, pm: PipelineMetrics, pipe: PipelineConfig, bo
             if remaining <= 0:
                 raise StageError(504, f"the pipeline's time budget ({budget_s:.3g} s) ran out before this stage")
             stage_body = enc.encode({**top, "features": feats})
-            prepared = PreparedBody(Body.of(stage_body), media, strip_models=False)
-            res = await state.router.send(stage.model, stage.version, native_path(stage.model), prepared, None, media, remaining,
-                                          client_bytes=len(stage_body), sole_target=True)
+            plan = state.plane.plan_single("model", stage.model, stage.version, NativeFormat(media), media, remaining)
+            res = await state.plane.score(plan, Body.of(stage_body))
             if res.error is not None or res.status >= 300:
                 raise StageError(res.status, res.error or f"upstream answered {res.status}")
             if is_msgpack(res.content_type) != (media == MSGPACK):

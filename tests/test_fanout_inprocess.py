@@ -20,7 +20,7 @@ from aiohttp import web
 from loadtest.procs import free_port
 from root.app import RootState, build_apps
 from root.config import parse_config
-from root.fanout import fanout_status, target_keys, ModelRef
+from root.dataplane import fanout_status, target_keys, ModelRef
 from root.sink import build_app as sink_app
 from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
 from trimmer.errors import PayloadError

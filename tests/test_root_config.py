@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from root.body import Body
+from root.dataplane import Body
 from root.config import load_config, parse_config
-from root.fanout import PreparedBody
+from root.dataplane import NativeFormat, PreparedBody
 from trimmer.codec import JSON, MSGPACK, encode_json, encode_msgpack
 from trimmer.errors import ConfigError, PayloadError
 from trimmer.tensor import Tensor
@@ -113,17 +113,19 @@ def test_prepared_trim_is_the_document_with_only_kept_features(feats, allow, jso
     body = enc(doc)
     without_models = enc({k: v for k, v in doc.items() if k != "models"})
     allow = set(allow) | set(list(feats)[: len(feats) // 2])
-    p = PreparedBody(Body.of(body), media, strip_models=True)
-    out, n_in, n_kept = p.trim(allow)
+    p = PreparedBody(Body.of(body), media)
+    t = NativeFormat(media).trim(p.base, allow, None)
+    out, n_in, n_kept = t.body, t.features_in, t.features_kept
     # independent oracle: the same document encoded with only the kept features (not trimmer.trim)
     kept = {n: v for n, v in feats.items() if n in allow}
     expected_body = enc({k: (kept if k == "features" else v) for k, v in doc.items() if k != "models"})
     assert (out, n_in, n_kept) == (expected_body, len(feats), len(kept))
-    assert p.untrimmed().joined() == without_models
+    assert p.base.joined() == without_models
     # the shortcut route trims the body as received, in chunks (3 bytes: every header and key straddles)
-    chunked = PreparedBody(Body([without_models[i:i + 3] for i in range(0, len(without_models), 3)]), media, strip_models=False)
-    assert chunked.trim(allow) == (expected_body, len(feats), len(kept))
-    assert chunked.untrimmed().joined() == without_models
+    chunked = Body([without_models[i:i + 3] for i in range(0, len(without_models), 3)])
+    t = NativeFormat(media).trim(chunked, allow, None)
+    assert (t.body, t.features_in, t.features_kept) == (expected_body, len(feats), len(kept))
+    assert chunked.joined() == without_models
 
 
 def test_prepared_trim_keeps_tensor_bytes():
@@ -131,9 +133,8 @@ def test_prepared_trim_keeps_tensor_bytes():
 
     t = Tensor.from_numpy(np.arange(6, dtype=np.float32))
     body = encode_msgpack({"models": [{"name": "m"}], "features": {"a": t, "b": 1}})
-    p = PreparedBody(Body.of(body), MSGPACK, strip_models=True)
-    out, _, _ = p.trim({"a"})
-    assert out == encode_msgpack({"features": {"a": t}})
+    p = PreparedBody(Body.of(body), MSGPACK)
+    assert NativeFormat(MSGPACK).trim(p.base, {"a"}, None).body == encode_msgpack({"features": {"a": t}})
     assert [r.name for r in p.models()] == ["m"]
 
 
@@ -141,29 +142,25 @@ def test_prepared_trim_keeps_tensor_bytes():
 def test_bad_models_lists(models):
     doc = {"features": {}} if models is None else {"models": models, "features": {}}
     with pytest.raises(PayloadError):
-        PreparedBody(Body.of(msgspec.msgpack.encode(doc)), MSGPACK, strip_models=True).models()
+        PreparedBody(Body.of(msgspec.msgpack.encode(doc)), MSGPACK).models()
 
 
-def test_streamed_trim_is_used_only_for_the_allowlist_it_was_fed_with():
-    """A reload between the handler's resolve and the send: the fresh allowlist wins, from the chunks."""
+def test_a_trim_fed_as_the_body_landed_gives_the_trim_of_the_whole_body():
+    """root/front.py feeds the plan's StreamTrim each slice where it landed (memoryviews of one buffer); the result
+    is the independent oracle's encoding of the kept features, and the stream is consumed."""
     from trimmer.trim import StreamTrim
 
     body = encode_msgpack({"request_id": "r", "features": {"a": 1, "b": 2, "c": 3}})
-    chunks = [body[i:i + 4] for i in range(0, len(body), 4)]
-    old, new = frozenset({"a"}), frozenset({"b", "c"})
-    stream = StreamTrim(old)
-    for c in chunks:
-        stream.feed(c)
-    fresh = PreparedBody(Body(chunks), MSGPACK, strip_models=False, stream=stream).trim(new)
-    assert fresh == (encode_msgpack({"request_id": "r", "features": {"b": 2, "c": 3}}), 3, 2)
-    assert stream.finish(chunks).features_kept == 1  # left unused for the other allowlist
-    stream = StreamTrim(old)
-    for c in chunks:
-        stream.feed(c)
-    same = PreparedBody(Body(chunks), MSGPACK, strip_models=False, stream=stream).trim(old)
-    assert same == (encode_msgpack({"request_id": "r", "features": {"a": 1}}), 3, 1)
+    buf = bytearray(body)
+    view = memoryview(buf)
+    slices = [view[i:i + 4] for i in range(0, len(body), 4)]
+    stream = StreamTrim(frozenset({"b", "c"}), len(body))
+    for piece in slices:
+        stream.feed(piece)
+    t = NativeFormat(MSGPACK).trim(Body([view]), frozenset({"b", "c"}), stream)
+    assert (t.body, t.features_in, t.features_kept) == (encode_msgpack({"request_id": "r", "features": {"b": 2, "c": 3}}), 3, 2)
     with pytest.raises(RuntimeError, match="twice"):  # the streamed result was the one used
-        stream.finish(chunks)
+        stream.finish(slices)
 
 
 def test_admin_defaults_to_a_loopback_listener_apart_from_the_service_port(tmp_path):

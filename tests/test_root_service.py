@@ -481,7 +481,7 @@ async def test_sigterm_drains_in_flight_requests_and_readyz_turns_503(tmp_path):
 async def test_untrimmed_chunked_body_is_resent_whole_on_failover(env):
     """A multi-chunk body goes upstream chunk by chunk; when the replica tried first refuses the connection,
     the same chunks go to the next replica in full (the partition, in-process, against the real sink)."""
-    from root.body import Body
+    from root.dataplane import Body
     from root.config import PartitionConfig, Timeouts
     from root.metrics import Metrics
     from root.upstream import Partition
@@ -536,7 +536,7 @@ async def test_body_dripped_in_small_pieces_is_trimmed_exactly(env):
     ("/v1/models/alpha/score", "application/msgpack", "alpha", 0.0, True),      # enforce: nothing else needs the body
     ("/v1/models/alpha/score", "application/json", "alpha", 0.0, True),         # the same for JSON
     ("/v2/models/oipm/infer", "application/json", "oipm", 0.0, True),           # and for an OIP request
-    ("/v1/models/alpha/score", "application/msgpack", "alpha", 1.0, False),     # sampled for the equivalence audit
+    ("/v1/models/alpha/score", "application/msgpack", "alpha", 1.0, True),      # audited: the audit keeps a copy of its own
     ("/v1/models/shadowed/score", "application/msgpack", "shadowed", 0.0, False),  # shadow: the whole body goes upstream
     ("/v1/models/nolist/score", "application/msgpack", "nolist", 0.0, False),   # no allowlist: forwarded untrimmed
 ])
@@ -548,7 +548,7 @@ async def test_a_trimmed_body_is_released_before_the_upstream_answers(env, monke
     from aiohttp import web
 
     from root.app import RootState, build_apps
-    from root.body import Body
+    from root.dataplane import Body
     from root.config import parse_config
 
     answered = asyncio.Event()
@@ -597,17 +597,17 @@ def test_fanout_prepared_body_keeps_no_view_into_the_client_body():
     nothing it keeps (not even the `models` value) may be a view that pins the joined client body."""
     import sys as _sys
 
-    from root.body import Body
-    from root.fanout import PreparedBody
+    from root.dataplane import Body
+    from root.dataplane import PreparedBody
 
     data = body(models=[{"name": "alpha"}, {"name": "beta"}], pad=b"x" * 100_000)
     client = Body([data[:40_000], data[40_000:]])
     joined = client.joined()
-    prepared = PreparedBody(client, "application/msgpack", strip_models=True)
+    prepared = PreparedBody(client, "application/msgpack")
     client.release()
     assert _sys.getrefcount(joined) == 2  # this local and getrefcount's argument: nothing else holds the joined body
     assert [r.name for r in prepared.models()] == ["alpha", "beta"]
-    assert msgspec.msgpack.decode(prepared.untrimmed().joined())["pad"] == b"x" * 100_000
+    assert msgspec.msgpack.decode(prepared.base.joined())["pad"] == b"x" * 100_000
 
 
 def _big_request(tag: str) -> tuple[bytes, bytes]:
@@ -622,12 +622,8 @@ async def _eager_trims(root_url: str) -> float:
 
 
 async def test_shortcut_trims_are_scanned_as_the_body_arrives(env):
-    """The shortcut route's msgpack trim is fed by the protocol as the parser produces the body (root/eager.py),
-    and what goes upstream is exactly the trim; a JSON body and an unknown model are left to the handler."""
-    from root import eager
-
-    if not eager.supported():  # a future aiohttp without the attributes it reads: the handler trims, as tested elsewhere
-        pytest.skip("eager trim needs aiohttp internals this aiohttp does not have")
+    """The shortcut route's msgpack trim is fed each slice of the body where it landed (root/front.py), and what
+    goes upstream is exactly the trim; a JSON body and an unknown model are trimmed (or refused) once read."""
     url = env["root"].url
     before = await _eager_trims(url)
     for i in range(4):
@@ -664,17 +660,38 @@ async def test_pipelined_requests_on_one_connection_are_each_trimmed_exactly(env
         writer.close()
 
 
-async def test_eager_trim_off_gives_the_same_bytes(env, tmp_path):
-    """TRIMMER_EAGER_TRIM=0: the handler feeds the trim as it reads the body; upstream gets the same bytes."""
+async def test_without_the_fast_listener_aiohttp_serves_the_same_bytes(env, tmp_path):
+    """TRIMMER_FAST_LISTENER=0: aiohttp serves every request; its handler feeds the trim as it reads the body, and
+    upstream gets exactly the same bytes (checked against the independent encoding of the kept features)."""
     cfg_path = tmp_path / "plain.yaml"
     cfg_path.write_text(json.dumps(env["config"]))
     port = free_port()
     root = start("plain", ["root", "--config", str(cfg_path), "--port", str(port)], port, "/readyz", tmp_path, timeout=30,
-                 env={"TRIMMER_EAGER_TRIM": "0"})
+                 env={"TRIMMER_FAST_LISTENER": "0"})
     try:
         data, expected = _big_request("plain")
         status, out = await post(root.url + "/v1/models/alpha/score", data)
         assert status == 200 and out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
-        assert await _eager_trims(root.url) == 0
+        text = (await get_text(root.url + "/metrics"))[1]
+        assert metric(text, "trimmer_root_front_handoffs_total") == 0  # nothing went through the fast listener
+        assert metric(text, "trimmer_root_eager_trims_total") == 1  # the handler fed it chunk by chunk
     finally:
         root.stop()
+
+
+async def test_a_connection_handed_to_aiohttp_gets_the_same_bytes(env):
+    """A connection whose first request is not a scoring route is handed to the aiohttp server (root/front.py) and
+    stays there: its later scoring requests are trimmed by the aiohttp handler, to exactly the same bytes."""
+    url = env["root"].url
+    before = metric((await get_text(url + "/metrics"))[1], "trimmer_root_front_handoffs_total", reason="route")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1, force_close=False)) as s:
+        async with s.get(url + "/healthz") as r:
+            assert r.status == 200
+        for i in range(2):
+            data, expected = _big_request(f"handed{i}")
+            async with s.post(url + "/v1/models/alpha/score", data=data, headers={"Content-Type": "application/msgpack"}) as r:
+                out = msgspec.msgpack.decode(await r.read())
+                assert r.status == 200 and out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
+    text = (await get_text(url + "/metrics"))[1]
+    after = metric(text, "trimmer_root_front_handoffs_total", reason="route")
+    assert after - before >= 1

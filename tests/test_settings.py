@@ -19,7 +19,7 @@ from test_root_service import start_sink, write_bundle
 
 # The documented variables and defaults (docs/settings.md), written out here rather than read from the module.
 DOCUMENTED = {
-    "TRIMMER_EAGER_TRIM": ("eager_trim", True),
+    "TRIMMER_FAST_LISTENER": ("fast_listener", True),
     "TRIMMER_MALLOC_TUNING": ("malloc_tuning", True),
     "TRIMMER_GC_TUNING": ("gc_tuning", True),
     "TRIMMER_LOG_LEVEL": ("log_level", "INFO"),
@@ -45,7 +45,7 @@ def test_booleans(var, raw, expected):
 
 @pytest.mark.parametrize("var, raw, allowed", [
     ("TRIMMER_GC_TUNING", "maybe", "true, false"),
-    ("TRIMMER_EAGER_TRIM", "2", "true, false"),
+    ("TRIMMER_FAST_LISTENER", "2", "true, false"),
     ("TRIMMER_NO_EXTENSIONS", "y", "true, false"),
     ("TRIMMER_LOG_LEVEL", "chatty", "DEBUG, INFO, WARNING, ERROR"),
     ("TRIMMER_LOG_FORMAT", "xml", "text, json"),
@@ -91,10 +91,10 @@ def test_root_refuses_to_start_on_a_bad_value(tmp_path, var, raw):
 
 def test_leaf_refuses_to_start_on_a_bad_value(tmp_path):
     (tmp_path / "repo").mkdir()
-    out = _bad_env_run(["leaf", "--repo", str(tmp_path / "repo"), "--port", str(free_port())], "TRIMMER_EAGER_TRIM", "sometimes")
+    out = _bad_env_run(["leaf", "--repo", str(tmp_path / "repo"), "--port", str(free_port())], "TRIMMER_FAST_LISTENER", "sometimes")
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("trimmer leaf: error: TRIMMER_EAGER_TRIM='sometimes'"), out.stderr
+    assert len(lines) == 1 and lines[0].startswith("trimmer leaf: error: TRIMMER_FAST_LISTENER='sometimes'"), out.stderr
 
 
 def _get_json(url: str) -> dict:
@@ -108,10 +108,10 @@ def test_root_logs_its_settings_once_and_serves_them_on_the_admin_listener(tmp_p
     admin_port, port = free_port(), free_port()
     cfg = _root_config(tmp_path, sink.url, admin_port)
     root = start("root", ["root", "--config", cfg, "--port", str(port)], port, "/readyz", tmp_path, timeout=30,
-                 env={"TRIMMER_EAGER_TRIM": "off", "TRIMMER_LOG_LEVEL": "warning", "TRIMMER_GC_TUNING": ""})
+                 env={"TRIMMER_FAST_LISTENER": "off", "TRIMMER_LOG_LEVEL": "warning", "TRIMMER_GC_TUNING": ""})
     try:
         got = _get_json(f"http://127.0.0.1:{admin_port}/admin/settings")
-        assert got["eager_trim"] == {"value": False, "env": "TRIMMER_EAGER_TRIM", "default": True, "changed": True}
+        assert got["fast_listener"] == {"value": False, "env": "TRIMMER_FAST_LISTENER", "default": True, "changed": True}
         assert got["log_level"]["value"] == "WARNING" and got["gc_tuning"]["value"] is True
         with pytest.raises(urllib.error.HTTPError) as info:  # admin routes stay off the service port
             urllib.request.urlopen(root.url + "/admin/settings", timeout=10)
@@ -132,7 +132,7 @@ def test_root_settings_line_at_info_once(tmp_path, workers):
     root.stop()
     sink.stop()
     lines = [ln for ln in root.log_path.read_text().splitlines() if "settings:" in ln]
-    assert len(lines) == 1 and " INFO " in lines[0] and "malloc_tuning=False" in lines[0] and "eager_trim=True" in lines[0]
+    assert len(lines) == 1 and " INFO " in lines[0] and "malloc_tuning=False" in lines[0] and "fast_listener=True" in lines[0]
 
 
 def test_leaf_logs_and_serves_its_settings(tmp_path):

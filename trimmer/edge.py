@@ -30,14 +30,16 @@ never given back. nginx and Envoy ship limits for exactly these; so do we:
 
 aiohttp has no header or body-read timeout and no connection cap, so the
 timeouts and the cap live in a connection-level watchdog: the runner's
-server (already wrapped by root/eager.py on the root) makes request handlers
-of a subclass whose `connection_made` / `data_received` / `connection_lost`
-keep one deadline per connection (one lazily re-armed timer handle each).
+server makes request handlers of a subclass whose `connection_made` /
+`data_received` / `connection_lost` keep one deadline per connection (one
+lazily re-armed timer handle each). It watches the leaf's connections and
+the root's admin listener and the connections the root's fast listener
+(root/front.py, which applies the same limits itself) hands to aiohttp.
 Everything it touches is public (the transport, `StreamReader.is_eof`,
 `RequestHandler.force_close`) except one private attribute: the handler's
-queue of parsed messages (`RequestHandler._messages`, the same one
-root/eager.py reads), whose growth during `data_received` is the moment a
-request's headers are complete. `supported()` checks it at install; without
+queue of parsed messages (`RequestHandler._messages`), whose growth during
+`data_received` is the moment a request's headers are complete; pyproject
+pins aiohttp to the range the suite has run against. `supported()` checks it at install; without
 it only the connection cap and the keep-alive timeout apply (a warning says
 so), and tests/test_edge_limits.py fails (it does not skip) so an aiohttp
 upgrade that changes it is noticed.
@@ -336,7 +338,7 @@ def _peer(transport: Any) -> str:
 
 
 class _EdgeHandler:
-    """Mixed in before aiohttp's RequestHandler (or root/eager.py's subclass of it); state lives in `edge.conns`."""
+    """Mixed in before aiohttp's RequestHandler; state lives in `edge.conns`."""
 
     __slots__ = ()
     edge: Edge
@@ -369,7 +371,7 @@ class _EdgeHandler:
 
 
 def install(runner: web.BaseRunner, limits: EdgeLimits, metrics: EdgeMetrics, name: str) -> Edge:
-    """Watch every connection the runner's server accepts (call after `runner.setup()` and after root/eager.py's install)."""
+    """Watch every connection the runner's server accepts (call after `runner.setup()`)."""
     server = runner.server
     if server is None:
         raise RuntimeError("edge.install: call after runner.setup()")

@@ -8,7 +8,7 @@ switch quietly left on; the values in force are logged once (one INFO line) and 
 
 | variable                | field           | type               | default | effect |
 |-------------------------|-----------------|--------------------|---------|--------|
-| TRIMMER_EAGER_TRIM      | eager_trim      | bool               | true    | root: trim msgpack as aiohttp's parser produces the body (root/eager.py) |
+| TRIMMER_FAST_LISTENER   | fast_listener   | bool               | true    | root: scoring routes on the BufferedProtocol listener (root/front.py); off: aiohttp serves every request |
 | TRIMMER_MALLOC_TUNING   | malloc_tuning   | bool               | true    | root, leaf: glibc malloc thresholds for megabyte bodies (trimmer/malloc.py) |
 | TRIMMER_GC_TUNING       | gc_tuning       | bool               | true    | leaf: young-generation GC threshold and freeze after loads (leaf/gctune.py) |
 | TRIMMER_LOG_LEVEL       | log_level       | DEBUG/INFO/WARNING/ERROR | INFO | root: log level when `--log-level` is not given |
@@ -39,7 +39,7 @@ _FALSE = ("0", "false", "no", "off")
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """The process's runtime switches; see the module docstring for the variable behind each field."""
 
-    eager_trim: bool = True
+    fast_listener: bool = True
     malloc_tuning: bool = True
     gc_tuning: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -86,12 +86,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return out
 
     def line(self) -> str:
-        """One log line's worth: `eager_trim=True malloc_tuning=True ...`."""
+        """One log line's worth: `fast_listener=True malloc_tuning=True ...`."""
         return " ".join(f"{f}={getattr(self, f)}" for f in ENV_VARS)
 
 
 ENV_VARS: dict[str, str] = {
-    "eager_trim": "TRIMMER_EAGER_TRIM",
+    "fast_listener": "TRIMMER_FAST_LISTENER",
     "malloc_tuning": "TRIMMER_MALLOC_TUNING",
     "gc_tuning": "TRIMMER_GC_TUNING",
     "log_level": "TRIMMER_LOG_LEVEL",

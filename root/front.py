@@ -1,0 +1,535 @@
+"""The root's service listener: HTTP/1.1 on asyncio's BufferedProtocol, bodies received where they are trimmed.
+
+Why not aiohttp's server for the scoring routes: a 1.77 MB body went through
+uvloop's read buffer, the parser's chunk copies, a StreamReader and a list of
+chunks before the trim saw it, and aiohttp's client copied it again on the way
+out. Measured side by side (issue 14), the root then spent 2.0 ms of CPU per
+passthrough request where nginx spends 0.77 ms. Here the kernel writes the
+body straight into a pooled buffer (`recv_into`), the C trim scans each slice
+where it landed, and the trimmed bytes (or the buffer itself) go upstream in
+one `writelines`:
+
+    socket ──recv_into──> head buffer ──httptools (llhttp) parses the head──> Plan (root/dataplane.py)
+          ──recv_into──> pooled body buffer ──StreamTrim.feed(slice)──┐
+                                                                      v
+    client <──one write── response <── DataPlane.score / fan_out ── Partition.request (root/upstream.py)
+
+This listener serves POST `/v1/score`, `/v1/models/{m}[/versions/{v}]/score`
+and `/v2/models/{m}[/versions/{v}]/infer` with a Content-Length body. Every
+other request (other routes and methods, chunked or Content-Encoding bodies,
+`Expect: 100-continue`, HTTP/1.0, percent-encoded names) hands the connection
+and the bytes read so far to the aiohttp application through two public
+seams, `transport.set_protocol()` and aiohttp's low-level `web.Server`
+protocol factory; that connection stays with aiohttp (and trimmer/edge.py's
+watchdog) from then on. `trimmer_root_front_handoffs_total{reason}` counts
+them, so a client that ends up on the slow path shows.
+
+The client limits are the same as aiohttp's connections get (trimmer/edge.py):
+header timeout, body timeout with a minimum rate, keep-alive timeout, the
+connection cap (shared with handed-over connections), max_body_bytes (413
+before a byte of the body is read) and the process's body budget (503 +
+Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, Callable
+
+import httptools
+import msgspec
+from multidict import CIMultiDict
+
+from trimmer.codec import media_type
+from trimmer.edge import BodyBudget, Edge, EdgeLimits, EdgeMetrics, Lease
+from trimmer.errors import PayloadError
+from trimmer.lograte import RateLimitedLog
+
+from .dataplane import Body, NativeFormat, Outcome, Plan, PreparedBody, RouteError, match_scoring_route, timeout_for
+from .logs import REQUEST_ID_HEADER, request_id, request_id_for
+
+log = logging.getLogger("trimmer.root.front")
+
+HEAD_MAX = 64 * 1024  # request line + headers; past it: 431
+POOL_BYTES = 32 * 1024 * 1024  # idle body buffers kept for reuse
+_ALIGN = 64 * 1024
+HEAD, BODY, BUSY, WAIT, LINGER, GONE = "head", "body", "busy", "wait", "linger", "gone"
+LINGER_S = 2.0  # after an early error answer: unread body bytes are read and dropped this long, as nginx lingering_close
+LINGER_BYTES = 16 * 1024 * 1024
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+class BufferPool:
+    """Body buffers for reuse: a megabyte `bytearray(n)` costs a zero-fill and page faults per request otherwise."""
+
+    def __init__(self, cap_bytes: int = POOL_BYTES) -> None:
+        self.cap = cap_bytes
+        self.free: list[bytearray] = []
+        self.held = 0
+
+    def take(self, n: int) -> bytearray:
+        for i, buf in enumerate(self.free):
+            if n <= len(buf) <= 2 * n + _ALIGN:
+                del self.free[i]
+                self.held -= len(buf)
+                return buf
+        return bytearray(-(-max(n, 1) // _ALIGN) * _ALIGN)
+
+    def give(self, buf: bytearray) -> None:
+        if self.held + len(buf) > self.cap:
+            return
+        self.free.append(buf)
+        self.held += len(buf)
+
+
+class _Date:
+    """The Date header, formatted once a second."""
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.value = formatdate(now, usegmt=True).encode()
+        return self.value
+
+
+class FrontServer:
+    """One service listener: its connections, limits, body buffers and the aiohttp server it hands over to."""
+
+    def __init__(self, state: Any, aiohttp_server: Callable[[], asyncio.Protocol], edge: Edge, limits: EdgeLimits,
+                 metrics: EdgeMetrics, budget: BodyBudget | None) -> None:
+        self.state = state
+        self.plane = state.plane
+        self.aiohttp_server = aiohttp_server
+        self.edge = edge  # aiohttp's watchdog: its open connections count towards the same cap
+        self.limits = limits
+        self.edge_metrics = metrics
+        self.budget = budget
+        self.conns: set[FrontConnection] = set()
+        self.pool = BufferPool()
+        self.date = _Date()
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.busy = 0
+        self.loop = asyncio.get_running_loop()
+        self.timeout_log = RateLimitedLog(log)
+        m = state.metrics
+        self.handoffs = m.front_handoffs
+
+    def __call__(self) -> FrontConnection:
+        return FrontConnection(self)
+
+    async def drain(self, timeout_s: float) -> None:
+        """After the listening socket closed: finish requests in progress (up to `timeout_s`), then close the rest."""
+        self.draining = True
+        for conn in list(self.conns):
+            if conn.phase in (WAIT, HEAD) and conn.head_len == 0:
+                conn.close()
+        if self.busy:
+            try:
+                await asyncio.wait_for(self.idle.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("front: %d requests still in progress after %.1fs of draining", self.busy, timeout_s)
+        for conn in list(self.conns):
+            conn.close()
+
+
+class FrontConnection(asyncio.BufferedProtocol):
+    """One client connection while this listener serves it (until it closes or is handed to aiohttp)."""
+
+    def __init__(self, server: FrontServer) -> None:
+        self.server = server
+        self.transport: Any = None
+        self.phase = HEAD
+        self.head = bytearray(HEAD_MAX)
+        self.head_view = memoryview(self.head)
+        self.head_len = 0
+        self.scan_from = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.window_bytes = 0
+        self.keep_alive = True
+        self.eof = False
+        # The request being received
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.buf: bytearray | None = None
+        self.body_view: memoryview | None = None
+        self.need = 0
+        self.got = 0
+        self.stream: Any = None
+        self.lease: Lease | None = None
+        self.request: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ asyncio
+    def connection_made(self, transport: Any) -> None:
+        srv = self.server
+        if len(srv.conns) + len(srv.edge.conns) >= srv.limits.max_connections:
+            self.phase = GONE
+            srv.edge.refuse(transport)
+            return
+        self.transport = transport
+        srv.conns.add(self)
+        srv.edge_metrics.open.inc()
+        self._arm(srv.limits.header_timeout_s)  # a silent new connection gets the header timeout, as in nginx
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase == GONE:
+            return
+        self._forget()
+
+    def eof_received(self) -> bool:
+        self.keep_alive = False
+        if self.phase == BODY:  # the client half-closed before its Content-Length arrived: its error, answered
+            self.eof = True
+            self._reject(400, f"request body truncated: Content-Length {self.need}, got {self.got} bytes", route=self.request.get("name", "other"))
+            return True
+        return self.phase == BUSY  # half-closed while its request runs: the answer can still be written
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.phase == LINGER:
+            return self.head_view
+        if self.phase == BODY:
+            return self.body_view[self.got:self.need]  # type: ignore[index]
+        return self.head_view[self.head_len:]  # never empty: reading pauses when the head buffer is full
+
+    def buffer_updated(self, n: int) -> None:
+        if self.phase == BODY:
+            start = self.got
+            self.got += n
+            self.window_bytes += n
+            if self.stream is not None:
+                self.stream.feed(self.body_view[start:self.got])  # type: ignore[index]
+            if self.got >= self.need:
+                self._body_complete()
+            return
+        if self.phase == LINGER:
+            self.window_bytes += n
+            if self.window_bytes > LINGER_BYTES:
+                self.close()
+            return
+        if self.phase == GONE:
+            return
+        if self.phase == WAIT:  # the first bytes of the next request's head
+            self.phase = HEAD
+            self._arm(self.server.limits.header_timeout_s)
+        self.head_len += n
+        if self.phase == HEAD:
+            self._scan_head()
+        elif self.head_len >= HEAD_MAX:  # busy, and a pipelining client filled the head buffer: wait for the answer
+            self.transport.pause_reading()
+
+    # ------------------------------------------------------------------ head
+    def _scan_head(self) -> None:
+        end = self.head.find(b"\r\n\r\n", max(0, self.scan_from - 3), self.head_len)
+        if end < 0:
+            self.scan_from = self.head_len
+            if self.head_len >= HEAD_MAX:
+                self._reject(431, f"request head larger than {HEAD_MAX} bytes")
+            return
+        head_end = end + 4
+        self.url, self.headers = b"", []
+        parser = httptools.HttpRequestParser(self)
+        try:
+            parser.feed_data(self.head_view[:head_end])
+        except httptools.HttpParserUpgrade:
+            return self._hand_off("upgrade")
+        except httptools.HttpParserError as exc:
+            return self._reject(400, f"malformed request head: {exc}")
+        route = _route(parser.get_method(), parser.get_http_version(), self.url)
+        if route is None:
+            return self._hand_off("route")
+        if not self._plain_body():
+            return self._hand_off("body_framing")
+        self.keep_alive = bool(parser.should_keep_alive())
+        self._start_body(route, head_end)
+
+    # httptools callbacks
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def _plain_body(self) -> bool:
+        """A Content-Length body with no transfer or content coding and no 100-continue: what this listener serves."""
+        length = False
+        for name, value in self.headers:
+            low = name.lower()
+            if low == b"content-length":
+                length = value.strip().isdigit()
+            elif low in (b"transfer-encoding", b"expect") or (low == b"content-encoding" and value.strip().lower() != b"identity"):
+                return False
+        return length
+
+    def _start_body(self, route: tuple[str, str, str | None, str | None], head_end: int) -> None:
+        srv = self.server
+        headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in self.headers)
+        need = int(headers["Content-Length"])
+        limit = srv.state.cfg.max_body_bytes
+        name, kind, model, version = route
+        if need > limit:
+            return self._reject(413, f"request body too large (Maximum request body size {limit} exceeded, actual body size {need}); "
+                                     f"limits.max_body_bytes is {limit}", route=name)
+        if srv.budget is not None:
+            self.lease = srv.budget.lease()
+            if not self.lease.take(need):
+                self.lease = None
+                return self._reject(503, f"server busy: request bodies in flight are at limits.max_inflight_body_bytes "
+                                         f"({srv.budget.cap} bytes); retry shortly", {"Retry-After": "1"}, name)
+        self.request = {"name": name, "kind": kind, "headers": headers, "path": self.url.split(b"?", 1)[0].decode("latin-1")}
+        self.request["plan"] = plan = self._plan(kind, model, version, headers)
+        self.stream = plan.stream_trim(need) if isinstance(plan, Plan) else None
+        if self.stream is not None:
+            srv.state.metrics.eager_trims.inc()
+        self.buf = srv.pool.take(need)
+        self.body_view = memoryview(self.buf)[:need]
+        self.need, self.got = need, 0
+        # Body bytes that came with the head; anything past the body is the next (pipelined) request's.
+        early = min(self.head_len - head_end, need)
+        if early:
+            self.body_view[:early] = self.head_view[head_end:head_end + early]
+            self.got = early
+            if self.stream is not None:
+                self.stream.feed(self.body_view[:early])
+        rest = self.head_len - head_end - early
+        if rest:
+            self.head_view[:rest] = self.head_view[head_end + early:self.head_len]
+        self.head_len, self.scan_from = rest, 0
+        if self.got >= need:
+            return self._body_complete()
+        self.phase = BODY
+        self.window_bytes = 0
+        self._arm(srv.limits.body_timeout_s)
+
+    def _plan(self, kind: str, model: str | None, version: str | None, headers: CIMultiDict[str]) -> Plan | PayloadError | None:
+        """The request's plan from its route and headers; a bad header is answered once the body is in."""
+        state = self.server.state
+        try:
+            timeout_s = timeout_for(headers, state.cfg)
+            if kind == "fanout":
+                media_type(headers.get("Content-Type"))
+                return None  # a fan-out's targets are in its body
+            if kind == "oip":
+                return self.server.plane.plan_oip(model, version, headers, timeout_s)  # type: ignore[arg-type]
+            media = media_type(headers.get("Content-Type"))
+            return self.server.plane.plan_single("model", model, version, NativeFormat(media), media, timeout_s)  # type: ignore[arg-type]
+        except PayloadError as exc:
+            return exc
+
+    # ------------------------------------------------------------------ body and answer
+    def _body_complete(self) -> None:
+        self.phase = BUSY  # reading goes on into the head buffer (a pipelined request); no timer while the answer is made
+        srv = self.server
+        srv.busy += 1
+        srv.idle.clear()
+        srv.loop.create_task(self._answer(self.request, self.body_view, self.buf, self.stream, self.lease))
+        self.request, self.body_view, self.buf, self.stream, self.lease = {}, None, None, None, None
+
+    async def _answer(self, req: dict[str, Any], view: memoryview, buf: bytearray, stream: Any, lease: Lease | None) -> None:
+        srv = self.server
+        state = srv.state
+        headers: CIMultiDict[str] = req["headers"]
+        rid = request_id_for(headers)
+        request_id.set(rid)
+        def recycle() -> None:
+            try:
+                view.release()  # BufferError while anything still holds a view of it: then it is never reused
+            except BufferError:
+                return
+            srv.pool.give(buf)
+
+        body = Body([view] if len(view) else [], recycle)
+        try:
+            state.metrics.child(state.metrics.client_bytes, (req["kind"],)).inc(len(view))
+            capture = state.capture
+            if capture is not None and capture.sample():
+                if capture.record(req["path"], headers.get("Content-Type", "application/msgpack"), bytes(view), dict(headers)):
+                    state.metrics.captured.inc()
+            out = await self._run(req, body, stream)
+        except Exception as exc:  # a bug: one line to the client, traceback to the log
+            log.exception("unhandled error on POST %s", req["path"])
+            out = _error(500, f"internal error: {type(exc).__name__}")
+        finally:
+            if lease is not None:
+                lease.close()
+        stream = None
+        state.metrics.child(state.metrics.client_requests, (req["name"], str(out.status))).inc()
+        self._respond(out, rid)
+        body.release()  # back to the pool now, unless a trim released it earlier (before the upstream answered)
+        srv.busy -= 1
+        if not srv.busy:
+            srv.idle.set()
+
+    async def _run(self, req: dict[str, Any], body: Body, stream: Any) -> Outcome:
+        plan = req["plan"]
+        if isinstance(plan, PayloadError):
+            return _error(400, str(plan))
+        plane = self.server.plane
+        try:
+            if plan is None:  # fan-out
+                headers = req["headers"]
+                media = media_type(headers.get("Content-Type"))
+                prepared = PreparedBody(body, media)
+                status, data = await plane.fan_out(prepared, media, timeout_for(headers, self.server.state.cfg), len(body))
+                return Outcome(status, data, media, {})
+            return await plane.score(plan, body, stream)
+        except PayloadError as exc:
+            return _error(400, str(exc))
+        except RouteError as exc:
+            return _error(exc.status, exc.message)
+
+    def _respond(self, out: Outcome, rid: str, close: bool = False, linger: bool = False) -> None:
+        if self.phase == GONE or self.transport is None or self.transport.is_closing():
+            self._forget()
+            return
+        srv = self.server
+        keep = self.keep_alive and not close and not srv.draining
+        parts = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n%s: %s\r\n" % (
+            out.status, _REASONS.get(out.status, b"Unknown"), out.content_type.encode("latin-1"), len(out.body), srv.date(),
+            REQUEST_ID_HEADER.encode(), rid.encode("latin-1"))]
+        for name in ("Retry-After", "Inference-Header-Content-Length"):
+            value = out.headers.get(name)
+            if value is not None:
+                parts.append(b"%s: %s\r\n" % (name.encode(), str(value).encode("latin-1")))
+        if not keep:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        if len(out.body) < 65536:
+            self.transport.write(head + out.body)
+        else:
+            self.transport.writelines([head, out.body])
+        if not keep and linger and not self.eof and self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.phase, self.window_bytes, self.head_len = LINGER, 0, 0
+            self._arm(LINGER_S)
+            return
+        if not keep:
+            self.close()
+            return
+        self.phase = WAIT
+        if self.head_len >= HEAD_MAX:
+            self.transport.resume_reading()
+        if self.head_len:  # a pipelined request already here
+            self.phase = HEAD
+            self._arm(srv.limits.header_timeout_s)
+            self._scan_head()
+            return
+        self._arm(srv.limits.keepalive_timeout_s)
+
+    def _reject(self, status: int, message: str, headers: dict[str, str] | None = None, route: str = "other") -> None:
+        """An error before the body is read: answered with Connection: close. The body still on its way is read and
+        dropped for up to LINGER_S (so the client sees the answer, not a reset), then the connection closes."""
+        self.phase = BUSY
+        self._disarm()
+        self.server.state.metrics.child(self.server.state.metrics.client_requests, (route, str(status))).inc()
+        out = _error(status, message)
+        if headers:
+            out = Outcome(out.status, out.body, out.content_type, headers, out.error)
+        self.keep_alive = False
+        self._respond(out, request_id_for({}), close=True, linger=True)
+
+    def _hand_off(self, reason: str) -> None:
+        """Give the connection, with every byte read so far, to aiohttp's server; it keeps it from now on."""
+        srv = self.server
+        srv.handoffs.labels(reason).inc()
+        data = bytes(self.head_view[:self.head_len])
+        transport = self.transport
+        self._forget()
+        proto = srv.aiohttp_server()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if not transport.is_closing():
+            proto.data_received(data)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.phase == GONE:
+            return
+        self.phase = GONE
+        self._disarm()
+        srv = self.server
+        if self in srv.conns:
+            srv.conns.discard(self)
+            srv.edge_metrics.open.dec()
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None
+        self.stream = None
+        if self.body_view is not None:
+            self.body_view.release()
+            self.body_view = None
+        self.buf = None
+
+    # ------------------------------------------------------------------ timeouts (as trimmer/edge.py's watchdog)
+    def _arm(self, seconds: float) -> None:
+        loop = self.server.loop
+        self.deadline = loop.time() + seconds
+        if self.timer is not None and self.timer.when() <= self.deadline:
+            return  # fires first and re-arms for the later deadline
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = loop.call_at(self.deadline, self._expire)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.phase in (BUSY, GONE):
+            return  # the answer re-arms
+        srv = self.server
+        now = srv.loop.time()
+        if now < self.deadline:
+            self.timer = srv.loop.call_at(self.deadline, self._expire)
+            return
+        lim = srv.limits
+        if self.phase in (WAIT, LINGER):
+            return self.close()  # keep-alive timeout, or the end of a lingering close: nothing to count
+        if self.phase == BODY:
+            if self.window_bytes > 0 and self.window_bytes >= lim.body_min_rate * lim.body_timeout_s:
+                self.window_bytes = 0
+                return self._arm(lim.body_timeout_s)
+            phase = "body"
+            what = f"{self.window_bytes} body bytes in {lim.body_timeout_s:g} s (body_timeout_s, body_min_rate {lim.body_min_rate} B/s)"
+        else:
+            phase = "header"
+            what = f"no complete request head within {lim.header_timeout_s:g} s (header_timeout_s)"
+        srv.edge_metrics.timed_out.labels(phase).inc()
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        srv.timeout_log(None, "root: closed a connection from %s: %s", f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?", what)
+        self.close()
+
+
+def _route(method: bytes, version: str, url: bytes) -> tuple[str, str, str | None, str | None] | None:
+    """A scoring route this listener serves (root/dataplane.py's table), from the raw path; None: aiohttp's."""
+    if method != b"POST" or version != "1.1":
+        return None
+    path = url.split(b"?", 1)[0]
+    if b"%" in path:
+        return None  # aiohttp decodes and routes these; the names are validated there
+    return match_scoring_route(path.decode("latin-1"))
+
+
+def _error(status: int, message: str) -> Outcome:
+    return Outcome(status, msgspec.json.encode({"error": message}), "application/json", {}, message)
+
+
+__all__ = ["FrontServer", "FrontConnection", "BufferPool"]
