@@ -24,6 +24,7 @@ from trimmer.compression import BodyTooLarge, Decoder, DecompressError, Unsuppor
 from trimmer.edge import BodyBudget, EdgeLimits, EdgeMetrics, Lease, handler_args
 from trimmer.edge import install as install_edge
 from trimmer.errors import ConfigError, PayloadError
+from trimmer.http_errors import error_middleware
 from trimmer import oip_binary
 from trimmer.capture import CaptureWriter
 from trimmer.names import check_name
@@ -491,34 +492,17 @@ async def handle_reload(request: web.Request) -> web.Response:
     return web.Response(body=state.public_text(msgspec.json.encode(state.registry.status()).decode()), content_type="application/json")
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Every failure leaves as JSON {"error": ...}; counts requests by route and status."""
-    route = request.match_info.route.name or "other"
+def _count_request(request: web.Request, status: int) -> None:
     metrics = request.app[STATE].metrics
-    rid = request_id_for(request.headers)
-    request_id.set(rid)  # this handler's context (and tasks it starts, e.g. its audit): log lines carry the id
-    try:
-        resp = await handler(request)
-    except PayloadError as exc:
-        resp = error_response(400, str(exc))
-    except web.HTTPRequestEntityTooLarge as exc:
-        resp = error_response(413, f"request body too large ({exc.text.strip()}); limits.max_body_bytes is {request.app[STATE].cfg.max_body_bytes}")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        resp = error_response(exc.status, exc.reason or "error")
-        if "Retry-After" in exc.headers:  # 503 from the body budget
-            resp.headers["Retry-After"] = exc.headers["Retry-After"]
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # a bug: one line to the client, traceback to the log
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        resp = error_response(500, f"internal error: {type(exc).__name__}")
-    metrics.child(metrics.client_requests, (route, str(resp.status))).inc()
-    if not resp.prepared:
-        resp.headers[REQUEST_ID_HEADER] = rid
-    return resp
+    metrics.child(metrics.client_requests, (request.match_info.route.name or "other", str(status))).inc()
+
+
+# Every failure leaves as JSON {"error": ...} (trimmer/http_errors.py, shared with the leaf); counts requests by route
+# and status; sets and echoes the request id.
+errors_middleware = error_middleware(
+    log, count=_count_request,
+    too_large_hint=lambda request: f"limits.max_body_bytes is {request.app[STATE].cfg.max_body_bytes}",
+    request_ids=request_id_for, request_id_var=request_id, request_id_header=REQUEST_ID_HEADER)
 
 
 def build_apps(state: RootState) -> tuple[web.Application, web.Application | None]:

@@ -27,8 +27,9 @@ from typing import AbstractSet, Any, Callable, Mapping
 import msgspec
 
 from trimmer import oip_binary
-from trimmer.codec import MSGPACK
+from trimmer.codec import MSGPACK, is_msgpack
 from trimmer.errors import PayloadError
+from trimmer.http_errors import HttpError
 from trimmer.handshake import MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
 from trimmer.lograte import RateLimitedLog
 from trimmer.names import check_name
@@ -405,7 +406,7 @@ class DataPlane:
         for ref, key, t, out in zip(refs, keys, planned, outcomes):
             if out.error is None and out.status < 300:
                 try:
-                    if ("msgpack" in out.content_type) == (media == MSGPACK):
+                    if is_msgpack(out.content_type) == (media == MSGPACK):
                         # The leaf's bytes verbatim (bit-identical outputs), once their structure checks out: a broken
                         # peer's garbage must not corrupt the whole answer. Values are skipped, not decoded.
                         _DECODERS[media][0].decode(out.body)
@@ -528,17 +529,14 @@ class DataPlane:
                        labels[1] or "(none)", labels[2], reason)
 
 
-class RouteError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+# A typed error carries its status (and headers): the same class the aiohttp middleware answers with.
+RouteError = HttpError
 
 
 def upstream_error_text(body: bytes, content_type: str, status: int) -> str:
     """The upstream's own `error` message when it sent one, else a short description."""
     try:
-        if "msgpack" in content_type:
+        if is_msgpack(content_type):
             obj = msgspec.msgpack.decode(body)
         else:
             obj = msgspec.json.decode(body)
@@ -576,7 +574,7 @@ def fanout_status(errors: dict[str, Any]) -> int:
 
 
 def _decode_any(body: bytes, content_type: str) -> Any:
-    if "msgpack" in content_type:
+    if is_msgpack(content_type):
         return msgspec.msgpack.decode(body)
     return msgspec.json.decode(body)
 
