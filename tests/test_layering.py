@@ -127,3 +127,21 @@ def test_root_and_trimmer_never_import_torch() -> None:
     assert out["torch"] is False
     # The control: the probe does see torch once a package that needs it is imported.
     assert _probe("trimmer", "root", "leaf")["torch"] is True
+
+
+def test_every_command_is_still_wired() -> None:
+    """The dispatcher names no service, so each package must bring its own commands: all of them, where users know them."""
+    import argparse
+
+    from trimmer.cli import build_parser
+
+    def actions(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(subs[0].choices) if subs else {}
+
+    top = actions(build_parser())
+    assert list(top) == ["inspect", "bundle", "leaf", "root", "drift", "loadtest", "demo", "bench"]
+    assert list(actions(top["bundle"])) == ["build"]
+    assert list(actions(top["bench"])) == ["trim"]
+    assert list(actions(top["root"])) == ["bench"]
+    assert list(actions(top["leaf"])) == ["build-demo", "bench"]

@@ -43,15 +43,14 @@ def _packages() -> list[str]:
     from importlib.metadata import PackageNotFoundError, distribution
 
     try:
-        top = distribution(DISTRIBUTION).read_text("top_level.txt")
+        dist = distribution(DISTRIBUTION)
     except PackageNotFoundError:  # a source tree that was never installed: its packages lie beside this one
-        top = None
-    if top is None:
         here = Path(__file__).resolve().parent
-        names = [d.name for d in here.parent.iterdir() if (d / "__init__.py").is_file() and (d / f"{COMMANDS_MODULE}.py").is_file()]
+        names = {d.name for d in here.parent.iterdir() if (d / "__init__.py").is_file() and (d / f"{COMMANDS_MODULE}.py").is_file()}
     else:
-        names = top.split()
-    return sorted(n for n in set(names) if n.isidentifier() and n != __package__)
+        top = dist.read_text("top_level.txt")
+        names = set(top.split()) if top else {f.parts[0] for f in dist.files or () if len(f.parts) == 2 and f.name == "__init__.py"}
+    return sorted(n for n in names if n.isidentifier() and n != __package__)
 
 
 def command_modules() -> list[ModuleType]:
