@@ -5,8 +5,8 @@ import them (tests/test_layering.py). The commands therefore come to the dispatc
 installed with this distribution that has a `cli` module with `register(sub)` adds its subcommands
 (`root.cli` adds `trimmer root` and `trimmer drift`, `loadtest.cli` adds `trimmer loadtest`, `demo` and the
 benchmarks). A package left out of an install simply has no commands. The packages come from the
-distribution's metadata (top_level.txt), or, in a source tree that was never installed, from the folders
-beside this package.
+distribution's metadata (top_level.txt, else RECORD), or, in a source tree that was never installed, from the
+folders beside this package. A package's `ORDER` places its commands in `trimmer --help`.
 
 Subcommand modules must not import heavy dependencies (torch) at import time:
 `trimmer inspect` and `trimmer root` never load torch.
