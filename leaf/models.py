@@ -33,7 +33,7 @@ from trimmer.errors import SignatureError
 from trimmer.names import version_key  # the root resolves "latest" by the same rule
 from trimmer.handshake import input_digest
 from trimmer.names import valid_name
-from trimmer.repository import archive_path
+from trimmer.repository import iter_versions
 from trimmer.signature import Signature, read_signature
 
 from .batcher import Batcher, Runner
@@ -84,13 +84,6 @@ class VersionState:
 def _fingerprint(path: Path) -> tuple[int, int]:
     st = path.stat()
     return (st.st_mtime_ns, st.st_size)
-
-
-def _visible_dirs(path: Path) -> list[Path]:
-    try:
-        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError:
-        return []
 
 
 def _load_module(path: Path, device: torch.device) -> tuple[Any, str]:
@@ -168,19 +161,12 @@ class ModelStore:
 
     def _discover(self) -> dict[tuple[str, str], tuple[Path, tuple[int, int]]]:
         found = {}
-        for model_dir in _visible_dirs(self.repo):
-            if not self._addressable(model_dir):
+        for v in iter_versions(self.repo, keep=self._addressable):
+            path = v.archives[0]
+            try:
+                found[(v.model, v.version)] = (path, _fingerprint(path))
+            except OSError:
                 continue
-            for version_dir in _visible_dirs(model_dir):
-                if not self._addressable(version_dir):
-                    continue
-                path = archive_path(version_dir)
-                if path is None:
-                    continue
-                try:
-                    found[(model_dir.name, version_dir.name)] = (path, _fingerprint(path))
-                except OSError:
-                    continue
         return found
 
     def _load_sync(self, vs: VersionState) -> None:

@@ -1,9 +1,13 @@
-"""`trimmer loadtest` and `trimmer demo`. Heavy imports happen inside the commands."""
+"""`trimmer loadtest`, `trimmer demo` and the benchmarks (bench/cli.py). Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from .bench import cli as bench_cli
+
+ORDER = 30  # after root.cli and leaf.cli (trimmer/cli.py): the benchmarks add `root bench` and `leaf bench` to them
 
 
 def _loadtest(args: argparse.Namespace) -> int:
@@ -95,3 +99,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="directory for the models, logs and report (default: a new temp directory)")
     p.add_argument("--duration", type=float, default=None, help="measured seconds per scenario (default 5)")
     p.set_defaults(func=_demo)
+
+    bench_cli.register(sub)

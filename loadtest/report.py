@@ -219,7 +219,3 @@ def write_report(report: dict[str, Any], out_dir: Path, with_plots: bool = True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out_dir / "report.md").write_text(markdown(report))
     return {"json": str(out_dir / "report.json"), "md": str(out_dir / "report.md"), **{Path(p).stem: p for p in report["plots"]}}
-
-
-def summary_rows(report: dict[str, Any], keys: Sequence[str] = ("scenario", "wire_bytes_per_request", "saved_pct")) -> list[dict]:
-    return [{k: r.get(k) for k in keys} for r in report["scenarios"]]

@@ -1,4 +1,4 @@
-"""`trimmer root`: run the root service; `trimmer root bench`: its benchmark.
+"""`trimmer root`: run the root service; `trimmer drift`: a running root's allowlist drift report.
 
 Imports here stay light (no aiohttp, no torch): `trimmer --help` loads every
 subcommand module. With `--workers N` this process becomes a small
@@ -23,6 +23,7 @@ from dataclasses import replace
 from trimmer.errors import ConfigError
 
 MAX_RESTARTS = 10
+ORDER = 20  # place among the `trimmer` commands (trimmer/cli.py); `trimmer root bench` comes from loadtest (ORDER 30)
 
 
 def _load(args: argparse.Namespace):
@@ -145,16 +146,6 @@ def _supervise(args: argparse.Namespace, cfg) -> int:
     return rc
 
 
-def _run_bench(args: argparse.Namespace) -> int:
-    if args.proxies:
-        from loadtest.proxy_bench import run_proxy_bench
-
-        return run_proxy_bench(seconds=args.seconds, connections=args.concurrency, out=args.out, baseline_python=args.baseline_python)
-    from .bench import run_bench
-
-    return run_bench(requests=args.requests, concurrency=args.concurrency, warmup=args.warmup, out=args.out)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("root", help="run the root: trim per model and fan out to leaf / OIP upstreams")
     p.add_argument("--config", help="root YAML config (see configs/root.yaml and docs/root.md)")
@@ -167,17 +158,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text (default) or json: one object per line with the request id (env TRIMMER_LOG_FORMAT)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_root_entry)
-    rsub = p.add_subparsers(dest="root_command", metavar="ACTION")
-    b = rsub.add_parser("bench", help="root CPU per 1,000 requests trim vs passthrough, and added p50 latency, on the reference payload")
-    b.add_argument("--requests", type=int, default=2000, help="requests per measured phase")
-    b.add_argument("--concurrency", type=int, default=8)
-    b.add_argument("--warmup", type=int, default=200)
-    b.add_argument("--out", help="also write the figures as JSON here")
-    b.add_argument("--proxies", action="store_true",
-                   help="side by side with nginx and HAProxy passthrough, load from wrk (needs wrk and nginx; haproxy optional)")
-    b.add_argument("--seconds", type=float, default=5.0, help="--proxies: seconds per measured phase (3 rounds)")
-    b.add_argument("--baseline-python", help="--proxies: also run a root from another build, started by this interpreter")
-    b.set_defaults(func=_run_bench)
 
     d = sub.add_parser("drift", help="allowlist drift report of a running root: inputs its leaves defaulted, features sent but unused")
     d.add_argument("--root", required=True, help="the root's admin base URL: http://127.0.0.1:9901 by default (admin.host/admin.port), the service URL with admin.on_service_port")

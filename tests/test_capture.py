@@ -21,7 +21,7 @@ from trimmer.errors import ConfigError
 
 def _sink(tmp):
     port = free_port()
-    mp = ManagedProcess("sink", [sys.executable, "-m", "root.sink", "--port", str(port), "--oip-inputs", "m=f1"],
+    mp = ManagedProcess("sink", [sys.executable, "-m", "loadtest.sink", "--port", str(port), "--oip-inputs", "m=f1"],
                         f"http://127.0.0.1:{port}", tmp / "sink.log")
     mp.start()
     mp.wait_ready("/v2/health/ready", timeout=30)

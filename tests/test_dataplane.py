@@ -27,7 +27,7 @@ FEATURES = {"f1": [1.0, 2.0], "f2": b"\x00\x01", "f3": "three", "pad": b"x" * 40
 def sink(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dataplane-sink")
     port = free_port()
-    mp = ManagedProcess("sink", [sys.executable, "-m", "root.sink", "--port", str(port), "--echo-model", "echo",
+    mp = ManagedProcess("sink", [sys.executable, "-m", "loadtest.sink", "--port", str(port), "--echo-model", "echo",
                                  "--oip-inputs", "oipm=f1"], f"http://127.0.0.1:{port}", tmp / "sink.log")
     mp.start()
     mp.wait_ready("/v2/health/ready", timeout=30)

@@ -1,6 +1,6 @@
 """The Grafana dashboard and the Prometheus alert rules refer only to metrics a real root exports.
 
-A real root process (with root.sink as its upstream, on loopback) serves a few requests, trimmed
+A real root process (with loadtest.sink as its upstream, on loopback) serves a few requests, trimmed
 and missed, so labelled series exist; its /metrics is scraped from the admin listener the test
 config names (read from that config, so the test works whether /metrics is on the service port
 or on `admin.port`). Every metric name in every dashboard query and alert expression must be

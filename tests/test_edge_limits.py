@@ -1,7 +1,7 @@
 """Hostile clients against real root (and leaf) processes: decompression bombs, garbage encodings, slow clients, caps.
 
 Issue 11, items 5 and 6. Each attack runs against a real `trimmer root` on
-loopback in front of the stand-in upstream (`root.sink --echo-model echo`,
+loopback in front of the stand-in upstream (`loadtest.sink --echo-model echo`,
 which answers with the exact body the root forwarded), or the real leaf:
 
 - a gzip bomb answers 413 JSON and the root's peak RSS grows by less than
@@ -88,7 +88,7 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("edge")
     write_bundle(tmp / "bundle.json")
     sport = free_port()
-    sink = ManagedProcess("sink", [*trimmer_cmd()[:1], "-m", "root.sink", "--port", str(sport), "--echo-model", "echo"],
+    sink = ManagedProcess("sink", [*trimmer_cmd()[:1], "-m", "loadtest.sink", "--port", str(sport), "--echo-model", "echo"],
                           f"http://127.0.0.1:{sport}", tmp / "logs" / "sink.log")
     sink.start()
     procs = [sink]

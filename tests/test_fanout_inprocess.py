@@ -1,5 +1,5 @@
 """The root's routing, trim and fan-out in one process: the real handlers (root.app.build_apps) in front of
-the real stand-in upstream (root.sink.build_app) on loopback, both in the test's event loop.
+the real stand-in upstream (loadtest.sink.build_app) on loopback, both in the test's event loop.
 
 Fast enough to run per mutant (`make mutate`), and every expected body comes from an independent oracle:
 msgpack-python's encoding of the request with only the kept features, compared by sha256 with what the
@@ -21,7 +21,7 @@ from loadtest.procs import free_port
 from root.app import RootState, build_apps
 from root.config import parse_config
 from root.dataplane import fanout_status, target_keys, ModelRef
-from root.sink import build_app as sink_app
+from loadtest.sink import build_app as sink_app
 from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
 from trimmer.errors import PayloadError
 

@@ -1,6 +1,6 @@
 """Faults and reloads under load, with real processes on loopback.
 
-One root sits in front of stand-in upstreams (`python -m root.sink`, which
+One root sits in front of stand-in upstreams (`python -m loadtest.sink`, which
 reports the feature names it received, so every response proves what the
 root forwarded). Each test drives a bounded load (count and time) while it
 breaks something: a replica killed, an upstream slower than the deadline,
@@ -73,7 +73,7 @@ def fake_archive(inputs: tuple[str, ...]) -> bytes:
 
 def start_sink(tmp: Path, name: str, *extra: str, port: int | None = None) -> ManagedProcess:
     port = port or free_port()
-    mp = ManagedProcess(name, [sys.executable, "-m", "root.sink", "--port", str(port), *extra], f"http://127.0.0.1:{port}",
+    mp = ManagedProcess(name, [sys.executable, "-m", "loadtest.sink", "--port", str(port), *extra], f"http://127.0.0.1:{port}",
                         tmp / f"{name}.log")
     mp.start()
     mp.wait_ready("/v2/health/ready", timeout=30)

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("torch")
 from leaf import oip  # noqa: E402
-from leaf.bench import oip_bodies  # noqa: E402
+from loadtest.bench.leaf import oip_bodies  # noqa: E402
 from trimmer.errors import PayloadError  # noqa: E402
 from trimmer.tensor import Tensor  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""`trimmer loadtest --target URL` against a running root (real process, root.sink upstream); it starts nothing itself.
+"""`trimmer loadtest --target URL` against a running root (real process, loadtest.sink upstream); it starts nothing itself.
 
 Oracle: the root's own counters. Every request the load test reports as answered must have
 reached the root (trimmer_root_requests_total per model), and the root must have trimmed them

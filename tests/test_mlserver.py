@@ -6,7 +6,7 @@ does not install MLServer (its dependency set is large and pins its own web
 stack), so this test runs only where an `mlserver` executable is found: on
 PATH or in $MLSERVER_BIN (e.g. `python -m venv /tmp/mls && /tmp/mls/bin/pip
 install mlserver`, then MLSERVER_BIN=/tmp/mls/bin/mlserver). The stand-in
-that always runs is `root.sink --unversioned` (tests/test_versions.py).
+that always runs is `loadtest.sink --unversioned` (tests/test_versions.py).
 """
 
 from __future__ import annotations

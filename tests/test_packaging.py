@@ -87,7 +87,7 @@ def test_cli_in_fresh_venv(fresh: Path) -> None:
 def test_real_root_from_fresh_venv(fresh: Path, tmp_path: Path) -> None:
     py = str(fresh / "bin" / "python")
     sink_port, port = free_port(), free_port()
-    sink = ManagedProcess("sink", [py, "-m", "root.sink", "--port", str(sink_port)], f"http://127.0.0.1:{sink_port}", tmp_path / "sink.log")
+    sink = ManagedProcess("sink", [py, "-m", "loadtest.sink", "--port", str(sink_port)], f"http://127.0.0.1:{sink_port}", tmp_path / "sink.log")
     bundle = tmp_path / "bundle.json"
     bundle.write_text(json.dumps({"kind": "feature-trimmer/bundle", "format": 1,
                                   "models": {"m": {"versions": {"1": {"input_names": ["a"], "output_names": ["y"]}}}}}))

@@ -1,4 +1,4 @@
-"""Structured JSON logs with a request id, from a real root process (root.sink upstream, loopback)."""
+"""Structured JSON logs with a request id, from a real root process (loadtest.sink upstream, loopback)."""
 
 from __future__ import annotations
 

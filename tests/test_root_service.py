@@ -1,4 +1,4 @@
-"""The root as a real process against real stand-in upstreams (root.sink) on loopback.
+"""The root as a real process against real stand-in upstreams (loadtest.sink) on loopback.
 
 The sink reports exactly which features / keys / bytes it received, so these
 tests see what the root forwarded. Tests against the real leaf live in
@@ -37,7 +37,7 @@ def write_bundle(path: Path, models: dict[str, dict[str, list[str]]]) -> None:
 
 def start_sink(tmp: Path, name: str, *extra: str) -> ManagedProcess:
     port = free_port()
-    mp = ManagedProcess(name, [sys.executable, "-m", "root.sink", "--port", str(port), *extra], f"http://127.0.0.1:{port}",
+    mp = ManagedProcess(name, [sys.executable, "-m", "loadtest.sink", "--port", str(port), *extra], f"http://127.0.0.1:{port}",
                         tmp / f"{name}.log")
     mp.start()
     mp.wait_ready("/v2/health/ready", timeout=30)
@@ -367,7 +367,7 @@ async def test_bundle_replacement_while_requests_flow_loses_none(env):
 def test_root_process_never_imports_torch(env):
     maps = Path(f"/proc/{env['root'].pid}/maps").read_text()
     assert "torch" not in maps
-    code = "import sys, root.app, root.cli, root.bench, root.sink, trimmer.cli; trimmer.cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys, root.app, root.cli, loadtest.bench.root, loadtest.sink, trimmer.cli; trimmer.cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -136,7 +136,7 @@ def _status(url: str) -> int:
 def sink(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sec")
     port = free_port()
-    mp = ManagedProcess("sink", [sys.executable, "-m", "root.sink", "--port", str(port)], f"http://127.0.0.1:{port}", tmp / "sink.log")
+    mp = ManagedProcess("sink", [sys.executable, "-m", "loadtest.sink", "--port", str(port)], f"http://127.0.0.1:{port}", tmp / "sink.log")
     mp.start()
     mp.wait_ready("/v2/health/ready", timeout=30)
     yield mp

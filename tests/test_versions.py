@@ -158,7 +158,7 @@ def test_admin_shows_what_a_version_less_request_resolves_to(demo):
 def mlserver_like(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("unversioned")
     port = free_port()
-    sink = ManagedProcess("sink", [sys.executable, "-m", "root.sink", "--port", str(port), "--unversioned",
+    sink = ManagedProcess("sink", [sys.executable, "-m", "loadtest.sink", "--port", str(port), "--unversioned",
                                    "--oip-inputs", "mls=f1,f2"], f"http://127.0.0.1:{port}", tmp / "sink.log")
     sink.start()
     sink.wait_ready("/v2/health/ready", timeout=30)

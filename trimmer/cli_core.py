@@ -1,4 +1,4 @@
-"""`trimmer inspect`, `trimmer bundle build`, `trimmer bench trim`."""
+"""`trimmer inspect`, `trimmer bundle build`: the library's own commands (the benchmarks are loadtest's)."""
 
 from __future__ import annotations
 
@@ -61,13 +61,6 @@ def _bundle_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_trim(args: argparse.Namespace) -> int:
-    from loadtest.bench_trim import run_trim_bench
-
-    run_trim_bench(iterations=args.iterations, seed=args.seed)
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="print a model archive's signature (or a repository's / bundle's allowlists) as JSON")
     p.add_argument("path", help="model.pt / model.pt2 archive, a model repository directory, or a bundle .json")
@@ -79,13 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("repos", nargs="+", metavar="REPO")
     b.add_argument("-o", "--output", required=True, help="bundle file to write (atomically)")
     b.set_defaults(func=_bundle_build)
-
-    p = sub.add_parser("bench", help="micro-benchmarks, figures printed side by side")
-    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    b = bsub.add_parser("trim", help="trim vs naive unpack/filter/pack vs plain copy on the reference payload")
-    b.add_argument("--iterations", type=int, default=200)
-    b.add_argument("--seed", type=int, default=0)
-    b.set_defaults(func=_bench_trim)
 
 
 __all__ = ["register"]

@@ -174,7 +174,3 @@ def read_signature_bytes(source: str | os.PathLike[str] | BinaryIO, where: str |
 def read_signature(source: str | os.PathLike[str] | BinaryIO, where: str | None = None) -> Signature:
     where = where or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "archive")
     return parse_signature(read_signature_bytes(source, where), f"{where}:{SIGNATURE_FILE}")
-
-
-def signature_json(signature: Signature) -> str:
-    return json.dumps(signature.to_json(), indent=2, sort_keys=False)

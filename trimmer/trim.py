@@ -40,10 +40,6 @@ class TrimResult:
     features_in: int
     features_kept: int
 
-    @property
-    def features_dropped(self) -> int:
-        return self.features_in - self.features_kept
-
 
 def _split(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder, data: bytes | Raw, what: str, fmt: str) -> dict[str, Raw]:
     try:

@@ -154,7 +154,7 @@ def run_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="leaf-bench-") as tmp:
         repo = Path(args.bench_repo) if args.bench_repo else Path(tmp) / "repo"
         if not args.bench_repo:
-            from .demo_models import build_demo
+            from leaf.demo_models import build_demo
 
             build_demo(repo, log=lambda msg: console.print(msg))
         sig = _signature(repo, args.model)
@@ -241,7 +241,7 @@ def run_oip_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="leaf-bench-") as tmp:
         repo = Path(args.bench_repo) if args.bench_repo else Path(tmp) / "repo"
         if not args.bench_repo:
-            from .demo_models import build_demo
+            from leaf.demo_models import build_demo
 
             build_demo(repo, log=lambda msg: console.print(msg))
         sig = _signature(repo, args.model)

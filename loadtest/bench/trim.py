@@ -16,7 +16,7 @@ from rich.table import Table
 from trimmer import trim as trim_mod
 from trimmer.codec import decode_msgpack
 
-from .payload import reference_payload
+from loadtest.payload import reference_payload
 
 CHUNK = 256_000  # what aiohttp's parser hands the root per read
 

@@ -24,8 +24,8 @@ from trimmer.errors import ConfigError
 from trimmer.repository import archive_path
 from trimmer.signature import read_signature
 
-from .compile import compile_module, warmup_inputs
-from .convert import Converter
+from leaf.compile import compile_module, warmup_inputs
+from leaf.convert import Converter
 
 MODELS = ("ranker", "retrieval", "diversifier")
 
@@ -100,7 +100,7 @@ def run_compile_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="leaf-bench-compile-") as tmp:
         repo = Path(args.bench_repo) if args.bench_repo else Path(tmp) / "repo"
         if not args.bench_repo:
-            from .demo_models import build_demo
+            from leaf.demo_models import build_demo
 
             build_demo(repo, n_items=20_000, log=lambda msg: console.print(msg))
         for model in wanted:

@@ -3,7 +3,7 @@
 One root process serves two models with the same allowlist (20 % of the
 reference payload's 2,000 features): `ref` in enforce mode (trimmed) and
 `ref_pass` in off mode (forwarded untrimmed). Upstream is the stand-in sink
-(`root.sink --small`: reads the body, answers a tiny fixed reply), so the
+(`loadtest.sink --small`: reads the body, answers a tiny fixed reply), so the
 figures are the root's own. Reported:
 
 - root CPU seconds per 1,000 requests, trim vs passthrough (target <= 0.8);
@@ -81,7 +81,7 @@ def run_bench(requests: int = 2000, concurrency: int = 8, warmup: int = 200, out
     with tempfile.TemporaryDirectory(prefix="root-bench-") as d:
         tmp = Path(d)
         sport = free_port()
-        sink = ManagedProcess("sink", [sys.executable, "-m", "root.sink", "--port", str(sport), "--small"], f"http://127.0.0.1:{sport}",
+        sink = ManagedProcess("sink", [sys.executable, "-m", "loadtest.sink", "--port", str(sport), "--small"], f"http://127.0.0.1:{sport}",
                               tmp / "sink.log").start()
         root = None
         try:

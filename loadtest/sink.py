@@ -5,7 +5,7 @@ size, headers) instead of running a model, so tests can see exactly what the
 root forwarded, and the benchmark can measure the root without a model's cost.
 `--echo-model M` answers M's requests with the exact (decoded) body received, so a test can compare
 the bytes the root forwarded with an independent oracle.
-Run: `python -m root.sink --port N [--fail-model M] [--garbage-model M] [--echo-model M] [--delay-ms D] [--oip-inputs model=a,b] [--unversioned]`.
+Run: `python -m loadtest.sink --port N [--fail-model M] [--garbage-model M] [--echo-model M] [--delay-ms D] [--oip-inputs model=a,b] [--unversioned]`.
 Never imports torch.
 """
 
@@ -18,29 +18,21 @@ import hashlib
 import msgspec
 from aiohttp import web
 
+from trimmer.compression import decompress
 from trimmer.malloc import tune_for_large_bodies
 
 _mp = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
 _js = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
-def _decompress(body: bytes, encoding: str | None) -> bytes:
-    if encoding == "lz4":
-        import lz4.frame
-
-        return lz4.frame.decompress(body)
-    if encoding == "zstd":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
-    return body
-
+MAX_BODY = 1 << 30  # the largest body the sink accepts, raw and decoded
 
 def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list[str]], small: bool,
               garbage_models: frozenset[str] = frozenset(), echo_models: frozenset[str] = frozenset(),
               unversioned: bool = False) -> web.Application:
-    # auto_decompress off: aiohttp would try to decode zstd itself (needs backports.zstd); we decode lz4/zstd here.
-    app = web.Application(client_max_size=1 << 30, handler_args={"auto_decompress": False})
+    # auto_decompress off: aiohttp would try to decode zstd itself (needs backports.zstd); trimmer/compression.py
+    # decodes here, with the root's and the leaf's bounded decoders.
+    app = web.Application(client_max_size=MAX_BODY, handler_args={"auto_decompress": False})
 
     async def score(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -54,7 +46,7 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
             return web.Response(body=b"\xc1\xc1 not msgpack {", content_type=request.content_type or "application/msgpack")
         if small:
             return web.Response(body=b"\x81\xa2ok\xc3", content_type="application/msgpack")
-        body = _decompress(raw, request.headers.get("Content-Encoding"))
+        body = decompress(raw, request.headers.get("Content-Encoding"), MAX_BODY)
         if name in echo_models:
             return web.Response(body=body, content_type=request.content_type or "application/msgpack")
         is_mp = "msgpack" in (request.content_type or "")
@@ -72,7 +64,7 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
         name = request.match_info["name"]
         if name in fail_models:
             return web.json_response({"error": f"model {name} failed on purpose"}, status=500)
-        body = _decompress(await request.read(), request.headers.get("Content-Encoding"))
+        body = decompress(await request.read(), request.headers.get("Content-Encoding"), MAX_BODY)
         hlen = request.headers.get("Inference-Header-Content-Length")
         doc = msgspec.json.decode(body[:int(hlen)] if hlen is not None else body)
         names = [i["name"] for i in doc.get("inputs", [])]
@@ -130,7 +122,7 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m root.sink")
+    p = argparse.ArgumentParser(prog="python -m loadtest.sink")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--fail-model", action="append", default=[])

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .diversify import SSD, dpp_greedy
+from leaf.diversify import SSD, dpp_greedy
 
 D = 64
 N_CATEGORIES = 20
@@ -88,7 +88,7 @@ def ssd_methods(k: int, w: int, gamma: float, compile_too: bool, d: int = D, log
     log(f"  exported SSD w={w} in {time.perf_counter() - t0:.1f} s")
     out.append(_ssd_method(f"SSD torch.export w={w}", exported))
     if compile_too:
-        from .compile import compile_module
+        from leaf.compile import compile_module
 
         compiled, info = compile_module(model, [ex, clustered_catalogue(211, seed=1, d=d)], name=f"ssd-w{w}")
         log(f"  torch.compile SSD w={w}: {info}")
