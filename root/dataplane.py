@@ -257,6 +257,17 @@ class PreparedBody:
         return refs
 
 
+@dataclass(slots=True)
+class _Outgoing:
+    """One target's upstream body: the client's (untrimmed) or its trim, and what came with the trim."""
+
+    body: Body | bytes
+    headers: Mapping[str, str] | None = None  # headers the trim changed (binary OIP's JSON length)
+    dropped_any: bool = False  # the trim removed at least one feature: the handshake applies
+    audit_body: bytes | None = None  # a copy for the equivalence audit (and a re-send after release)
+    released: bool = False  # the client body was released once trimmed
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One target's answer: an upstream response, or a root-made error."""
@@ -426,87 +437,93 @@ class DataPlane:
 
     async def send(self, plan: Plan, target: Target, body: Body, client_bytes: int, sole_target: bool = False,
                    stream: StreamTrim | None = None) -> Outcome:
-        """Trim for one target, measure, send (with the handshake and its re-send), count.
+        """Trim for one target and measure, then send (with the handshake and its re-send) and count.
 
-        `sole_target`: nothing else reads the client body, so once trimmed it is released (unless audited)
-        instead of being held, five times the size of what is sent, for as long as the model takes.
+        `sole_target`: nothing else reads the client body, so once trimmed it is released (an audit keeps a
+        copy) instead of being held, five times the size of what is sent, for as long as the model takes.
         `stream`: a trim already fed with the body as it arrived, for this target's allowlist.
         """
-        res = target.resolution
-        labels = target.labels
         m = self.metrics
+        labels = target.labels
+        res = target.resolution
         m.child(m.requests, labels).inc()
         m.child(m.model_client_bytes, labels).inc(client_bytes)
         m.child(m.mode_requests, (*labels, res.mode if res.allowlist is not None else "miss")).inc()
-
-        t0 = time.perf_counter()
-        dropped_any = False
-        untrimmed_reason: str | None = None
-        trimmed_headers: Mapping[str, str] | None = None
-        sent: Body | bytes = body
         try:
-            if res.allowlist is None:
-                m.child(m.allowlist_misses, labels).inc()
-                untrimmed_reason = NO_VERSION if (target.version is None and res.version is None) else NO_ALLOWLIST
-            elif res.mode == "off":
-                untrimmed_reason = MODE_OFF
-            else:
-                result = plan.fmt.trim(body, res.allowlist, stream)
-                if result is None:
-                    untrimmed_reason = UNPARSED_ENCODING
-                else:
-                    m.child(m.features_in, labels).inc(result.features_in)
-                    m.child(m.trimmed_bytes, labels).inc(len(result.body))
-                    if res.mode == "enforce":
-                        sent = result.body
-                        trimmed_headers = result.headers
-                        dropped_any = result.features_kept < result.features_in
-                        m.child(m.features_dropped, labels).inc(result.features_in - result.features_kept)
-                    else:  # shadow: measure, send untrimmed
-                        untrimmed_reason = SHADOW
-                        m.child(m.shadow_features_dropped, labels).inc(result.features_in - result.features_kept)
+            out = self._trim(plan, target, body, stream)
         except PayloadError as exc:
             return self.error(400, str(exc), "bad_request", labels)
-        if untrimmed_reason is not None and untrimmed_reason != SHADOW:
+        # Drawn now: an audit needs the untrimmed body. Bodies whose headers change with the trim are not audited.
+        audit = out.dropped_any and out.headers is None and self.auditor is not None and self.auditor.sample()
+        out.audit_body = body.joined() if audit else None  # its own bytes: the client body's buffer may be reused
+        if sole_target and out.body is not body:
+            body.release()
+            out.released = True
+        return await self._deliver(plan, target, body, out)
+
+    def _trim(self, plan: Plan, target: Target, body: Body, stream: StreamTrim | None) -> "_Outgoing":
+        """What goes upstream for this target, with the trim's metrics; PayloadError for a malformed body."""
+        m = self.metrics
+        labels = target.labels
+        res = target.resolution
+        t0 = time.perf_counter()
+        out = _Outgoing(body)
+        reason: str | None = None
+        if res.allowlist is None:
+            m.child(m.allowlist_misses, labels).inc()
+            reason = NO_VERSION if (target.version is None and res.version is None) else NO_ALLOWLIST
+        elif res.mode == "off":
+            reason = MODE_OFF
+        else:
+            result = plan.fmt.trim(body, res.allowlist, stream)
+            if result is None:
+                reason = UNPARSED_ENCODING
+            else:
+                m.child(m.features_in, labels).inc(result.features_in)
+                m.child(m.trimmed_bytes, labels).inc(len(result.body))
+                if res.mode == "enforce":
+                    out.body, out.headers = result.body, result.headers
+                    out.dropped_any = result.features_kept < result.features_in
+                    m.child(m.features_dropped, labels).inc(result.features_in - result.features_kept)
+                else:  # shadow: measure, send untrimmed
+                    reason = SHADOW
+                    m.child(m.shadow_features_dropped, labels).inc(result.features_in - result.features_kept)
+        if reason is not None and reason != SHADOW:
             m.child(m.trimmed_bytes, labels).inc(len(body))
         m.child(m.untrimmed_bytes, labels).inc(len(body))
         m.child(m.trim_seconds, labels).observe(time.perf_counter() - t0 + (stream.seconds if stream is not None else 0.0))
-        if untrimmed_reason is not None:
-            self._count_untrimmed(labels, untrimmed_reason)
-        # Drawn now: an audit needs the untrimmed body. Bodies whose headers change with the trim are not audited.
-        audit = dropped_any and trimmed_headers is None and self.auditor is not None and self.auditor.sample()
-        audit_body = body.joined() if audit else b""  # its own bytes: the client body's buffer may be reused
-        released = False
-        if sole_target and sent is not body:
-            body.release()
-            released = True
+        if reason is not None:
+            self._count_untrimmed(labels, reason)
+        return out
 
-        headers = {"Content-Type": plan.content_type, "Accept": plan.content_type}
-        if plan.extra_headers:
-            headers.update(plan.extra_headers)
-        # The handshake (trimmer/handshake.py): only a body that lost features can give a wrong answer.
-        handshake = dropped_any and res.digest is not None
+    async def _deliver(self, plan: Plan, target: Target, body: Body, out: "_Outgoing") -> Outcome:
+        """Send `out`; a handshake refusal (the replica runs another signature) re-sends the whole body."""
+        m = self.metrics
+        labels = target.labels
+        res = target.resolution
         part = target.partition
+        headers = {"Content-Type": plan.content_type, "Accept": plan.content_type, **(plan.extra_headers or {})}
+        sent_headers = {**headers, **out.headers} if out.headers else headers
+        # The handshake (trimmer/handshake.py): only a body that lost features can give a wrong answer.
+        handshake = out.dropped_any and res.digest is not None
+        if handshake:
+            sent_headers = {**sent_headers, SIGNATURE_HEADER: res.digest}  # type: ignore[dict-item]
         t1 = time.perf_counter()
         try:
-            sent_headers = {**headers, **trimmed_headers} if trimmed_headers and sent is not body else headers
-            resp = await part.request("POST", target.path, sent, {**sent_headers, SIGNATURE_HEADER: res.digest} if handshake else sent_headers,
-                                      plan.timeout_s, labels, self.cfg.deadline_header)
+            resp = await part.request("POST", target.path, out.body, sent_headers, plan.timeout_s, labels, self.cfg.deadline_header)
             if handshake and resp.status == MISMATCH_STATUS and resp.headers.get(MISMATCH_HEADER) == "allowlist":
-                # The replica runs another signature than the allowlist's (a model swapped, root and leaf
-                # reloaded at different moments). Nothing ran; the whole body is always a right answer.
-                resend = audit_body if released and audit else None
-                m.child(m.allowlist_mismatches, (*labels, "resent" if (not released or resend is not None) else "refused")).inc()
+                # Reloaded at different moments (a model swapped in place). Nothing ran; the whole body is right.
+                whole = out.audit_body if out.released else body
+                m.child(m.allowlist_mismatches, (*labels, "refused" if whole is None else "resent")).inc()
                 self._warn((target.model, labels[1], "mismatch"), "model %s version %s: replica %s runs another signature than the "
                            "allowlist's (digest %s); %s", target.model, labels[1], resp.replica, res.digest,
-                           "answered 503, body already released" if released and resend is None else "re-sent untrimmed")
-                if released and resend is None:
+                           "answered 503, body already released" if whole is None else "re-sent untrimmed")
+                if whole is None:
                     m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
                     return self.error(503, f"model {target.model!r}: the model version changed while this request was in flight; retry",
                                       "signature_mismatch", labels, {"Retry-After": "1"})
                 self._count_untrimmed(labels, SIGNATURE_MISMATCH)
-                whole: Body | bytes = resend if resend is not None else body
-                audit = False
+                out.audit_body = None
                 resp = await part.request("POST", target.path, whole, headers, max(0.001, plan.timeout_s - (time.perf_counter() - t1)),
                                           labels, self.cfg.deadline_header)
         except UpstreamError as exc:
@@ -516,9 +533,10 @@ class DataPlane:
         if resp.status >= 400:
             m.child(m.errors, (*labels, f"upstream_{resp.status // 100}xx")).inc()
             return Outcome(resp.status, resp.body, resp.content_type, resp.headers, upstream_error_text(resp.body, resp.content_type, resp.status))
-        if audit and self.auditor is not None:
+        if out.audit_body is not None and self.auditor is not None:
             # After the answer is in hand and in the background: the client never waits for an audit.
-            self.auditor.submit(AuditJob(target.model, labels[1] or None, labels, part, resp.replica, target.path, audit_body,
+            version = target.version if target.version is not None else res.version
+            self.auditor.submit(AuditJob(target.model, version, labels, part, resp.replica, target.path, out.audit_body,
                                          plan.content_type, resp.status, resp.body, resp.content_type, res.allowlist))  # type: ignore[arg-type]
         return Outcome(resp.status, resp.body, resp.content_type, resp.headers)
 

@@ -460,24 +460,11 @@ class Partition:
                     if isinstance(body, Body) and not conn.drained():
                         body.pinned = True  # its buffers may still be queued on a connection that is being closed
                     pool.release(conn, True)
-            out_headers: CIMultiDict[str] = CIMultiDict()
-            encoding = None
-            ctype = "application/octet-stream"
-            for k, v in raw_headers:
-                name, value = k.decode("latin-1"), v.decode("latin-1")
-                low = name.lower()
-                if low == "content-type":
-                    ctype = value
-                elif low == "content-encoding":
-                    encoding = value
-                if low not in _DROP_RESPONSE_HEADERS:
-                    out_headers.add(name, value)
-            if encoding is not None and encoding.strip().lower() not in ("", "identity"):
-                try:
-                    data = decompress(data, encoding, self.response_limit)
-                except (DecompressError, BodyTooLarge, UnsupportedEncoding) as exc:
-                    self._count_attempt(replica, "error")
-                    raise UpstreamError(502, "bad_gateway", f"upstream {replica.url} sent an undecodable body: {exc}") from None
+            try:
+                ctype, out_headers, data = self._decoded(status, raw_headers, data)
+            except UpstreamError:
+                self._count_attempt(replica, "error")
+                raise
             self._count_attempt(replica, "ok" if status < 500 else "http_error")
             if not replica.up and 200 <= status < 300:
                 # Only a success is proof of health: a restarting leaf answers 404/503 while it loads.
@@ -489,6 +476,27 @@ class Partition:
         if not errors:
             raise UpstreamError(504, "timeout", f"deadline of {timeout_s:.3g}s expired before a replica was reached")
         raise UpstreamError(503, "unavailable", "no replica reachable (" + "; ".join(errors) + ")")
+
+    def _decoded(self, status: int, raw_headers: list[tuple[bytes, bytes]], data: bytes) -> tuple[str, CIMultiDict[str], bytes]:
+        """(Content-Type, the headers worth passing on, the body without its Content-Encoding)."""
+        out_headers: CIMultiDict[str] = CIMultiDict()
+        encoding = None
+        ctype = "application/octet-stream"
+        for k, v in raw_headers:
+            name, value = k.decode("latin-1"), v.decode("latin-1")
+            low = name.lower()
+            if low == "content-type":
+                ctype = value
+            elif low == "content-encoding":
+                encoding = value
+            if low not in _DROP_RESPONSE_HEADERS:
+                out_headers.add(name, value)
+        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+            try:
+                data = decompress(data, encoding, self.response_limit)
+            except (DecompressError, BodyTooLarge, UnsupportedEncoding) as exc:
+                raise UpstreamError(502, "bad_gateway", f"upstream answered {status} with an undecodable body: {exc}") from None
+        return ctype, out_headers, data
 
     def _count_attempt(self, replica: Replica, outcome: str) -> None:
         self.metrics.child(self.metrics.attempts, (self.name, replica.url, outcome)).inc()
