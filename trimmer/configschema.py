@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import re
 import sys
@@ -179,10 +180,36 @@ SCHEMAS = {  # kind -> (module, top-level Struct); imported lazily so `trimmer` 
 }
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """`name: type = default  # this text` in a Struct's source -> {name: text}: the code's comments are the docs."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, re.MULTILINE)}
+
+
+def _structs(tp: Any, seen: dict[str, type]) -> dict[str, type]:
+    inner = _strip(tp)[0]
+    if _is_struct(inner) and inner.__name__ not in seen:
+        seen[inner.__name__] = inner
+        for f in msgspec.structs.fields(inner):
+            _structs(f.type, seen)
+    for arg in get_args(inner):
+        _structs(arg, seen)
+    return seen
+
+
 def json_schema(kind: str) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of one config kind, as committed under docs/schema/<kind>.json."""
     module, name = SCHEMAS[kind]
-    schema = msgspec.json.schema(getattr(importlib.import_module(module), name))
+    top = getattr(importlib.import_module(module), name)
+    schema = msgspec.json.schema(top)
+    for cname, cls in _structs(top, {}).items():
+        props = schema["$defs"].get(cname, {}).get("properties", {})
+        for field_name, text in _field_comments(cls).items():
+            if field_name in props and "description" not in props[field_name]:
+                props[field_name]["description"] = text
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": f"trimmer {kind} config", **schema}
 
 
