@@ -131,6 +131,11 @@ _WORDS = {"object": "a mapping", "array": "a list", "str": "a string", "int": "a
           "bool": "true or false", "null": "null"}
 
 
+def _show(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _leaf(obj: Any, tp: Any, where: str, path: str) -> Any:
     try:
         return msgspec.convert(obj, tp)
@@ -138,16 +143,16 @@ def _leaf(obj: Any, tp: Any, where: str, path: str) -> Any:
         text = str(exc).split(" - at ")[0]
         hint = next((m.extra["error"] for m in _strip(tp)[1] if m.extra and "error" in m.extra), None)
         if hint:  # the type's own words, e.g. Meta(extra={"error": "must be a list of feature names"}); {value}: the value
-            raise _fail(where, path, hint.format(value=obj) if "{value" in hint else f"{hint}, got {obj!r}") from None
+            raise _fail(where, path, hint.format(value=obj) if "{value" in hint else f"{hint}, got {_show(obj)}") from None
         choices = _choices(tp)
         if choices and text.startswith("Invalid enum value"):
-            raise _fail(where, path, f"{obj!r} is not one of {', '.join(choices)}") from None
+            raise _fail(where, path, f"{_show(obj)} is not one of {', '.join(choices)}") from None
         mismatch = re.fullmatch(r"Expected `(.+?)`, got `.+?`", text)
         if mismatch:  # a wrong type: say it in YAML's words
             wanted = " or ".join(_WORDS.get(w, w) for w in mismatch.group(1).split(" | "))
-            raise _fail(where, path, f"expected {wanted}, got {obj!r}") from None
+            raise _fail(where, path, f"expected {wanted}, got {_show(obj)}") from None
         text = re.sub(r"`(\w+)`", lambda m: _WORDS.get(m.group(1), m.group(1)), text).replace("Expected ", "expected ")
-        raise _fail(where, path, f"{text}, got {obj!r}") from None
+        raise _fail(where, path, f"{text}, got {_show(obj)}") from None
 
 
 def convert(doc: Any, tp: type[msgspec.Struct], where: str) -> Any:
