@@ -32,7 +32,7 @@ import msgspec
 import numpy as np
 
 from trimmer import __version__
-from trimmer.errors import PayloadError, decode_errors
+from trimmer.errors import DECODE_FAILURES, PayloadError, decode_errors
 from trimmer.oip_binary import HEADER, header_length
 from trimmer.tensor import DTYPES, Tensor
 
@@ -159,7 +159,7 @@ def _json_tensor(name: str, dtype: str, wire: str, shape: list[int], raw: msgspe
     if arr is None:
         try:
             values = _flat_decoders[kind].decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except DECODE_FAILURES:
             values = _nested(name, dtype, kind, raw)
         try:
             arr = np.array(values, dtype=np_t)
@@ -216,7 +216,7 @@ def _nested(name: str, dtype: str, kind: str, raw: msgspec.Raw) -> list:
     bad = PayloadError(f"input {name!r}: 'data' must be a (row-major, possibly nested) list of {dtype} values ({want})")
     try:
         obj = _any.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+    except DECODE_FAILURES:
         raise bad from None
     if not isinstance(obj, list):
         raise bad

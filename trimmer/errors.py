@@ -36,6 +36,12 @@ class ConfigError(TrimmerError):
     """An invalid YAML configuration."""
 
 
+# Everything a msgspec decode of untrusted bytes can raise: DecodeError and ValidationError are ValueErrors, and so is
+# the error for invalid UTF-8; RecursionError for nesting deeper than the interpreter's stack. For code that falls back
+# (e.g. shows raw text instead) rather than answering 400; `decode_errors` below is the 400.
+DECODE_FAILURES: tuple[type[Exception], ...] = (ValueError, RecursionError)
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line, or its type's name when it has no message."""
     text = str(exc)
@@ -60,5 +66,5 @@ def decode_errors(what: str, shape: str | None = None, error: type[TrimmerError]
         raise error(f"{shape} ({first_line(exc)})" if shape else f"malformed {what}: {first_line(exc)}") from None
     except RecursionError:
         raise error(f"malformed {what}: nested too deeply") from None
-    except (msgspec.DecodeError, ValueError) as exc:
+    except ValueError as exc:  # msgspec.DecodeError, or invalid UTF-8
         raise error(f"malformed {what}: {first_line(exc)}") from None
