@@ -41,9 +41,9 @@ class Listen(Section):
 class ModelSettings(Section):
     """Per-model overrides of `batching` (unset keys inherit from it), plus `compile`."""
 
-    max_batch_size: Optional[Count] = None
-    max_queue_delay_ms: Optional[NonNegative] = None
-    max_batch_rows: Optional[Count] = None
+    max_batch_size: Optional[Count] = None  # default: batching.max_batch_size
+    max_queue_delay_ms: Optional[NonNegative] = None  # default: batching.max_queue_delay_ms
+    max_batch_rows: Optional[Count] = None  # default: batching.max_batch_rows
     compile: Optional[bool] = None  # None: the top-level `compile`
 
 
@@ -51,26 +51,26 @@ class LeafFile(Section):
     """The leaf worker's YAML config (configs/leaf.yaml); docs/leaf.md. Relative paths: against this file."""
 
     repo: Optional[Name] = None  # <repo>/<model>/<version>/model.pt | model.pt2
-    build_demo_if_missing: bool = False
+    build_demo_if_missing: bool = False  # a missing repo is filled with the demo models
     listen: Optional[Listen] = None  # default 127.0.0.1:8001
     host: Optional[Host] = None  # deprecated: listen.host
     port: Optional[Port] = None  # deprecated: listen.port
     device: Name = "auto"  # auto | cpu | cuda | cuda:N
     torch_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = torch's default
     batching: Batching = msgspec.field(default_factory=Batching)
-    models: dict[str, ModelSettings] = {}
+    models: dict[str, ModelSettings] = {}  # model name -> batching overrides and compile
     compile: bool = False  # torch.compile every model (leaf/compile.py)
-    max_body_bytes: Count = 64 * 1024 * 1024
+    max_body_bytes: Count = 64 * 1024 * 1024  # request body limit, also after decompression (413 above it)
     header_timeout_s: Positive = 10.0  # client limits (trimmer/edge.py): head within this
     body_timeout_s: Positive = 30.0  # each window this long must bring body_min_rate bytes/s
     keepalive_timeout_s: Positive = 75.0  # idle keep-alive connections closed after this
-    max_connections: Count = 4096
+    max_connections: Count = 4096  # client connections open at once; more are closed at once
     body_min_rate: Annotated[int, msgspec.Meta(ge=0)] = 1024  # bytes/s; 0: only a full stall closes
-    rescan_interval_s: Positive = 2.0
+    rescan_interval_s: Positive = 2.0  # periodic repository rescan, a fallback to file events
     drain_timeout_s: Positive = 30.0  # bound on finishing a replaced/removed version's queued jobs, and on SIGTERM
-    watch: bool = True
-    feature_series_limit: Count = 20000
-    log_level: Name = "INFO"
+    watch: bool = True  # pick up new/changed version directories via file events
+    feature_series_limit: Count = 20000  # cap on per-feature metric series
+    log_level: Name = "INFO"  # DEBUG, INFO, WARNING, ERROR
 
 
 # ---------------------------------------------------------------- what the worker reads

@@ -41,16 +41,16 @@ Scenario = Annotated[Literal[_SCENARIO_NAMES], msgspec.Meta(extra={"error": f"un
 class ModelEntry(Section):
     """A target model (a bare name is short for {name: ...})."""
 
-    name: Name
-    version: Union[str, int, None] = None
+    name: Name  # a model in the repository
+    version: Union[str, int, None] = None  # default: the highest in the repository
 
 
 class PayloadFile(Section):
     """The generated requests (loadtest/payload.py)."""
 
     usage_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2  # share of the features each model reads
-    candidates: Count = 256
-    seed: Annotated[int, msgspec.Meta(ge=0)] = 0
+    candidates: Count = 256  # size of the candidate dimension
+    seed: Annotated[int, msgspec.Meta(ge=0)] = 0  # generator seed (the same seed gives the same bytes)
     distinct: Count = 8  # distinct request bodies cycled
     mix: Annotated[dict[Literal[KINDS], NonNegative], msgspec.Meta(min_length=1, extra_json_schema={"default": REFERENCE_MIX})] = \
         msgspec.field(default_factory=lambda: dict(REFERENCE_MIX))  # feature kind -> weight
@@ -60,21 +60,21 @@ class PayloadFile(Section):
 class LoadFile(Section):
     """How requests are sent (loadtest/runner.py)."""
 
-    mode: Annotated[Literal["open", "closed"], msgspec.Meta(extra={"error": "must be open or closed"})] = "open"
+    mode: Annotated[Literal["open", "closed"], msgspec.Meta(extra={"error": "must be open or closed"})] = "open"  # open (arrival rate) or closed (concurrency)
     rate: Positive = 50.0  # open loop: requests per second
     concurrency: Count = 8  # closed loop: workers
     duration_s: Optional[Positive] = 10.0  # null: bounded by count only
-    count: Optional[Count] = None
-    warmup_s: NonNegative = 2.0
-    timeout_s: Positive = 10.0
-    max_inflight: Count = 1024
+    count: Optional[Count] = None  # stop after this many measured requests
+    warmup_s: NonNegative = 2.0  # unmeasured seconds first
+    timeout_s: Positive = 10.0  # per request
+    max_inflight: Count = 1024  # open loop safety bound
 
 
 class RootSettings(Section):
     """The roots the matrix starts."""
 
-    workers: Count = 1
-    max_connections: Count = 64
+    workers: Count = 1  # root processes
+    max_connections: Count = 64  # per partition replica
     extra: dict[str, Any] = {}  # merged into every generated root config
 
 

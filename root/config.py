@@ -47,7 +47,7 @@ class Listen(Section):
 class Admin(Section):
     """/metrics and /admin/*: their own loopback listener by default."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: no /metrics or /admin/* at all
     host: Optional[Host] = None  # default 127.0.0.1 (DEFAULT_ADMIN_HOST)
     port: Optional[Port] = None  # default 9901 (DEFAULT_ADMIN_PORT)
     on_service_port: bool = False  # serve them on `listen` instead (then no host/port here)
@@ -56,20 +56,20 @@ class Admin(Section):
 class MetadataSpec(Section):
     """Allowlists from the upstream's OIP `GET /v2/models/{name}` inputs, for models without archives."""
 
-    models: Annotated[list[Name], msgspec.Meta(min_length=1)]
-    refresh_s: Positive = 60.0
+    models: Annotated[list[Name], msgspec.Meta(min_length=1)]  # models whose OIP metadata `inputs` are their allowlists
+    refresh_s: Positive = 60.0  # seconds between refreshes
 
 
 class PartitionSpec(Section):
     """A pool of interchangeable upstream replicas."""
 
     replicas: Union[str, Annotated[list[str], msgspec.Meta(min_length=1)]]  # base URLs http(s)://host:port[/prefix]
-    protocol: Literal[PROTOCOLS] = "native"
-    compression: Literal[COMPRESSIONS] = "none"
-    balance: Literal[BALANCES] = "least_inflight"
-    health_path: Annotated[str, msgspec.Meta(pattern="^/", extra={"error": "must start with '/'"})] = "/v2/health/ready"
-    max_connections: Count = 64
-    allowlists_from_metadata: Union[Annotated[list[Name], msgspec.Meta(min_length=1)], MetadataSpec, None] = None
+    protocol: Literal[PROTOCOLS] = "native"  # native: our leaf (/v1 and /v2 routes); oip: any OIP v2 server (/v2 only)
+    compression: Literal[COMPRESSIONS] = "none"  # request body compression to the replicas (Content-Encoding)
+    balance: Literal[BALANCES] = "least_inflight"  # how a replica is picked
+    health_path: Annotated[str, msgspec.Meta(pattern="^/", extra={"error": "must start with '/'"})] = "/v2/health/ready"  # GET every timeouts.health_interval_s; 200 = up
+    max_connections: Count = 64  # pooled connections per replica
+    allowlists_from_metadata: Union[Annotated[list[Name], msgspec.Meta(min_length=1)], MetadataSpec, None] = None  # model names, or {models, refresh_s}: allowlists from GET /v2/models/{name}
     version_policy: Literal[VERSION_POLICIES] = "latest"  # a request without a version: the highest known, or `explicit`
     versioned_paths: bool = True  # name a configured default version in upstream paths (off for unversioned servers)
 
@@ -77,25 +77,25 @@ class PartitionSpec(Section):
 class ModelSpec(Section):
     """Where one model routes (`models: {name: partition}` is short for `{name: {partition: ...}}`)."""
 
-    partition: Name
-    default_version: Union[str, int, None] = None
+    partition: Name  # a key of partitions
+    default_version: Union[str, int, None] = None  # the version a request without one gets
     version_policy: Optional[Literal[VERSION_POLICIES]] = None  # None: the partition's
 
 
 class UnknownModels(Section):
     """Models not under `models`: rejected (404), or sent untrimmed-by-name to one partition."""
 
-    policy: Literal[UNKNOWN_POLICIES] = "reject"
+    policy: Literal[UNKNOWN_POLICIES] = "reject"  # reject: 404; passthrough: forward to `partition`
     partition: Optional[Name] = None  # required when policy is passthrough
 
 
 class Timeouts(Section):
     """Upstream and client-side timeouts, seconds (client side: trimmer/edge.py, like nginx's)."""
 
-    connect_s: Positive = 1.0
-    request_s: Positive = 5.0
-    drain_s: Positive = 10.0
-    health_interval_s: Positive = 2.0
+    connect_s: Positive = 1.0  # TCP connect to a replica
+    request_s: Positive = 5.0  # whole upstream round trip; expiry answers 504
+    drain_s: Positive = 10.0  # on SIGTERM: bound on waiting for in-flight requests
+    health_interval_s: Positive = 2.0  # replica health checks
     client_header_s: Positive = 10.0  # connection start or first byte of a request head -> whole head
     client_body_s: Positive = 30.0  # each window this long must bring client_body_min_rate bytes/s of body (0 bytes: stalled)
     client_body_min_rate: Annotated[int, msgspec.Meta(ge=0)] = 1024  # bytes/s; 0: only a full stall closes
@@ -105,7 +105,7 @@ class Timeouts(Section):
 class Limits(Section):
     """Per-process bounds on what clients may send."""
 
-    max_body_bytes: Count = 64 * MiB
+    max_body_bytes: Count = 64 * MiB  # larger request bodies (also after decompression) get 413
     max_connections: Count = 4096  # concurrent client connections; more are closed at once and counted
     max_inflight_body_bytes: Optional[Count] = None  # default 4 x max_body_bytes; past it 503 + Retry-After
     max_fanout_targets: Count = 64  # models one /v1/score request may list; more -> 400
@@ -115,8 +115,8 @@ class Capture(Section):
     """A sample of scoring requests appended to a file, for `trimmer loadtest --replay` (trimmer/capture.py)."""
 
     path: Name  # relative to the config file
-    sample_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.001
-    max_bytes: Count = 256 * MiB
+    sample_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.001  # share of requests captured, (0, 1]
+    max_bytes: Count = 256 * MiB  # the file's bound; capturing stops there
 
 
 class RootFile(Section):
@@ -129,12 +129,12 @@ class RootFile(Section):
     bundles: Paths = []  # files built by `trimmer bundle build`
     repositories: Paths = []  # <repo>/<model>/<version>/model.pt[2]
     overrides: Optional[Paths] = None  # one allowlists.yaml
-    watch: bool = True
-    models: dict[str, Union[Name, ModelSpec]] = {}
+    watch: bool = True  # hot-reload bundles and repositories when they change
+    models: dict[str, Union[Name, ModelSpec]] = {}  # model -> partition name, or {partition, default_version, version_policy}
     unknown_models: UnknownModels = msgspec.field(default_factory=UnknownModels)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     limits: Limits = msgspec.field(default_factory=Limits)
-    deadline_header: Name = "X-Deadline-Ms"
+    deadline_header: Name = "X-Deadline-Ms"  # remaining budget in ms, read from clients and sent upstream
     audit_sample_rate: Fraction = 0.0  # fraction of trimmed requests also sent untrimmed and compared (root/audit.py)
     audit_max_concurrent: Count = 8  # audits in flight at once; more are dropped and counted
     audit_tolerance: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 1e-5  # float outputs this close (relative) are near matches

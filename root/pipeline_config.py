@@ -36,9 +36,9 @@ MAX_STAGES = 16
 class StageSpec(Section):
     """One stage: a model call. `inputs` maps a feature name of this stage to `<earlier stage>.<output>`."""
 
-    model: Name
+    model: Name  # the model this stage calls
     name: Union[Name, None] = None  # how later stages and the response refer to it; default: the model name
-    version: Union[str, int, None] = None
+    version: Union[str, int, None] = None  # default: the model's default version
     inputs: Annotated[dict[str, str], msgspec.Meta(extra={"error": "must map a feature name to '<earlier stage>.<output>'"})] = {}
 
 

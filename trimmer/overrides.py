@@ -30,34 +30,34 @@ FeatureNames = Annotated[list[Name], msgspec.Meta(extra={"error": "must be a lis
 class VersionSpec(Section):
     """Settings for one version of a model; they win over the model's."""
 
-    mode: Optional[Mode] = None
-    keep: FeatureNames = []
-    allowlist: Optional[FeatureNames] = None
-    allow_extra_features: bool = False
+    mode: Optional[Mode] = None  # enforce | shadow | off (a bare YAML off reads as false, meaning off)
+    keep: FeatureNames = []  # features always forwarded, on top of the allowlist
+    allowlist: Optional[FeatureNames] = None  # explicit allowlist for this version (wins over its signature)
+    allow_extra_features: bool = False  # the allowlist may name features no known signature reads
 
 
 class ModelSpec(Section):
     """Settings for one model (every version unless `versions` says otherwise)."""
 
-    mode: Optional[Mode] = None
-    default_version: Union[str, int, None] = None
-    keep: FeatureNames = []
-    allowlist: Optional[FeatureNames] = None
-    versions: dict[str, VersionSpec] = {}
-    allow_extra_features: bool = False
+    mode: Optional[Mode] = None  # enforce | shadow | off
+    default_version: Union[str, int, None] = None  # the version a request without one gets
+    keep: FeatureNames = []  # features always forwarded, every version
+    allowlist: Optional[FeatureNames] = None  # explicit allowlist for versions without a signature
+    versions: dict[str, VersionSpec] = {}  # version -> settings
+    allow_extra_features: bool = False  # the allowlist may name features no known signature reads
 
 
 class DefaultsSpec(Section):
     """Settings for every model without its own."""
 
-    mode: Optional[Mode] = None
+    mode: Optional[Mode] = None  # mode of models without their own (default enforce)
 
 
 class OverridesFile(Section):
     """Allowlist overrides (configs/allowlists.yaml): mode, extra `keep` features, explicit allowlists. docs/allowlists.md."""
 
     defaults: DefaultsSpec = msgspec.field(default_factory=DefaultsSpec)
-    models: dict[str, ModelSpec] = {}
+    models: dict[str, ModelSpec] = {}  # model name -> settings
 
 
 # ---------------------------------------------------------------- what the registry reads
