@@ -32,7 +32,7 @@ import msgspec
 import numpy as np
 
 from trimmer import __version__
-from trimmer.errors import PayloadError
+from trimmer.errors import DECODE_FAILURES, PayloadError, decode_errors
 from trimmer.oip_binary import HEADER, header_length
 from trimmer.tensor import DTYPES, Tensor
 
@@ -95,22 +95,14 @@ except ImportError:  # pragma: no cover - depends on the install
     _simdjson = None
 
 
-def _err(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 # ---------------------------------------------------------------------- requests
 def parse_request(body: bytes | memoryview, binary_header: str | None) -> tuple[InferRequest, dict[str, Any]]:
     """A JSON or binary-extension OIP body -> (request, {input name: wire Tensor}). PayloadError (400) on anything
     malformed: bad JSON, wrong types, shapes that disagree with the values, segments that do not add up."""
     view = memoryview(body)
     header_len = len(view) if binary_header is None else header_length(binary_header, len(view))
-    try:
+    with decode_errors("JSON body", shape="bad inference request"):
         req = _request.decode(view[:header_len])
-    except msgspec.ValidationError as exc:
-        raise PayloadError(f"bad inference request: {_err(exc)}") from None
-    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-        raise PayloadError(f"malformed JSON body: {_err(exc)}") from None
     features: dict[str, Any] = {}
     offset = header_len
     for inp in req.inputs:
@@ -167,7 +159,7 @@ def _json_tensor(name: str, dtype: str, wire: str, shape: list[int], raw: msgspe
     if arr is None:
         try:
             values = _flat_decoders[kind].decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except DECODE_FAILURES:
             values = _nested(name, dtype, kind, raw)
         try:
             arr = np.array(values, dtype=np_t)
@@ -224,7 +216,7 @@ def _nested(name: str, dtype: str, kind: str, raw: msgspec.Raw) -> list:
     bad = PayloadError(f"input {name!r}: 'data' must be a (row-major, possibly nested) list of {dtype} values ({want})")
     try:
         obj = _any.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+    except DECODE_FAILURES:
         raise bad from None
     if not isinstance(obj, list):
         raise bad

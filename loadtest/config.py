@@ -20,23 +20,82 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
+from urllib.parse import urlsplit
 
+import msgspec
+
+from trimmer.configschema import Count, Name, NonNegative, Positive, Section, convert
 from trimmer.errors import ConfigError
-from trimmer.overrides import check_section as _section
 from trimmer.overrides import load_yaml
 
 from .payload import KINDS, PROFILES, REFERENCE_MIX
 from .runner import LoadSpec
 from .scenarios import SCENARIOS
 
-_TOP = {"out", "repo", "leaf_url", "models", "payload", "load", "scenarios", "link_rates", "root", "sample_rss_s"}
-_PAYLOAD = {"usage_ratio", "candidates", "seed", "distinct", "mix", "profile"}
-_LOAD = {"mode", "rate", "concurrency", "duration_s", "count", "warmup_s", "timeout_s", "max_inflight"}
-_ROOT = {"workers", "max_connections", "extra"}
-_MODEL = {"name", "version"}
+_SCENARIO_NAMES = tuple(SCENARIOS)
+Scenario = Annotated[Literal[_SCENARIO_NAMES], msgspec.Meta(extra={"error": f"unknown scenario {{value!r}}; known: {', '.join(SCENARIOS)}"})]
 
 
+# ---------------------------------------------------------------- the file (schema: docs/schema/loadtest.json)
+class ModelEntry(Section):
+    """A target model (a bare name is short for {name: ...})."""
+
+    name: Name  # a model in the repository
+    version: Union[str, int, None] = None  # default: the highest in the repository
+
+
+class PayloadFile(Section):
+    """The generated requests (loadtest/payload.py)."""
+
+    usage_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2  # share of the features each model reads
+    candidates: Count = 256  # size of the candidate dimension
+    seed: Annotated[int, msgspec.Meta(ge=0)] = 0  # generator seed (the same seed gives the same bytes)
+    distinct: Count = 8  # distinct request bodies cycled
+    mix: Annotated[dict[Literal[KINDS], NonNegative], msgspec.Meta(min_length=1, extra_json_schema={"default": REFERENCE_MIX})] = \
+        msgspec.field(default_factory=lambda: dict(REFERENCE_MIX))  # feature kind -> weight
+    profile: Literal[PROFILES] = "random"  # value distributions: random (incompressible) | realistic
+
+
+class LoadFile(Section):
+    """How requests are sent (loadtest/runner.py)."""
+
+    mode: Annotated[Literal["open", "closed"], msgspec.Meta(extra={"error": "must be open or closed"})] = "open"  # open (arrival rate) or closed (concurrency)
+    rate: Positive = 50.0  # open loop: requests per second
+    concurrency: Count = 8  # closed loop: workers
+    duration_s: Optional[Positive] = 10.0  # null: bounded by count only
+    count: Optional[Count] = None  # stop after this many measured requests
+    warmup_s: NonNegative = 2.0  # unmeasured seconds first
+    timeout_s: Positive = 10.0  # per request
+    max_inflight: Count = 1024  # open loop safety bound
+
+
+class RootSettings(Section):
+    """The roots the matrix starts."""
+
+    workers: Count = 1  # root processes
+    max_connections: Count = 64  # per partition replica
+    extra: dict[str, Any] = {}  # merged into every generated root config
+
+
+class LoadtestFile(Section):
+    """The load test's YAML config (configs/loadtest.yaml); docs/loadtest.md."""
+
+    out: Name = "out/loadtest"  # report directory (relative: to the current directory)
+    repo: Optional[Name] = None  # model repository; null = build the demo repository into <out>/models
+    leaf_url: Optional[str] = None  # http://host:port of a running leaf to use instead of starting one (then set repo)
+    models: Annotated[Union[Name, Annotated[list[Union[Name, ModelEntry]], msgspec.Meta(min_length=1)]],
+                      msgspec.Meta(extra_json_schema={"default": ["ranker"]})] = msgspec.field(default_factory=lambda: ["ranker"])
+    payload: PayloadFile = msgspec.field(default_factory=PayloadFile)
+    load: LoadFile = msgspec.field(default_factory=LoadFile)
+    scenarios: Annotated[Union[str, Annotated[list[Scenario], msgspec.Meta(min_length=1)]],  # or "a,b,c"
+                         msgspec.Meta(extra_json_schema={"default": list(SCENARIOS)})] = msgspec.field(default_factory=lambda: list(SCENARIOS))
+    link_rates: Union[str, list[str]] = []  # e.g. [1gbit, 100mbit]: repeat the matrix behind a shaped veth (needs root)
+    root: RootSettings = msgspec.field(default_factory=RootSettings)
+    sample_rss_s: NonNegative = 0.0  # > 0: sample root and leaf RSS every N seconds (soak)
+
+
+# ---------------------------------------------------------------- what the load test reads
 @dataclass(frozen=True)
 class ModelTarget:
     name: str
@@ -70,19 +129,6 @@ class LoadtestConfig:
     leaf_url: str | None = None  # use this running leaf instead of starting one (then `repo` must hold its models)
 
 
-def _number(value: Any, where: str, default: Any, *, integer: bool = False, minimum: float | None = None,
-            positive: bool = False, optional: bool = False) -> Any:
-    if value is None:
-        return None if optional else default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise ConfigError(f"{where}: must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if positive and value <= 0:
-        raise ConfigError(f"{where}: must be > 0, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where}: must be >= {minimum:g}, got {value!r}")
-    return value
-
-
 def parse_rate(text: Any, where: str = "link rate") -> int:
     """'1gbit', '100mbit', '500kbit', '2.5gbit' -> bits per second (tc's units)."""
     if not isinstance(text, str):
@@ -100,131 +146,68 @@ def parse_rate(text: Any, where: str = "link rate") -> int:
     raise ConfigError(f"{where}: {text!r} is not a rate like 1gbit, 100mbit or 500kbit")
 
 
-def parse_loadtest_config(doc: Any, path: str = "loadtest.yaml", base: Path | None = None) -> LoadtestConfig:
-    base = base if base is not None else Path.cwd()
-    doc = _section(doc, _TOP, path)
-    out = doc.get("out", "out/loadtest")
-    if not isinstance(out, str) or not out:
-        raise ConfigError(f"{path}: out: must be a directory path")
-    repo = doc.get("repo")
-    if repo is not None:
-        if not isinstance(repo, str) or not repo:
-            raise ConfigError(f"{path}: repo: must be a directory path or null (build the demo repository)")
-        repo_p = Path(os.path.expanduser(repo))
-        repo_p = repo_p if repo_p.is_absolute() else base / repo_p
-        if not repo_p.is_dir():
-            raise ConfigError(f"{path}: repo: {repo}: no such directory")
-    else:
-        repo_p = None
-
-    raw_models = doc.get("models", [{"name": "ranker"}])
-    if isinstance(raw_models, str):
-        raw_models = [raw_models]
-    if not isinstance(raw_models, list) or not raw_models:
-        raise ConfigError(f"{path}: models: must be a non-empty list of model names or {{name, version}} maps")
-    models = []
-    for i, m in enumerate(raw_models):
-        if isinstance(m, str):
-            m = {"name": m}
-        m = _section(m, _MODEL, f"{path}: models[{i}]")
-        name, version = m.get("name"), m.get("version")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{path}: models[{i}].name: required, a model name")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, (str, int))):
-            raise ConfigError(f"{path}: models[{i}].version: must be a string")
-        models.append(ModelTarget(name, None if version is None else str(version)))
-
-    p = _section(doc.get("payload"), _PAYLOAD, f"{path}: payload")
-    ratio = _number(p.get("usage_ratio"), f"{path}: payload.usage_ratio", 0.2, positive=True)
-    if ratio > 1:
-        raise ConfigError(f"{path}: payload.usage_ratio: must be in (0, 1], got {ratio!r}")
-    mix = p.get("mix", dict(REFERENCE_MIX))
-    if not isinstance(mix, dict) or not mix or not all(k in KINDS for k in mix):
-        raise ConfigError(f"{path}: payload.mix: must map feature kinds ({', '.join(KINDS)}) to weights")
-    mix = {k: float(_number(v, f"{path}: payload.mix.{k}", 0.0, minimum=0)) for k, v in mix.items()}
-    if sum(mix.values()) <= 0:
-        raise ConfigError(f"{path}: payload.mix: weights must sum to > 0")
-    payload = PayloadSpec(
-        usage_ratio=float(ratio),
-        candidates=_number(p.get("candidates"), f"{path}: payload.candidates", 256, integer=True, minimum=1),
-        seed=_number(p.get("seed"), f"{path}: payload.seed", 0, integer=True, minimum=0),
-        distinct=_number(p.get("distinct"), f"{path}: payload.distinct", 8, integer=True, minimum=1),
-        mix=mix,
-        profile=_profile(p.get("profile"), f"{path}: payload.profile"),
-    )
-
-    ld = _section(doc.get("load"), _LOAD, f"{path}: load")
-    try:
-        load = LoadSpec(
-            mode=str(ld.get("mode", "open")),
-            rate=float(_number(ld.get("rate"), f"{path}: load.rate", 50.0, positive=True)),
-            concurrency=_number(ld.get("concurrency"), f"{path}: load.concurrency", 8, integer=True, minimum=1),
-            duration_s=_number(ld.get("duration_s", 10.0), f"{path}: load.duration_s", 10.0, positive=True, optional=True),
-            count=_number(ld.get("count"), f"{path}: load.count", None, integer=True, minimum=1, optional=True),
-            warmup_s=float(_number(ld.get("warmup_s"), f"{path}: load.warmup_s", 2.0, minimum=0)),
-            timeout_s=float(_number(ld.get("timeout_s"), f"{path}: load.timeout_s", 10.0, positive=True)),
-            max_inflight=_number(ld.get("max_inflight"), f"{path}: load.max_inflight", 1024, integer=True, minimum=1),
-        )
-    except ValueError as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"{path}: {exc}") from None
-
-    scen = doc.get("scenarios", list(SCENARIOS))
-    if isinstance(scen, str):
-        scen = [s.strip() for s in scen.split(",")]
-    if not isinstance(scen, list) or not scen:
-        raise ConfigError(f"{path}: scenarios: must be a non-empty list from {', '.join(SCENARIOS)}")
+def _scenarios(value: str | list[str], path: str) -> tuple[str, ...]:
+    scen = [s.strip() for s in value.split(",")] if isinstance(value, str) else value
     for s in scen:
         if s not in SCENARIOS:
             raise ConfigError(f"{path}: scenarios: unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
     if len(set(scen)) != len(scen):
         raise ConfigError(f"{path}: scenarios: duplicate scenario")
+    return tuple(scen)
 
-    rates = doc.get("link_rates") or []
-    if isinstance(rates, str):
-        rates = [rates]
-    if not isinstance(rates, list):
-        raise ConfigError(f"{path}: link_rates: must be a list like [1gbit, 100mbit]")
+
+def _leaf_url(url: str | None, repo: Path | None, path: str) -> None:
+    if url is None:
+        return
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or not port or parts.path.strip("/"):
+        raise ConfigError(f"{path}: leaf_url: must be http://host:port, got {url!r}")
+    if repo is None:
+        raise ConfigError(f"{path}: leaf_url: also set repo (the leaf's model repository, for the root's allowlists)")
+
+
+def parse_loadtest_config(doc: Any, path: str = "loadtest.yaml", base: Path | None = None) -> LoadtestConfig:
+    base = base if base is not None else Path.cwd()
+    f: LoadtestFile = convert(doc, LoadtestFile, path)
+    repo = None
+    if f.repo is not None:
+        repo = Path(os.path.expanduser(f.repo))
+        repo = repo if repo.is_absolute() else base / repo
+        if not repo.is_dir():
+            raise ConfigError(f"{path}: repo: {f.repo}: no such directory")
+    models = [ModelEntry(name=m) if isinstance(m, str) else m for m in ([f.models] if isinstance(f.models, str) else f.models)]
+    p = f.payload
+    if sum(p.mix.values()) <= 0:
+        raise ConfigError(f"{path}: payload.mix: weights must sum to > 0")
+    ld = f.load
+    try:
+        load = LoadSpec(mode=ld.mode, rate=ld.rate, concurrency=ld.concurrency, duration_s=ld.duration_s, count=ld.count,
+                        warmup_s=ld.warmup_s, timeout_s=ld.timeout_s, max_inflight=ld.max_inflight)
+    except ValueError as exc:  # LoadSpec's own cross-field checks (duration_s or count)
+        raise ConfigError(f"{path}: {exc}") from None
+    rates = [f.link_rates] if isinstance(f.link_rates, str) else f.link_rates
     for r in rates:
         parse_rate(r, f"{path}: link_rates")
-
-    leaf_url = doc.get("leaf_url")
-    if leaf_url is not None:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(leaf_url) if isinstance(leaf_url, str) else None
-        if parts is None or parts.scheme != "http" or not parts.hostname or not parts.port or parts.path.strip("/"):
-            raise ConfigError(f"{path}: leaf_url: must be http://host:port, got {leaf_url!r}")
-        if repo_p is None:
-            raise ConfigError(f"{path}: leaf_url: also set repo (the leaf's model repository, for the root's allowlists)")
-    rt = _section(doc.get("root"), _ROOT, f"{path}: root")
-    extra = rt.get("extra") or {}
-    if not isinstance(extra, dict):
-        raise ConfigError(f"{path}: root.extra: must be a mapping merged into each generated root config")
+    _leaf_url(f.leaf_url, repo, path)
     return LoadtestConfig(
         path=path,
-        out=Path(out) if Path(out).is_absolute() else Path.cwd() / out,
-        repo=repo_p,
-        models=tuple(models),
-        payload=payload,
+        out=Path(f.out) if Path(f.out).is_absolute() else Path.cwd() / f.out,
+        repo=repo,
+        models=tuple(ModelTarget(m.name, None if m.version is None else str(m.version)) for m in models),
+        payload=PayloadSpec(p.usage_ratio, p.candidates, p.seed, p.distinct, dict(p.mix), p.profile),
         load=load,
-        scenarios=tuple(scen),
-        link_rates=tuple(str(r) for r in rates),
-        root_workers=_number(rt.get("workers"), f"{path}: root.workers", 1, integer=True, minimum=1),
-        root_max_connections=_number(rt.get("max_connections"), f"{path}: root.max_connections", 64, integer=True, minimum=1),
-        root_extra=extra,
-        leaf_url=leaf_url,
-        sample_rss_s=float(_number(doc.get("sample_rss_s"), f"{path}: sample_rss_s", 0.0, minimum=0)),
+        scenarios=_scenarios(f.scenarios, path),
+        link_rates=tuple(rates),
+        root_workers=f.root.workers,
+        root_max_connections=f.root.max_connections,
+        root_extra=f.root.extra,
+        leaf_url=f.leaf_url,
+        sample_rss_s=f.sample_rss_s,
     )
-
-
-def _profile(value: Any, where: str) -> str:
-    if value is None:
-        return "random"
-    if value not in PROFILES:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(PROFILES)}")
-    return value
 
 
 def load_loadtest_config(path: str | os.PathLike[str]) -> LoadtestConfig:

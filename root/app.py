@@ -23,7 +23,7 @@ from trimmer.codec import JSON, MSGPACK, media_type
 from trimmer.compression import BodyTooLarge, Decoder, DecompressError, UnsupportedEncoding, normalize
 from trimmer.edge import BodyBudget, EdgeLimits, EdgeMetrics, Lease, handler_args
 from trimmer.edge import install as install_edge
-from trimmer.errors import ConfigError, PayloadError
+from trimmer.errors import DECODE_FAILURES, ConfigError, PayloadError
 from trimmer.http_errors import error_middleware
 from trimmer import oip_binary
 from trimmer.capture import CaptureWriter
@@ -415,7 +415,7 @@ async def handle_repository_index(request: web.Request) -> web.Response:
         try:
             resp = await part.request("POST", "/v2/repository/index", body, {"Content-Type": JSON, "Accept": JSON}, timeout)
             entries = msgspec.json.decode(resp.body) if resp.status == 200 else []
-        except (UpstreamError, msgspec.DecodeError):
+        except (UpstreamError, *DECODE_FAILURES):
             return []
         return [{**e, "partition": part.name} for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
@@ -432,7 +432,7 @@ async def handle_server_metadata(request: web.Request) -> web.Response:
         try:
             resp = await part.request("GET", "/v2", None, {"Accept": JSON}, timeout)
             return msgspec.json.decode(resp.body) if resp.status == 200 else {"error": f"GET /v2 answered {resp.status}"}
-        except (UpstreamError, msgspec.DecodeError) as exc:
+        except (UpstreamError, *DECODE_FAILURES) as exc:
             return {"error": str(exc)[:200]}
 
     metas = await asyncio.gather(*(one(p) for p in state.partitions.values()))

@@ -29,7 +29,7 @@ import msgspec
 import numpy as np
 
 from trimmer.codec import AUDIT_HEADER, decode, is_msgpack
-from trimmer.errors import TrimmerError
+from trimmer.errors import DECODE_FAILURES, TrimmerError
 from trimmer.tensor import Tensor
 
 from .metrics import Metrics
@@ -176,7 +176,7 @@ def dropped_features(untrimmed: bytes, content_type: str, allowlist: AbstractSet
             names = list(fmt.decode(raw, type=dict[str, msgspec.Raw]))
         else:  # OIP: inputs list
             names = [i.get("name") for i in msgspec.json.decode(doc.get("inputs", b"[]")) if isinstance(i, dict)]
-    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, AttributeError):
+    except (*DECODE_FAILURES, TypeError, AttributeError):
         return []
     out = sorted(n for n in names if isinstance(n, str) and n not in allowlist)
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])

@@ -28,7 +28,7 @@ import msgspec
 
 from trimmer import oip_binary
 from trimmer.codec import MSGPACK, is_msgpack
-from trimmer.errors import PayloadError
+from trimmer.errors import DECODE_FAILURES, PayloadError, decode_errors
 from trimmer.http_errors import HttpError
 from trimmer.handshake import MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
 from trimmer.lograte import RateLimitedLog
@@ -230,14 +230,8 @@ class PreparedBody:
         self.models_raw: Raw | None = None
         self.base = body
         dec, enc, _, fmt = _DECODERS[media]
-        try:
+        with decode_errors(f"{fmt} body", shape="request must be a map with string keys"):
             top = dec.decode(body.joined())
-        except msgspec.ValidationError as exc:
-            raise PayloadError(f"request must be a map with string keys ({exc})") from None
-        except msgspec.DecodeError as exc:
-            raise PayloadError(f"malformed {fmt} body: {exc}") from None
-        except RecursionError:
-            raise PayloadError(f"malformed {fmt} body: nested too deeply") from None
         models_raw = top.pop("models", None)
         if models_raw is not None:
             # Its own bytes: a Raw is a view that would keep the whole joined client body alive.
@@ -248,10 +242,8 @@ class PreparedBody:
     def models(self) -> list[ModelRef]:
         if self.models_raw is None:
             raise PayloadError('fan-out request has no "models" list; send [{"name": ...}, ...] or use /v1/models/{name}/score')
-        try:
+        with decode_errors(f"{_DECODERS[self.media][3]} models list", shape='"models" must be a list of {"name": str, "version": str?}'):
             refs = _DECODERS[self.media][2].decode(self.models_raw)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
-            raise PayloadError(f'"models" must be a list of {{"name": str, "version": str?}} ({exc})') from None
         if not refs:
             raise PayloadError('"models" is empty')
         return refs
@@ -424,7 +416,7 @@ class DataPlane:
                         results[key] = Raw(out.body)
                     else:
                         results[key] = _decode_any(out.body, out.content_type)
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
+                except DECODE_FAILURES:
                     errors[key] = {"status": 502, "error": f"model {ref.name!r}: upstream sent an undecodable {out.content_type} body"}
                     if isinstance(t, Target):
                         self.metrics.errors.labels(*t.labels, "bad_upstream_body").inc()
@@ -560,7 +552,7 @@ def upstream_error_text(body: bytes, content_type: str, status: int) -> str:
             obj = msgspec.json.decode(body)
         if isinstance(obj, dict) and isinstance(obj.get("error"), str):
             return obj["error"]
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
+    except DECODE_FAILURES:
         pass
     text = body[:200].decode("utf-8", "replace").strip()
     return f"upstream answered {status}" + (f": {text}" if text else "")

@@ -14,6 +14,7 @@ import logging
 import aiohttp
 import msgspec
 
+from trimmer.errors import DECODE_FAILURES
 from trimmer.registry import Source, SourceData
 from trimmer.signature import Signature
 
@@ -64,7 +65,7 @@ class MetadataSource(Source):
             raise UpstreamError(resp.status, "metadata", f"GET {path} answered {resp.status}")
         try:
             return _decode.decode(resp.body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except DECODE_FAILURES as exc:
             raise UpstreamError(502, "metadata", f"GET {path}: not OIP model metadata ({exc})") from None
 
     async def fetch(self, timeout_s: float = 5.0) -> SourceData:

@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from trimmer.codec import MSGPACK, is_msgpack, media_type
-from trimmer.errors import PayloadError
+from trimmer.errors import PayloadError, decode_errors
 from trimmer.names import check_name
 
 from .dataplane import Body, NativeFormat
@@ -59,12 +59,8 @@ class PipelineMetrics:
 
 def _decode(data: bytes | Raw, media: str, what: str) -> dict[str, Raw]:
     dec, _, fmt = _CODECS[media]
-    try:
+    with decode_errors(f"{fmt} {what}", shape=f"{what} must be a map with string keys"):
         return dec.decode(data)
-    except msgspec.ValidationError as exc:
-        raise PayloadError(f"{what} must be a map with string keys ({exc})") from None
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise PayloadError(f"{what} is not valid {fmt} ({exc})") from None
 
 
 async def run_pipeline(state: Any, pm: PipelineMetrics, pipe: PipelineConfig, body: bytes, media: str, budget_s: float) -> bytes:

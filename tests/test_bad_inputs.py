@@ -224,7 +224,7 @@ CASES: list[Case] = [
     Case("leaf non-map top level", "leaf", 400, "map at the top level", L_ONE, msgspec.msgpack.encode("hello")),
     Case("leaf features wrong type", "leaf", 400, "features", L_ONE, msgspec.msgpack.encode({"features": "abc"})),
     Case("leaf features non-string keys", "leaf", 400, "non-empty strings", L_ONE, msgspec.msgpack.encode({"features": {7: 1}})),
-    Case("leaf deep nesting", "leaf", 400, "recursion", L_ONE, DEEP_MP),
+    Case("leaf deep nesting", "leaf", 400, "nested too deeply", L_ONE, DEEP_MP),
     Case("leaf lying content-length", "leaf", 400, "truncated", L_ONE, lambda e: good_mp(e), raw_http=True),
     Case("leaf huge declared bin", "leaf", 400, "truncated", L_ONE, HUGE_BIN),
     Case("leaf tensor byte length disagrees", "leaf", 400, "needs 16 bytes, got 12", L_ONE,

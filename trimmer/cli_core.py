@@ -62,6 +62,9 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .configschema import register as register_config
+
+    register_config(sub)  # `trimmer config schema KIND`
     p = sub.add_parser("inspect", help="print a model archive's signature (or a repository's / bundle's allowlists) as JSON")
     p.add_argument("path", help="model.pt / model.pt2 archive, a model repository directory, or a bundle .json")
     p.set_defaults(func=_inspect)

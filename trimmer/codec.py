@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import PayloadError
+from .errors import PayloadError, decode_errors, first_line
 from .tensor import DTYPES, JSON_TENSOR_KEY, MAX_NDIM, TENSOR_EXT_CODE, Tensor
 
 MSGPACK = "application/msgpack"
@@ -95,17 +95,12 @@ _json_decoder = msgspec.json.Decoder()
 _json_encoder = msgspec.json.Encoder(enc_hook=_json_enc_hook)
 
 
-def _error_text(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 def decode_msgpack(body: bytes | memoryview) -> Any:
-    try:
-        return _msgpack_decoder.decode(body)
-    except PayloadError:
-        raise
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError) as exc:
-        raise PayloadError(f"malformed msgpack body: {_error_text(exc)}") from None
+    with decode_errors("msgpack body"):
+        try:
+            return _msgpack_decoder.decode(body)
+        except TypeError as exc:  # an ext payload ext_hook cannot take
+            raise PayloadError(f"malformed msgpack body: {first_line(exc)}") from None
 
 
 def _json_tensors(obj: Any) -> Any:
@@ -120,10 +115,8 @@ def _json_tensors(obj: Any) -> Any:
 
 
 def decode_json(body: bytes | memoryview) -> Any:
-    try:
+    with decode_errors("JSON body"):
         obj = _json_decoder.decode(body)
-    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-        raise PayloadError(f"malformed JSON body: {_error_text(exc)}") from None
     try:
         return _json_tensors(obj)
     except RecursionError:

@@ -13,19 +13,54 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
 
+import msgspec
 import yaml
 
+from .configschema import Name, Section, convert
 from .errors import ConfigError
 
 MODES = ("enforce", "shadow", "off")
-_TOP_KEYS = {"defaults", "models"}
-_DEFAULT_KEYS = {"mode"}
-_MODEL_KEYS = {"mode", "default_version", "keep", "allowlist", "versions", "allow_extra_features"}
-_VERSION_KEYS = {"mode", "keep", "allowlist", "allow_extra_features"}
+Mode = Union[Literal["enforce", "shadow", "off"], bool]  # YAML 1.1 reads a bare `off` as false
+FeatureNames = Annotated[list[Name], msgspec.Meta(extra={"error": "must be a list of non-empty feature names"})]
 
 
+# ---------------------------------------------------------------- the file (schema: docs/schema/overrides.json)
+class VersionSpec(Section):
+    """Settings for one version of a model; they win over the model's."""
+
+    mode: Optional[Mode] = None  # enforce | shadow | off (a bare YAML off reads as false, meaning off)
+    keep: FeatureNames = []  # features always forwarded, on top of the allowlist
+    allowlist: Optional[FeatureNames] = None  # explicit allowlist for this version (wins over its signature)
+    allow_extra_features: bool = False  # the allowlist may name features no known signature reads
+
+
+class ModelSpec(Section):
+    """Settings for one model (every version unless `versions` says otherwise)."""
+
+    mode: Optional[Mode] = None  # enforce | shadow | off
+    default_version: Union[str, int, None] = None  # the version a request without one gets
+    keep: FeatureNames = []  # features always forwarded, every version
+    allowlist: Optional[FeatureNames] = None  # explicit allowlist for versions without a signature
+    versions: dict[str, VersionSpec] = {}  # version -> settings
+    allow_extra_features: bool = False  # the allowlist may name features no known signature reads
+
+
+class DefaultsSpec(Section):
+    """Settings for every model without its own."""
+
+    mode: Optional[Mode] = None  # mode of models without their own (default enforce)
+
+
+class OverridesFile(Section):
+    """Allowlist overrides (configs/allowlists.yaml): mode, extra `keep` features, explicit allowlists. docs/allowlists.md."""
+
+    defaults: DefaultsSpec = msgspec.field(default_factory=DefaultsSpec)
+    models: dict[str, ModelSpec] = {}  # model name -> settings
+
+
+# ---------------------------------------------------------------- what the registry reads
 @dataclass(frozen=True)
 class VersionOverride:
     mode: str | None = None
@@ -50,75 +85,28 @@ class Overrides:
     models: dict[str, ModelOverride] = field(default_factory=dict)
 
 
-def check_section(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
-    """A config mapping (None -> {}) with no keys outside `allowed`; shared by every YAML config."""
-    if obj is None:
-        return {}
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{where}: must be a mapping")
-    unknown = sorted(str(k) for k in set(obj) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    return obj
-
-
-def _mode(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
+def _mode(value: str | bool | None, where: str) -> str | None:
     if value is False:  # YAML 1.1 reads a bare `off` as false
         return "off"
-    if value not in MODES:
-        raise ConfigError(f"{where}.mode: {value!r} is not one of {', '.join(MODES)}")
-    return str(value)
-
-
-def _flag(value: Any, where: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: must be true or false")
+    if value is True:
+        raise ConfigError(f"{where}.mode: True is not one of {', '.join(MODES)}")
     return value
 
 
-def _names(value: Any, where: str) -> frozenset[str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{where}: must be a list of non-empty feature names")
-    return frozenset(value)
+def _names(value: list[str] | None) -> frozenset[str] | None:
+    return None if value is None else frozenset(value)
 
 
 def parse_overrides(doc: Any, where: str = "allowlists.yaml") -> Overrides:
-    doc = check_section(doc, _TOP_KEYS, where)
-    defaults = check_section(doc.get("defaults"), _DEFAULT_KEYS, f"{where}: defaults")
+    spec: OverridesFile = convert(doc, OverridesFile, where)
     models: dict[str, ModelOverride] = {}
-    raw_models = doc.get("models") or {}
-    if not isinstance(raw_models, dict):
-        raise ConfigError(f"{where}: models must be a mapping of model name to settings")
-    for name, raw in raw_models.items():
+    for name, m in spec.models.items():
         mw = f"{where}: models.{name}"
-        raw = check_section(raw, _MODEL_KEYS, mw)
-        versions: dict[str, VersionOverride] = {}
-        raw_versions = raw.get("versions") or {}
-        if not isinstance(raw_versions, dict):
-            raise ConfigError(f"{mw}.versions: must be a mapping of version to settings")
-        for version, vraw in raw_versions.items():
-            vw = f"{mw}.versions.{version}"
-            vraw = check_section(vraw, _VERSION_KEYS, vw)
-            versions[str(version)] = VersionOverride(
-                _mode(vraw.get("mode"), vw), _names(vraw.get("keep"), f"{vw}.keep") or frozenset(), _names(vraw.get("allowlist"), f"{vw}.allowlist"),
-                _flag(vraw.get("allow_extra_features"), f"{vw}.allow_extra_features"),
-            )
-        dv = raw.get("default_version")
-        models[str(name)] = ModelOverride(
-            mode=_mode(raw.get("mode"), mw),
-            default_version=None if dv is None else str(dv),
-            keep=_names(raw.get("keep"), f"{mw}.keep") or frozenset(),
-            allowlist=_names(raw.get("allowlist"), f"{mw}.allowlist"),
-            versions=versions,
-            allow_extra_features=_flag(raw.get("allow_extra_features"), f"{mw}.allow_extra_features"),
-        )
-    return Overrides(_mode(defaults.get("mode"), f"{where}: defaults") or "enforce", models)
+        versions = {v: VersionOverride(_mode(vs.mode, f"{mw}.versions.{v}"), frozenset(vs.keep), _names(vs.allowlist), vs.allow_extra_features)
+                    for v, vs in m.versions.items()}
+        models[name] = ModelOverride(_mode(m.mode, mw), None if m.default_version is None else str(m.default_version), frozenset(m.keep),
+                                     _names(m.allowlist), versions, m.allow_extra_features)
+    return Overrides(_mode(spec.defaults.mode, f"{where}: defaults") or "enforce", models)
 
 
 def load_yaml(path: str | os.PathLike[str]) -> Any:
