@@ -140,7 +140,8 @@ def test_every_command_is_still_wired() -> None:
         return dict(subs[0].choices) if subs else {}
 
     top = actions(build_parser())
-    assert list(top) == ["inspect", "bundle", "leaf", "root", "drift", "loadtest", "demo", "bench"]
+    assert list(top) == ["config", "inspect", "bundle", "leaf", "root", "drift", "loadtest", "demo", "bench"]
+    assert list(actions(top["config"])) == ["schema"]
     assert list(actions(top["bundle"])) == ["build"]
     assert list(actions(top["bench"])) == ["trim"]
     assert list(actions(top["root"])) == ["bench"]
