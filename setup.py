@@ -1,8 +1,18 @@
-"""Optional C accelerators (the trim, the tensor ext hook); pure-Python fallbacks when they cannot build."""
+"""Optional C accelerators (the trim, the tensor ext hook); pure-Python fallbacks when they cannot build.
+
+TRIMMER_STRICT_BUILD=1 compiles with -Wall -Wextra -Werror (the test build, `make test`); a user's install
+never fails on a new compiler's new warning. The headers are `depends` so that an edit rebuilds and the
+sdist carries them.
+"""
+
+import os
 
 from setuptools import Extension, setup
 
+FLAGS = ["-O3"] + (["-Wall", "-Wextra", "-Werror"] if os.environ.get("TRIMMER_STRICT_BUILD") == "1" else [])
+FASTTRIM_HEADERS = ["trimmer/msgpack_format.h", "trimmer/msgpack_reader.h", "trimmer/nameset.h"]
+
 setup(ext_modules=[
-    Extension("trimmer._fasttrim", ["trimmer/_fasttrim.c"], optional=True, extra_compile_args=["-O3"]),
-    Extension("trimmer._tensorext", ["trimmer/_tensorext.c"], optional=True, extra_compile_args=["-O3"]),
+    Extension("trimmer._fasttrim", ["trimmer/_fasttrim.c"], depends=FASTTRIM_HEADERS, optional=True, extra_compile_args=FLAGS),
+    Extension("trimmer._tensorext", ["trimmer/_tensorext.c"], optional=True, extra_compile_args=FLAGS),
 ])
