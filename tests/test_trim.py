@@ -445,3 +445,41 @@ def test_output_sized_from_the_last_trim_still_grows_when_this_one_keeps_more() 
         for fn in (trim_mod.trim_msgpack_c, lambda b, a: trim_mod.trim_msgpack_chunks([b[:70_000], b[70_000:]], a)):
             assert fn(body, allow) == trim_mod.trim_msgpack_py(body, allow)
             assert fn(stranger, allow) == trim_mod.trim_msgpack_py(stranger, allow)
+
+
+def _stub_api(name: str) -> dict[str, set[str]]:
+    """The names a .pyi stub declares: top-level functions and classes, with each class's members."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(trim_mod.__file__).parent / f"{name}.pyi").read_text())
+    api: dict[str, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            api[node.name] = set()
+        elif isinstance(node, ast.ClassDef):
+            api[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef) and n.name != "__init__"}
+    return api
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fasttrim_stub_matches_both_engines(engine: str) -> None:
+    """_fasttrim.pyi declares what the C module has, and the Python twin has the same (trimmer.trim takes either)."""
+    api = _stub_api("_fasttrim")
+    assert set(api) == {"Names", "Trimmer", "trim"}
+    module = trim_mod.ENGINES[engine]
+    for name, members in api.items():
+        obj = getattr(module, name)
+        assert callable(obj), name
+        for member in members:
+            if member in {"allow", "rescanned"}:  # properties: instance attributes in Python
+                continue
+            assert callable(getattr(obj, member)), f"{name}.{member}"
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="C extensions switched off")
+def test_tensorext_stub_matches_the_module() -> None:
+    from trimmer import _tensorext
+
+    api = _stub_api("_tensorext")
+    assert set(api) == {"configure", "hook"} and all(callable(getattr(_tensorext, n)) for n in api)

@@ -50,6 +50,7 @@ for _first, _last, _kind, _head, _lenw, _in_byte in _GRAMMAR:
         _FIXED[_t] = _head if _kind == _SCALAR else _head + _N[_t] if _kind == _STR and _in_byte else 0
 
 _FIXMAP, _FIXMAP_MAX, _MAP16, _MAP32 = 0x80, 0x0F, 0xDE, 0xDF  # the map headers the trim writes
+_FIXSTR, _FIXSTR_LAST = 0xA0, 0xBF
 
 TRUNCATED = "truncated msgpack body"
 
@@ -172,11 +173,23 @@ def _scan(b: bytes, allow: AbstractSet[str]) -> tuple[bytes, int, int] | None:
         kept: list[bytes] = []
         for _ in range(n_feat):
             mark = pos
-            key = _read_str(b, pos)
-            if key is None:
-                raise ValueError('"features" keys must be strings')
-            name, pos = key
-            pos = _skip_one(b, pos, 2)
+            end = pos + 1 + (b[pos] - _FIXSTR) if pos < n and _FIXSTR <= b[pos] <= _FIXSTR_LAST else 0
+            if 0 < end <= n:  # the common key, a whole fixstr: read here (what _read_str does, without the calls)
+                try:
+                    name = b[pos + 1:end].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError("map key is not valid UTF-8") from None
+                pos = end
+            else:
+                key = _read_str(b, pos)
+                if key is None:
+                    raise ValueError('"features" keys must be strings')
+                name, pos = key
+            k = _FIXED[b[pos]] if pos < n else 0
+            if k and pos + k <= n:  # a scalar value: skipped here (what _skip_one does, without the call)
+                pos += k
+            else:
+                pos = _skip_one(b, pos, 2)
             if name in allow:
                 kept.append(b[mark:pos])  # the entry's bytes as they came
         found = (start, pos, n_feat, kept)
