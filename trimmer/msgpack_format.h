@@ -1,8 +1,9 @@
 /*
  * The msgpack format (https://github.com/msgpack/msgpack/blob/master/spec.md),
- * written once: the type bytes by name, and one table row per type family
- * giving how its encoding is laid out. Every parser in _fasttrim.c reads the
- * grammar from the tables derived here, instead of restating it in compares.
+ * written once: the type bytes by name, and one table giving how each one's
+ * encoding is laid out. Every parser in _fasttrim.c reads the grammar from
+ * this table, instead of restating it in compares (trimmer/_trim_py.py
+ * restates it for the Python engine; the tests compare the two engines).
  *
  * Single-translation-unit header: included by _fasttrim.c only (static data).
  */
@@ -57,72 +58,63 @@ typedef struct {
     uint8_t head;  /* bytes before the payload: the type byte, the length or count field, an ext's type byte;
                       for a scalar, its whole size */
     uint8_t lenw;  /* width of the big-endian length or count after the type byte; 0: the type byte carries it */
-    uint8_t n;     /* when lenw is 0: the length or count the type byte carries */
+    uint8_t mask;  /* when lenw is 0: the type byte's bits that carry the length or count */
 } mp_type;
 
-/* The grammar: one row per type family. `lenw` 0 with `in_byte` set: the
- * length or count is the type byte minus `first`. */
-typedef struct {
-    uint8_t first, last, kind, head, lenw, in_byte;
-} mp_family;
-
-static const mp_family MP_GRAMMAR[] = {
-    {MP_POSFIXINT, MP_POSFIXINT_LAST, MP_KIND_SCALAR, 1, 0, 0},
-    {MP_FIXMAP,    MP_FIXMAP_LAST,    MP_KIND_MAP,    1, 0, 1},
-    {MP_FIXARRAY,  MP_FIXARRAY_LAST,  MP_KIND_ARRAY,  1, 0, 1},
-    {MP_FIXSTR,    MP_FIXSTR_LAST,    MP_KIND_STR,    1, 0, 1},
-    {MP_NIL,       MP_NIL,            MP_KIND_SCALAR, 1, 0, 0},
-    {MP_NEVER_USED, MP_NEVER_USED,    MP_KIND_INVALID, 1, 0, 0},
-    {MP_FALSE,     MP_TRUE,           MP_KIND_SCALAR, 1, 0, 0},
-    {MP_BIN8,      MP_BIN8,           MP_KIND_BIN,    1 + 1, 1, 0},
-    {MP_BIN16,     MP_BIN16,          MP_KIND_BIN,    1 + 2, 2, 0},
-    {MP_BIN32,     MP_BIN32,          MP_KIND_BIN,    1 + 4, 4, 0},
-    {MP_EXT8,      MP_EXT8,           MP_KIND_EXT,    1 + 1 + 1, 1, 0},
-    {MP_EXT16,     MP_EXT16,          MP_KIND_EXT,    1 + 2 + 1, 2, 0},
-    {MP_EXT32,     MP_EXT32,          MP_KIND_EXT,    1 + 4 + 1, 4, 0},
-    {MP_FLOAT32,   MP_FLOAT32,        MP_KIND_SCALAR, 1 + 4, 0, 0},
-    {MP_FLOAT64,   MP_FLOAT64,        MP_KIND_SCALAR, 1 + 8, 0, 0},
-    {MP_UINT8,     MP_UINT8,          MP_KIND_SCALAR, 1 + 1, 0, 0},
-    {MP_UINT16,    MP_UINT16,         MP_KIND_SCALAR, 1 + 2, 0, 0},
-    {MP_UINT32,    MP_UINT32,         MP_KIND_SCALAR, 1 + 4, 0, 0},
-    {MP_UINT64,    MP_UINT64,         MP_KIND_SCALAR, 1 + 8, 0, 0},
-    {MP_INT8,      MP_INT8,           MP_KIND_SCALAR, 1 + 1, 0, 0},
-    {MP_INT16,     MP_INT16,          MP_KIND_SCALAR, 1 + 2, 0, 0},
-    {MP_INT32,     MP_INT32,          MP_KIND_SCALAR, 1 + 4, 0, 0},
-    {MP_INT64,     MP_INT64,          MP_KIND_SCALAR, 1 + 8, 0, 0},
-    {MP_FIXEXT1,   MP_FIXEXT1,        MP_KIND_SCALAR, 1 + 1 + 1, 0, 0},
-    {MP_FIXEXT2,   MP_FIXEXT2,        MP_KIND_SCALAR, 1 + 1 + 2, 0, 0},
-    {MP_FIXEXT4,   MP_FIXEXT4,        MP_KIND_SCALAR, 1 + 1 + 4, 0, 0},
-    {MP_FIXEXT8,   MP_FIXEXT8,        MP_KIND_SCALAR, 1 + 1 + 8, 0, 0},
-    {MP_FIXEXT16,  MP_FIXEXT16,       MP_KIND_SCALAR, 1 + 1 + 16, 0, 0},
-    {MP_STR8,      MP_STR8,           MP_KIND_STR,    1 + 1, 1, 0},
-    {MP_STR16,     MP_STR16,          MP_KIND_STR,    1 + 2, 2, 0},
-    {MP_STR32,     MP_STR32,          MP_KIND_STR,    1 + 4, 4, 0},
-    {MP_ARRAY16,   MP_ARRAY16,        MP_KIND_ARRAY,  1 + 2, 2, 0},
-    {MP_ARRAY32,   MP_ARRAY32,        MP_KIND_ARRAY,  1 + 4, 4, 0},
-    {MP_MAP16,     MP_MAP16,          MP_KIND_MAP,    1 + 2, 2, 0},
-    {MP_MAP32,     MP_MAP32,          MP_KIND_MAP,    1 + 4, 4, 0},
-    {MP_NEGFIXINT, MP_NEGFIXINT_LAST, MP_KIND_SCALAR, 1, 0, 0},
+/* The grammar: every type byte's layout. A constant table (range designators, a GNU C extension that gcc and
+ * clang accept), so that a lookup with a constant type byte folds into the constant at compile time. */
+static const mp_type MP_TYPES[256] = {
+    [MP_POSFIXINT ... MP_POSFIXINT_LAST] = {MP_KIND_SCALAR, 1, 0, 0},
+    [MP_FIXMAP ... MP_FIXMAP_LAST]       = {MP_KIND_MAP, 1, 0, 0x0f},
+    [MP_FIXARRAY ... MP_FIXARRAY_LAST]   = {MP_KIND_ARRAY, 1, 0, 0x0f},
+    [MP_FIXSTR ... MP_FIXSTR_LAST]       = {MP_KIND_STR, 1, 0, 0x1f},
+    [MP_NIL]        = {MP_KIND_SCALAR, 1, 0, 0},
+    [MP_NEVER_USED] = {MP_KIND_INVALID, 1, 0, 0},
+    [MP_FALSE]      = {MP_KIND_SCALAR, 1, 0, 0},
+    [MP_TRUE]       = {MP_KIND_SCALAR, 1, 0, 0},
+    [MP_BIN8]       = {MP_KIND_BIN, 1 + 1, 1, 0},
+    [MP_BIN16]      = {MP_KIND_BIN, 1 + 2, 2, 0},
+    [MP_BIN32]      = {MP_KIND_BIN, 1 + 4, 4, 0},
+    [MP_EXT8]       = {MP_KIND_EXT, 1 + 1 + 1, 1, 0},
+    [MP_EXT16]      = {MP_KIND_EXT, 1 + 2 + 1, 2, 0},
+    [MP_EXT32]      = {MP_KIND_EXT, 1 + 4 + 1, 4, 0},
+    [MP_FLOAT32]    = {MP_KIND_SCALAR, 1 + 4, 0, 0},
+    [MP_FLOAT64]    = {MP_KIND_SCALAR, 1 + 8, 0, 0},
+    [MP_UINT8]      = {MP_KIND_SCALAR, 1 + 1, 0, 0},
+    [MP_UINT16]     = {MP_KIND_SCALAR, 1 + 2, 0, 0},
+    [MP_UINT32]     = {MP_KIND_SCALAR, 1 + 4, 0, 0},
+    [MP_UINT64]     = {MP_KIND_SCALAR, 1 + 8, 0, 0},
+    [MP_INT8]       = {MP_KIND_SCALAR, 1 + 1, 0, 0},
+    [MP_INT16]      = {MP_KIND_SCALAR, 1 + 2, 0, 0},
+    [MP_INT32]      = {MP_KIND_SCALAR, 1 + 4, 0, 0},
+    [MP_INT64]      = {MP_KIND_SCALAR, 1 + 8, 0, 0},
+    [MP_FIXEXT1]    = {MP_KIND_SCALAR, 1 + 1 + 1, 0, 0},
+    [MP_FIXEXT2]    = {MP_KIND_SCALAR, 1 + 1 + 2, 0, 0},
+    [MP_FIXEXT4]    = {MP_KIND_SCALAR, 1 + 1 + 4, 0, 0},
+    [MP_FIXEXT8]    = {MP_KIND_SCALAR, 1 + 1 + 8, 0, 0},
+    [MP_FIXEXT16]   = {MP_KIND_SCALAR, 1 + 1 + 16, 0, 0},
+    [MP_STR8]       = {MP_KIND_STR, 1 + 1, 1, 0},
+    [MP_STR16]      = {MP_KIND_STR, 1 + 2, 2, 0},
+    [MP_STR32]      = {MP_KIND_STR, 1 + 4, 4, 0},
+    [MP_ARRAY16]    = {MP_KIND_ARRAY, 1 + 2, 2, 0},
+    [MP_ARRAY32]    = {MP_KIND_ARRAY, 1 + 4, 4, 0},
+    [MP_MAP16]      = {MP_KIND_MAP, 1 + 2, 2, 0},
+    [MP_MAP32]      = {MP_KIND_MAP, 1 + 4, 4, 0},
+    [MP_NEGFIXINT ... MP_NEGFIXINT_LAST] = {MP_KIND_SCALAR, 1, 0, 0},
 };
 
-/* Derived from MP_GRAMMAR at import (mp_tables_init). */
-static mp_type MP_TYPES[256];
 /* The total encoded size of an object fully known from its type byte (scalars
- * and fixstr), else 0 (a length or count follows, or 0xc1). Kept apart from
- * MP_TYPES as a dense 256-byte array: one load on the hot path of skipping
- * the scalars that fill list features. */
+ * and fixstr), else 0 (a length or count follows, or 0xc1). Derived from
+ * MP_TYPES at import (mp_tables_init), as a dense 256-byte array: one load on
+ * the hot path of skipping the scalars that fill list features. */
 static uint8_t MP_FIXED_SIZE[256];
 
 static void mp_tables_init(void) {
-    for (size_t f = 0; f < sizeof(MP_GRAMMAR) / sizeof(MP_GRAMMAR[0]); f++) {
-        const mp_family *g = &MP_GRAMMAR[f];
-        for (int t = g->first; t <= g->last; t++) {
-            uint8_t n = g->in_byte ? (uint8_t)(t - g->first) : 0;
-            MP_TYPES[t] = (mp_type){g->kind, g->head, g->lenw, n};
-            if (g->kind == MP_KIND_SCALAR) MP_FIXED_SIZE[t] = g->head;
-            else if (g->kind == MP_KIND_STR && g->in_byte) MP_FIXED_SIZE[t] = (uint8_t)(g->head + n);
-            else MP_FIXED_SIZE[t] = 0;
-        }
+    for (int t = 0; t < 256; t++) {
+        const mp_type *g = &MP_TYPES[t];
+        if (g->kind == MP_KIND_SCALAR) MP_FIXED_SIZE[t] = g->head;
+        else if (g->kind == MP_KIND_STR && !g->lenw) MP_FIXED_SIZE[t] = (uint8_t)(g->head + (t & g->mask));
+        else MP_FIXED_SIZE[t] = 0;
     }
 }
 
@@ -141,8 +133,9 @@ static inline uint64_t mp_be(const uint8_t *p, int w) {
 }
 
 /* The length or count of an object whose header (MP_TYPES[*p].head bytes) is at p. */
-static inline uint64_t mp_header_value(const mp_type *g, const uint8_t *p) {
-    return g->lenw ? mp_be(p + 1, g->lenw) : g->n;
+static inline uint64_t mp_header_value(const uint8_t *p) {
+    const mp_type *g = &MP_TYPES[p[0]];
+    return g->lenw ? mp_be(p + 1, g->lenw) : (uint64_t)(p[0] & g->mask);
 }
 
 /* The bytes of the shortest map header for c entries (what msgpack encoders write). */
