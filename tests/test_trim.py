@@ -64,6 +64,20 @@ def test_one_switch_turns_both_extensions_off_in_a_new_process() -> None:
         assert _probe(value).startswith("c True False | ")
 
 
+def test_an_extension_that_fails_to_import_falls_back_with_one_line_each() -> None:
+    """As on a machine where the build failed: the Python twins serve, the same bytes, and the log says why."""
+    code = ("import sys; sys.modules['trimmer._fasttrim'] = sys.modules['trimmer._tensorext'] = None  # import fails\n"
+            "import msgpack; from trimmer import codec, trim\n"
+            "body = msgpack.packb({'features': {'a': 1, 'b': 2}, 'z': 0})\n"
+            "print(trim.IMPLEMENTATION, codec.ext_hook is codec._ext_hook, "
+            "trim.trim_msgpack(body, frozenset({'a'})).body == msgpack.packb({'features': {'a': 1}, 'z': 0}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRIMMER_NO_EXTENSIONS"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["python", "True", "True"], r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and all("unavailable" in line and "pure-Python twin" in line for line in lines), r.stderr
+
+
 def test_switch_reaches_a_spawned_root(tmp_path) -> None:
     """A real root started as the service tests start theirs (loadtest.procs.start, which passes the test's
     environment on) trims with the engine the switch selects: it says so once in its log."""
