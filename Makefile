@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-proxies soak clean mutate
+.PHONY: setup test test-no-ext build-strict demo bench bench-proxies soak clean mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,15 +13,27 @@ $(PY):
 
 # torch: the CPU wheel 2.13.0 is pinned only when torch is absent; an unpinned
 # `torch` would pull a multi-GB CUDA build. pyproject keeps `torch>=2.4`.
-$(STAMP): $(PY) pyproject.toml setup.py trimmer/_fasttrim.c trimmer/_tensorext.c
+$(STAMP): $(PY) pyproject.toml setup.py trimmer/_fasttrim.c trimmer/_tensorext.c $(wildcard trimmer/*.h)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-test: setup
+# The tests run on extensions built as strictly as the compiler allows (-Wall -Wextra -Werror: setup.py), then
+# the trim and the service again with the extensions switched off (trimmer/extensions.py), as on a machine
+# without a compiler: the pure-Python engines must give the same answers.
+test: build-strict
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-no-ext
+
+build-strict: setup
+	TRIMMER_STRICT_BUILD=1 $(PY) setup.py -q build_ext --inplace --force
+
+# About 2 minutes; root processes the tests start inherit the switch.
+NO_EXT_TESTS := tests/test_trim.py tests/test_tensorext.py tests/test_root_service.py
+test-no-ext: setup
+	TRIMMER_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider $(NO_EXT_TESTS)
 
 demo: setup
 	$(VENV)/bin/trimmer demo

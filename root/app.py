@@ -31,6 +31,7 @@ from trimmer.names import check_name
 from trimmer.registry import BundleSource, Registry, RepositorySource
 from trimmer.settings import describe as settings_describe
 from trimmer.settings import settings
+from trimmer.trim import IMPLEMENTATION as TRIM_ENGINE
 from trimmer.trim import StreamTrim
 
 from .audit import Auditor
@@ -582,7 +583,7 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
                 log.info("root %s listening on %s (pid %d)", "admin" if app is admin else "service",
                          ", ".join(f"http://{a[0]}:{a[1]}" for a in addrs), os.getpid())
         if ready_line and not reuse_port:  # `--workers N`: the supervisor logs them once
-            log.info("settings: %s", settings().line())
+            log.info("settings: %s; trim engine: %s", settings().line(), TRIM_ENGINE)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

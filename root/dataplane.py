@@ -34,7 +34,7 @@ from trimmer.handshake import MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
 from trimmer.lograte import RateLimitedLog
 from trimmer.names import check_name
 from trimmer.registry import Registry, Resolution
-from trimmer.trim import ACCELERATED, StreamTrim, TrimResult, trim, trim_msgpack_chunks, trim_oip
+from trimmer.trim import StreamTrim, TrimResult, trim, trim_msgpack_chunks, trim_oip
 
 from .audit import Auditor, AuditJob
 from .config import RootConfig
@@ -184,8 +184,9 @@ class Plan:
     error: "RouteError | None" = None  # answered once the body is in (received and counted like any body)
 
     def stream_trim(self, size_hint: int) -> StreamTrim | None:
-        """A trim to feed while the body arrives: one msgpack target in a trimming mode, C accelerator present."""
-        if self.error is not None or len(self.targets) != 1 or not ACCELERATED:
+        """A trim to feed while the body arrives: one msgpack target in a trimming mode (the C engine scans each piece as
+        it is fed; the Python twin keeps them and scans at the end)."""
+        if self.error is not None or len(self.targets) != 1:
             return None
         fmt = self.fmt
         res = self.targets[0].resolution

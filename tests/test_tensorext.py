@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import msgspec
@@ -15,9 +16,17 @@ from trimmer.errors import PayloadError
 from trimmer.tensor import DTYPES, TENSOR_EXT_CODE, Tensor
 
 
-def test_c_hook_is_built() -> None:
-    # `make test` installs with a compiler; a silent fallback would cost ~1.4 us per tensor on every request
-    assert codec.ext_hook is not codec._ext_hook
+NO_EXTENSIONS = os.environ.get("TRIMMER_NO_EXTENSIONS", "").strip() not in ("", "0")
+# Both hooks where the C one is built and not switched off; the decoder tests run with each.
+HOOKS = {"python": codec._ext_hook, **({"c": codec.ext_hook} if codec.ext_hook is not codec._ext_hook else {})}
+
+
+def test_hook_follows_the_switch() -> None:
+    if NO_EXTENSIONS:  # the no-extension test run: the Python hook decodes every tensor
+        assert codec.ext_hook is codec._ext_hook
+    else:
+        # `make test` installs with a compiler; a silent fallback would cost ~1.4 us per tensor on every request
+        assert codec.ext_hook is not codec._ext_hook
 
 
 def _outcome(hook, code: int, payload: bytes):
@@ -42,17 +51,22 @@ def test_c_hook_matches_python_hook(code, dtype_code, dims, extra, ndim_lie, tai
         assert _outcome(codec.ext_hook, code, payload) == _outcome(codec._ext_hook, code, payload)
 
 
+@pytest.mark.parametrize("hook", sorted(HOOKS))
 @pytest.mark.parametrize("dtype", ["float32", "int64", "bool", "uint8", "float16", "float64"])
-def test_roundtrip_through_the_decoder(dtype: str) -> None:
+def test_roundtrip_through_the_decoder(dtype: str, hook: str) -> None:
     arr = (np.arange(24) % 3).astype(dtype).reshape(2, 3, 4)
     body = codec.encode_msgpack({"features": {"x": Tensor.from_numpy(arr), "s": Tensor.from_numpy(np.float32(2.5))}})
-    f = codec.decode_request(body, codec.MSGPACK)["features"]
+    f = msgspec.msgpack.Decoder(ext_hook=HOOKS[hook]).decode(body)["features"]
+    assert isinstance(f["x"].data, memoryview) and f["x"].data.obj is body  # zero-copy with either hook
     assert f["x"].dtype == dtype and f["x"].shape == (2, 3, 4)
     assert np.array_equal(f["x"].to_numpy(), arr)
     assert f["s"].shape == () and float(f["s"].to_numpy()) == 2.5
 
 
-def test_bad_tensor_in_a_request_reads_as_the_library_error() -> None:
+@pytest.mark.parametrize("hook", sorted(HOOKS))
+def test_bad_tensor_in_a_request_reads_as_the_library_error(hook: str) -> None:
     body = msgspec.msgpack.encode({"features": {"x": msgspec.msgpack.Ext(TENSOR_EXT_CODE, b"\x08\x01\x05\x00\x00\x00abc")}})
+    with pytest.raises(PayloadError, match="needs 20 bytes, got 3"):
+        msgspec.msgpack.Decoder(ext_hook=HOOKS[hook]).decode(body)
     with pytest.raises(PayloadError, match="needs 20 bytes, got 3"):
         codec.decode_request(body, codec.MSGPACK)

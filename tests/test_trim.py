@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import msgpack
 import msgspec
@@ -22,15 +25,73 @@ def _in_chunks(body: bytes, size: int = 5) -> list[bytes]:
     return [body[i:i + size] for i in range(0, len(body), size)] or [b""]
 
 
-IMPLS = {"python": trim_mod.trim_msgpack_py}
-if trim_mod.ACCELERATED:
-    IMPLS["c"] = trim_mod.trim_msgpack_c
-    IMPLS["c_chunks"] = lambda body, allow: trim_mod.trim_msgpack_chunks(_in_chunks(body), allow)
+# Both engines (the C extension and its Python twin) where the C one is built and not switched off, whole and
+# chunked: every property below holds for each, and they give the same bytes and the same errors.
+NO_EXTENSIONS = os.environ.get("TRIMMER_NO_EXTENSIONS", "").strip() not in ("", "0")
+CHUNKED = {"c": trim_mod.trim_msgpack_chunks_c, "python": trim_mod.trim_msgpack_chunks_py}
+IMPLS = {}
+for _engine in sorted(trim_mod.ENGINES):
+    IMPLS[_engine] = trim_mod.trim_msgpack_c if _engine == "c" else trim_mod.trim_msgpack_py
+    IMPLS[f"{_engine}_chunks"] = lambda body, allow, _f=CHUNKED[_engine]: _f(_in_chunks(body), allow)
+ENGINES = sorted(trim_mod.ENGINES)
 
 
-def test_accelerator_is_built() -> None:
-    # `make test` installs with a compiler present; a silent fallback would hide a 4x regression.
-    assert trim_mod.ACCELERATED
+def test_engine_follows_the_switch() -> None:
+    if NO_EXTENSIONS:  # the no-extension test run: everything goes through the Python twin
+        assert not trim_mod.ACCELERATED and trim_mod.IMPLEMENTATION == "python"
+        assert trim_mod.trim_msgpack is trim_mod.trim_msgpack_py and trim_mod.trim_msgpack_chunks is trim_mod.trim_msgpack_chunks_py
+    else:
+        # `make test` installs with a compiler present; a silent fallback would hide a 10x regression.
+        assert trim_mod.ACCELERATED and trim_mod.IMPLEMENTATION == "c" and trim_mod.trim_msgpack is trim_mod.trim_msgpack_c
+
+
+def _probe(env_value: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRIMMER_NO_EXTENSIONS"}
+    if env_value is not None:
+        env["TRIMMER_NO_EXTENSIONS"] = env_value
+    r = subprocess.run([sys.executable, "-c", "from trimmer import codec, trim; "
+                        "print(trim.IMPLEMENTATION, trim.ACCELERATED, codec.ext_hook is codec._ext_hook)"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip() + " | " + r.stderr
+
+
+def test_one_switch_turns_both_extensions_off_in_a_new_process() -> None:
+    out = _probe("1")
+    assert out.startswith("python False True | ") and "TRIMMER_NO_EXTENSIONS=1: C extensions off" in out
+    assert out.count("\n") <= 1  # one log line, not one per extension
+    for value in (None, "0", ""):
+        assert _probe(value).startswith("c True False | ")
+
+
+def test_an_extension_that_fails_to_import_falls_back_with_one_line_each() -> None:
+    """As on a machine where the build failed: the Python twins serve, the same bytes, and the log says why."""
+    code = ("import sys; sys.modules['trimmer._fasttrim'] = sys.modules['trimmer._tensorext'] = None  # import fails\n"
+            "import msgpack; from trimmer import codec, trim\n"
+            "body = msgpack.packb({'features': {'a': 1, 'b': 2}, 'z': 0})\n"
+            "print(trim.IMPLEMENTATION, codec.ext_hook is codec._ext_hook, "
+            "trim.trim_msgpack(body, frozenset({'a'})).body == msgpack.packb({'features': {'a': 1}, 'z': 0}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRIMMER_NO_EXTENSIONS"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["python", "True", "True"], r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and all("unavailable" in line and "pure-Python twin" in line for line in lines), r.stderr
+
+
+def test_switch_reaches_a_spawned_root(tmp_path) -> None:
+    """A real root started as the service tests start theirs (loadtest.procs.start, which passes the test's
+    environment on) trims with the engine the switch selects: it says so once in its log."""
+    from loadtest.procs import free_port, start
+
+    cfg = tmp_path / "root.yaml"
+    cfg.write_text(json.dumps({"partitions": {"p": {"replicas": [f"http://127.0.0.1:{free_port()}"]}}, "models": {"m": "p"}}))
+    for value, expect in (("1", True), ("0", False)):
+        port = free_port()
+        root = start(f"root{value}", ["root", "--config", str(cfg), "--port", str(port)], port, "/healthz", tmp_path, timeout=60,
+                     env={"TRIMMER_NO_EXTENSIONS": value})
+        root.stop()
+        log = (tmp_path / f"root{value}.log").read_text()
+        assert ("C extensions off" in log) is expect, log[-2000:]
 
 
 scalars = st.one_of(
@@ -100,17 +161,18 @@ def _outcome(fn, *args):
         return str(exc)
 
 
-@pytest.mark.skipif(not trim_mod.ACCELERATED, reason="C accelerator not built")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(feats=features, other=others, data=st.data())
 def test_chunked_trim_equals_one_shot_for_any_split(feats: dict, other: dict, data: st.DataObject) -> None:
-    """Fed chunk by chunk (scanning as they arrive), the trim gives the same bytes or the same error."""
+    """Fed chunk by chunk (scanning as they arrive), the trim gives the same bytes or the same error, with
+    either engine, and both engines give the same."""
     body = msgpack.packb({**other, "features": feats}, use_bin_type=True)
     body = body[: data.draw(st.integers(len(body) - 8, len(body)))] + data.draw(st.binary(max_size=3))  # also broken bodies
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=12)))
     chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
     allow = frozenset(list(feats)[::2])
-    assert _outcome(trim_mod.trim_msgpack_chunks, chunks, allow) == _outcome(trim_mod.trim_msgpack_c, body, allow)
+    outcomes = {_outcome(CHUNKED[e], chunks, allow) for e in ENGINES} | {_outcome(IMPLS[e], body, allow) for e in ENGINES}
+    assert len(outcomes) == 1, outcomes
 
 
 def test_c_and_python_agree_on_the_reference_payload() -> None:
@@ -121,6 +183,42 @@ def test_c_and_python_agree_on_the_reference_payload() -> None:
     r = results["python"]
     assert (r.features_in, r.features_kept) == (2000, 400)
     assert 1.7e6 < len(body) < 1.9e6 and 0.3e6 < len(r.body) < 0.4e6
+    # independent oracle: msgpack-python's encoding of the request with only the kept features
+    doc = msgpack.unpackb(body, raw=False)
+    doc["features"] = {k: v for k, v in doc["features"].items() if k in allow}
+    assert r.body == msgpack.packb(doc, use_bin_type=True)
+
+
+# Bodies a msgpack encoder would not write but a decoder accepts: a short key in a longer form, a map header wider
+# than its count, a repeated feature or top-level key. The trim copies what it keeps as it came (a decode and
+# re-encode would rewrite or merge it), whichever engine runs. Expected bytes written by hand.
+NON_CANONICAL = {
+    "str8 key, map16 features header": (
+        b"\x82\xd9\x01x\x01\xa8features\xde\x00\x03\xd9\x01a\x01\xa1b\x02\xda\x00\x01a\x03",
+        b"\x82\xd9\x01x\x01\xa8features\x82\xd9\x01a\x01\xda\x00\x01a\x03", 3, 2),
+    "map32 request header, repeated top-level key": (
+        b"\xdf\x00\x00\x00\x03\xa1x\x01\xa8features\x81\xa1b\x02\xa1x\x02",
+        b"\x83\xa1x\x01\xa8features\x80\xa1x\x02", 1, 0),
+    "repeated feature key, str16 top key": (
+        b"\x82\xda\x00\x08features\x82\xa1a\x01\xa1a\x02\xa1z\xc0",
+        b"\x82\xda\x00\x08features\x82\xa1a\x01\xa1a\x02\xa1z\xc0", 2, 2),
+}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("case", sorted(NON_CANONICAL))
+def test_kept_entries_leave_as_they_came_even_when_not_canonical(impl: str, case: str) -> None:
+    body, expected, n_in, n_kept = NON_CANONICAL[case]
+    assert IMPLS[impl](body, frozenset({"a"})) == trim_mod.TrimResult(expected, n_in, n_kept)
+
+
+@pytest.mark.skipif(len(ENGINES) < 2, reason="C engine off or not built")
+def test_engines_give_the_same_error_text() -> None:
+    """The same one-line message for every malformed body below and every truncation of the odd ones."""
+    bodies = [b for b, _ in BAD.values()] + list(BAD_UTF8_BODIES.values()) + [b for b, *_ in NON_CANONICAL.values()]
+    bodies += [b[:cut] for b, *_ in NON_CANONICAL.values() for cut in range(len(b))]
+    for body in bodies:
+        assert _outcome(trim_mod.trim_msgpack_c, body, frozenset({"a"})) == _outcome(trim_mod.trim_msgpack_py, body, frozenset({"a"}))
 
 
 def test_request_without_features_passes_unchanged() -> None:
@@ -175,8 +273,8 @@ BAD_UTF8_BODIES = {
         else b"\x82" + _key(raw, long) + b"\x01\xa8features\x81\xa1a\x01")
     for where in ("feature", "top-level") for kind, raw in _BAD_UTF8.items() for long in (False, True)
 }
-UTF8_IMPLS = {**IMPLS, "c_1byte_chunks": lambda body, allow: trim_mod.trim_msgpack_chunks([body[i:i + 1] for i in range(len(body))], allow)} \
-    if trim_mod.ACCELERATED else dict(IMPLS)
+UTF8_IMPLS = {**IMPLS, **{f"{e}_1byte_chunks": lambda body, allow, _f=CHUNKED[e]: _f([body[i:i + 1] for i in range(len(body))], allow)
+                           for e in ENGINES}}
 
 
 @pytest.mark.parametrize("impl", sorted(UTF8_IMPLS))
@@ -300,15 +398,15 @@ def test_list_features_skip_exactly_whatever_their_element_encodings(case: str) 
         for name, fn in IMPLS.items():
             assert fn(body, allow) == expected, name
         for cut in range(1, len(body)):  # every split point: the list header or elements straddle the chunk boundary
-            if trim_mod.ACCELERATED:
-                assert trim_mod.trim_msgpack_chunks([body[:cut], body[cut:]], allow) == expected
+            for e in ENGINES:
+                assert CHUNKED[e]([body[:cut], body[cut:]], allow) == expected, e
     with pytest.raises(PayloadError):
         trim_mod.trim(body[:-3], frozenset({"hist"}), "application/msgpack")
 
 
-@pytest.mark.skipif(not trim_mod.ACCELERATED, reason="C accelerator not built")
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("hint", [0, 1, 1000, None, 10**7])
-def test_streamed_output_is_exact_whatever_the_size_hint(hint) -> None:
+def test_streamed_output_is_exact_whatever_the_size_hint(hint, engine: str) -> None:
     """The trimmed body is written as the scan goes into a buffer sized by the hint (None: the body's exact
     length); a short hint grows it, a long one is shrunk at the end: the bytes are the same either way.
     Few kept features behind a wide "features" header also exercise the header narrowing."""
@@ -316,13 +414,41 @@ def test_streamed_output_is_exact_whatever_the_size_hint(hint) -> None:
     few = frozenset(sorted(allow)[:3])  # 3 kept of 2,000: the reserved 3-byte map header becomes 1 byte
     for a in (allow, few):
         expected = trim_mod.trim_msgpack_py(body, a)
-        stream = trim_mod.StreamTrim(a, len(body) if hint is None else hint)
+        stream = trim_mod.StreamTrim(a, len(body) if hint is None else hint, engine=trim_mod.ENGINES[engine])
         for i in range(0, len(body), 100_000):
             stream.feed(body[i:i + 100_000])
         assert stream.finish([body]) == expected
 
 
-@pytest.mark.skipif(not trim_mod.ACCELERATED, reason="C accelerator not built")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_modules_share_one_api(engine: str) -> None:
+    """trim(), Names and Trimmer behave alike in both engines, misuse included (trimmer.trim picks either)."""
+    m = trim_mod.ENGINES[engine]
+    body = msgpack.packb({"features": {"a": 1, "b": 2}, "id": "r"})
+    expected = (msgpack.packb({"features": {"a": 1}, "id": "r"}), 2, 1)
+    names = m.Names(frozenset({"a"}))
+    assert names.allow == frozenset({"a"})
+    for allow in (frozenset({"a"}), {"a"}, names):
+        assert m.trim(body, allow) == expected
+        assert m.trim(memoryview(body), allow) == expected
+        t = m.Trimmer(allow, size_hint=len(body))
+        t.feed(body[:5])
+        t.feed(bytearray(body[5:]))
+        assert t.finish() == expected
+        with pytest.raises(RuntimeError):
+            t.finish()
+        with pytest.raises(RuntimeError):
+            t.feed(b"")
+    assert m.trim(msgpack.packb({"id": "r"}), names) is None
+    with pytest.raises(TypeError):
+        m.trim(body, ["a"])
+    with pytest.raises(TypeError):
+        m.Names({"a"})
+    with pytest.raises(ValueError, match="trailing bytes"):
+        m.trim(body + b"\x00", names)
+
+
+@pytest.mark.skipif(not trim_mod.ACCELERATED, reason="C engine off or not built (the Python one sizes nothing)")
 def test_output_sized_from_the_last_trim_still_grows_when_this_one_keeps_more() -> None:
     """The output buffer is sized from what the same allowlist kept last time; a body that keeps far more
     (here after one that kept nothing) must still come out exact."""
@@ -333,3 +459,41 @@ def test_output_sized_from_the_last_trim_still_grows_when_this_one_keeps_more() 
         for fn in (trim_mod.trim_msgpack_c, lambda b, a: trim_mod.trim_msgpack_chunks([b[:70_000], b[70_000:]], a)):
             assert fn(body, allow) == trim_mod.trim_msgpack_py(body, allow)
             assert fn(stranger, allow) == trim_mod.trim_msgpack_py(stranger, allow)
+
+
+def _stub_api(name: str) -> dict[str, set[str]]:
+    """The names a .pyi stub declares: top-level functions and classes, with each class's members."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(trim_mod.__file__).parent / f"{name}.pyi").read_text())
+    api: dict[str, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            api[node.name] = set()
+        elif isinstance(node, ast.ClassDef):
+            api[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef) and n.name != "__init__"}
+    return api
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fasttrim_stub_matches_both_engines(engine: str) -> None:
+    """_fasttrim.pyi declares what the C module has, and the Python twin has the same (trimmer.trim takes either)."""
+    api = _stub_api("_fasttrim")
+    assert set(api) == {"Names", "Trimmer", "trim"}
+    module = trim_mod.ENGINES[engine]
+    for name, members in api.items():
+        obj = getattr(module, name)
+        assert callable(obj), name
+        for member in members:
+            if member in {"allow", "rescanned"}:  # properties: instance attributes in Python
+                continue
+            assert callable(getattr(obj, member)), f"{name}.{member}"
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="C extensions switched off")
+def test_tensorext_stub_matches_the_module() -> None:
+    from trimmer import _tensorext
+
+    api = _stub_api("_tensorext")
+    assert set(api) == {"configure", "hook"} and all(callable(getattr(_tensorext, n)) for n in api)

@@ -24,7 +24,7 @@ static int max_ndim = 0;
 static long ext_code = -1;
 static PyObject *s_dtype = NULL, *s_shape = NULL, *s_data = NULL;
 
-static PyObject *configure(PyObject *self, PyObject *args) {
+static PyObject *configure(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *cls, *table, *fb;
     int nd;
     long code;
@@ -120,7 +120,7 @@ done:
     return status;
 }
 
-static PyObject *hook(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *hook(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "hook(code, data)");
         return NULL;
@@ -146,7 +146,9 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tensorext", NULL, -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_tensorext", .m_doc = NULL, .m_size = -1, .m_methods = methods,
+};
 
 PyMODINIT_FUNC PyInit__tensorext(void) {
     s_dtype = PyUnicode_InternFromString("dtype");

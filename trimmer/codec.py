@@ -59,11 +59,12 @@ def _ext_hook(code: int, data: memoryview) -> Any:
 
 
 def _fast_ext_hook() -> Any:
-    """The C hook (trimmer/_tensorext.c) when it was built: same Tensors, same errors (it defers to _ext_hook
-    for anything malformed), about ten times cheaper per tensor."""
-    try:
-        from . import _tensorext  # type: ignore[attr-defined]
-    except ImportError:  # no compiler at install time
+    """The C hook (trimmer/_tensorext.c) when it was built and not switched off (trimmer/extensions.py): same
+    Tensors, same errors (it defers to _ext_hook for anything malformed), about ten times cheaper per tensor."""
+    from .extensions import load
+
+    _tensorext = load("_tensorext")
+    if _tensorext is None:
         return _ext_hook
     _tensorext.configure(Tensor, {code: (name, size) for name, (code, size, _) in DTYPES.items()}, MAX_NDIM, TENSOR_EXT_CODE,
                          _ext_hook)

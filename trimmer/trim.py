@@ -1,8 +1,13 @@
 """The trim: keep only allowlisted features without decoding any feature value.
 
-msgspec's `Raw` gives each value as a view of its original bytes; the kept
-views are written back verbatim, so the output equals encoding the kept
-features alone and every non-feature key leaves byte-identical.
+msgpack (the primary encoding): a byte-level scan copies each kept feature
+entry and every non-feature key verbatim, so the output equals encoding the
+kept features alone. Its engine is the C extension trimmer/_fasttrim.c, or
+where that is off or not built (trimmer/extensions.py) its Python twin
+trimmer/_trim_py.py: the same bytes and the same errors, slower.
+
+JSON and OIP: msgspec's `Raw` gives each value as a view of its original
+bytes; the kept views are written back verbatim.
 """
 
 from __future__ import annotations
@@ -13,13 +18,13 @@ from typing import AbstractSet, Sequence
 
 import msgspec
 
+from . import _trim_py
 from .codec import JSON, MSGPACK, media_type
 from .errors import PayloadError
+from .extensions import load as load_extension
 
 Raw = msgspec.Raw
 
-_mp_map = msgspec.msgpack.Decoder(dict[str, Raw])
-_mp_encoder = msgspec.msgpack.Encoder()
 _js_map = msgspec.json.Decoder(dict[str, Raw])
 _js_list = msgspec.json.Decoder(list[Raw])
 _js_encoder = msgspec.json.Encoder()
@@ -61,45 +66,17 @@ def _trim_map(body: bytes, allow: AbstractSet[str], decoder, encoder, fmt: str) 
     return TrimResult(encoder.encode(top), len(features), len(kept))
 
 
-def _map_len(body: bytes) -> int | None:
-    """The entry count a msgpack map header declares (None: not a map header)."""
-    if not body:
-        return None
-    b = body[0]
-    if 0x80 <= b <= 0x8F:
-        return b & 0x0F
-    if b == 0xDE and len(body) >= 3:
-        return int.from_bytes(body[1:3], "big")
-    if b == 0xDF and len(body) >= 5:
-        return int.from_bytes(body[1:5], "big")
-    return None
+# The msgpack trim's engine: the C module, or its Python twin (trimmer/_trim_py.py: the same API, bytes and errors).
+_fasttrim = load_extension("_fasttrim")
+ACCELERATED = _fasttrim is not None
+IMPLEMENTATION = "c" if ACCELERATED else "python"  # for logs and status: which engine this process trims with
+ENGINES = {"c": _fasttrim, "python": _trim_py} if _fasttrim is not None else {"python": _trim_py}
+_ENGINE = ENGINES[IMPLEMENTATION]
 
 
-def _features_repeated(body: bytes) -> bool:
-    """Rare path (a top-level key is repeated): is it "features"? Only then does the decode order matter."""
-    import msgpack
-
+def _trim_with(engine, body: bytes, allow: AbstractSet[str]) -> TrimResult:
     try:
-        pairs = msgpack.unpackb(body, raw=True, object_pairs_hook=list, strict_map_key=False)
-    except Exception:  # noqa: BLE001 - msgspec accepted it; anything msgpack-python refuses is not our question
-        return False
-    return isinstance(pairs, list) and sum(1 for k, _ in pairs if k == b"features") > 1
-
-
-def trim_msgpack_py(body: bytes, allow: AbstractSet[str]) -> TrimResult:
-    """Portable msgspec implementation; the reference the C accelerator is tested against."""
-    result = _trim_map(body, allow, _mp_map, _mp_encoder, "msgpack")
-    # A decoded map keeps the last of two equal keys; the C scan refuses a second "features" (which one a
-    # model reads depends on its decoder), and so must this one.
-    n = _map_len(body)
-    if n is not None and n != len(_mp_map.decode(body)) and _features_repeated(body):
-        raise PayloadError('malformed msgpack body: duplicate "features" key in request')
-    return result
-
-
-def trim_msgpack_c(body: bytes, allow: AbstractSet[str]) -> TrimResult:
-    try:
-        out = _fasttrim.trim(body, _compiled_names(allow))
+        out = engine.trim(body, _compiled_names(allow, engine))
     except ValueError as exc:
         raise PayloadError(f"malformed msgpack body: {exc}") from None
     if out is None:
@@ -107,14 +84,26 @@ def trim_msgpack_c(body: bytes, allow: AbstractSet[str]) -> TrimResult:
     return TrimResult(*out)
 
 
+def trim_msgpack_py(body: bytes, allow: AbstractSet[str]) -> TrimResult:
+    """The pure-Python engine, whatever TRIMMER_NO_EXTENSIONS says."""
+    return _trim_with(_trim_py, body, allow)
+
+
+def trim_msgpack_c(body: bytes, allow: AbstractSet[str]) -> TrimResult:
+    """The C engine (only where ACCELERATED)."""
+    return _trim_with(_fasttrim, body, allow)
+
+
 _COMPILED_MAX = 1024
 _compiled: dict[int, object] = {}
 
 
-def _compiled_names(allow: AbstractSet[str]):
+def _compiled_names(allow: AbstractSet[str], engine=_ENGINE):
     """The C lookup table for an allowlist, built once per frozenset (registry allowlists are frozensets)."""
     if not isinstance(allow, frozenset):
         return allow if isinstance(allow, set) else frozenset(allow)
+    if engine is not _fasttrim:
+        return allow  # the Python engine looks names up in the frozenset itself
     names = _compiled.get(id(allow))
     if names is None or names.allow is not allow:  # type: ignore[attr-defined]
         if len(_compiled) >= _COMPILED_MAX:  # reloads make new frozensets; drop the old tables wholesale
@@ -124,21 +113,24 @@ def _compiled_names(allow: AbstractSet[str]):
 
 
 class StreamTrim:
-    """A msgpack trim fed chunk by chunk while the body arrives (C accelerator only).
+    """A msgpack trim fed chunk by chunk while the body arrives.
 
-    Each chunk is scanned as soon as it is received, so the scan overlaps the
-    body's arrival instead of adding to the latency after it, and the body is
-    never joined into one buffer just to be trimmed.
+    With the C engine each chunk is scanned as soon as it is received, so the
+    scan overlaps the body's arrival instead of adding to the latency after it,
+    and the body is never joined into one buffer just to be trimmed. The Python
+    engine keeps the chunks and trims them at finish().
     """
 
     __slots__ = ("allow", "seconds", "_trimmer")
 
-    def __init__(self, allow: AbstractSet[str], size_hint: int = 0) -> None:
+    def __init__(self, allow: AbstractSet[str], size_hint: int = 0, *, engine=None) -> None:
         """`size_hint`: the body's length when known (Content-Length). The trimmed body is written as the scan
-        goes into one buffer sized from it (times what this allowlist kept last time), then shrunk."""
+        goes into one buffer sized from it (times what this allowlist kept last time), then shrunk.
+        `engine`: a module of ENGINES (tests); by default the one this process selected."""
+        engine = engine or _ENGINE
         self.allow = allow
         self.seconds = 0.0  # spent in feed(): the part of the trim that overlapped the body's arrival
-        self._trimmer = _fasttrim.Trimmer(_compiled_names(allow), size_hint)
+        self._trimmer = engine.Trimmer(_compiled_names(allow, engine), size_hint)
 
     def feed(self, chunk: bytes) -> None:
         t0 = time.perf_counter()
@@ -156,28 +148,24 @@ class StreamTrim:
         return TrimResult(*out)
 
 
-def trim_msgpack_chunks_c(chunks: Sequence[bytes], allow: AbstractSet[str]) -> TrimResult:
-    stream = StreamTrim(allow, sum(map(len, chunks)))
+def _chunks_with(engine, chunks: Sequence[bytes], allow: AbstractSet[str]) -> TrimResult:
+    stream = StreamTrim(allow, sum(map(len, chunks)), engine=engine)
     for chunk in chunks:
         stream.feed(chunk)
     return stream.finish(chunks)
 
 
+def trim_msgpack_chunks_c(chunks: Sequence[bytes], allow: AbstractSet[str]) -> TrimResult:
+    return _chunks_with(_fasttrim, chunks, allow)
+
+
 def trim_msgpack_chunks_py(chunks: Sequence[bytes], allow: AbstractSet[str]) -> TrimResult:
-    return trim_msgpack_py(b"".join(chunks), allow)
+    return _chunks_with(_trim_py, chunks, allow)
 
 
-try:
-    from . import _fasttrim  # type: ignore[attr-defined]
-
-    trim_msgpack = trim_msgpack_c
-    # A body as the server received it (a list of chunks), trimmed without joining it first.
-    trim_msgpack_chunks = trim_msgpack_chunks_c
-    ACCELERATED = True
-except ImportError:  # no compiler at install time
-    trim_msgpack = trim_msgpack_py
-    trim_msgpack_chunks = trim_msgpack_chunks_py
-    ACCELERATED = False
+trim_msgpack = trim_msgpack_c if ACCELERATED else trim_msgpack_py
+# A body as the server received it (a list of chunks), trimmed without joining it first (C engine).
+trim_msgpack_chunks = trim_msgpack_chunks_c if ACCELERATED else trim_msgpack_chunks_py
 
 
 def trim_json(body: bytes, allow: AbstractSet[str]) -> TrimResult:
@@ -207,4 +195,4 @@ def trim_oip(body: bytes, allow: AbstractSet[str]) -> TrimResult:
     return TrimResult(_js_encoder.encode(top), len(inputs), len(kept))
 
 
-__all__ = ["TrimResult", "StreamTrim", "trim", "trim_msgpack", "trim_msgpack_chunks", "trim_json", "trim_oip", "MSGPACK", "JSON"]
+__all__ = ["ACCELERATED", "IMPLEMENTATION", "TrimResult", "StreamTrim", "trim", "trim_msgpack", "trim_msgpack_chunks", "trim_json", "trim_oip", "MSGPACK", "JSON"]
