@@ -31,7 +31,7 @@ build-strict: setup
 	TRIMMER_STRICT_BUILD=1 $(PY) setup.py -q build_ext --inplace --force
 
 # About 2 minutes; root processes the tests start inherit the switch.
-NO_EXT_TESTS := tests/test_trim.py tests/test_tensorext.py tests/test_root_service.py
+NO_EXT_TESTS := tests/test_trim.py tests/test_tensorext.py tests/test_root_service.py tests/test_dataplane.py
 test-no-ext: setup
 	TRIMMER_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider $(NO_EXT_TESTS)
 
