@@ -55,7 +55,8 @@ from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 log = logging.getLogger("trimmer.root.front")
 
 HEAD_MAX = 64 * 1024  # request line + headers; past it: 431
-POOL_BYTES = 32 * 1024 * 1024  # idle body buffers kept for reuse
+HEAD_START = 8 * 1024  # a connection's head buffer to begin with (doubled up to HEAD_MAX): 4,096 idle ones hold 32 MiB
+POOL_BYTES = 16 * 1024 * 1024  # idle body buffers kept for reuse
 _ALIGN = 64 * 1024
 HEAD, BODY, BUSY, WAIT, LINGER, GONE = "head", "body", "busy", "wait", "linger", "gone"
 LINGER_S = 2.0  # after an early error answer: unread body bytes are read and dropped this long, as nginx lingering_close
@@ -150,7 +151,7 @@ class FrontConnection(asyncio.BufferedProtocol):
         self.server = server
         self.transport: Any = None
         self.phase = HEAD
-        self.head = bytearray(HEAD_MAX)
+        self.head = bytearray(HEAD_START)
         self.head_view = memoryview(self.head)
         self.head_len = 0
         self.scan_from = 0
@@ -223,10 +224,17 @@ class FrontConnection(asyncio.BufferedProtocol):
             self.phase = HEAD
             self._arm(self.server.limits.header_timeout_s)
         self.head_len += n
+        if self.head_len == len(self.head) and self.head_len < HEAD_MAX:
+            self._grow_head()
         if self.phase == HEAD:
             self._scan_head()
         elif self.head_len >= HEAD_MAX:  # busy, and a pipelining client filled the head buffer: wait for the answer
             self.transport.pause_reading()
+
+    def _grow_head(self) -> None:
+        head = bytearray(min(2 * len(self.head), HEAD_MAX))  # a new buffer: the old one may still be lent to the transport
+        head[:self.head_len] = self.head_view[:self.head_len]
+        self.head, self.head_view = head, memoryview(head)
 
     # ------------------------------------------------------------------ head
     def _scan_head(self) -> None:
