@@ -38,4 +38,5 @@ def test_side_by_side_run_reports_every_proxy(tmp_path):
         assert row["cpu_ms_per_request"] > 0 and row["requests_per_s"] > 0, row
     sent = doc["upstream_bytes"]["root"]
     assert sent["ref_pass"] == doc["payload_bytes"] and 0 < sent["ref"] < sent["ref_pass"] / 2  # 20 % of features kept
-    assert doc["rss"]["root"]["peak_mib"] >= doc["rss"]["root"]["idle_mib"] > 0
+    r = doc["rss"]["root"]
+    assert r["slow_model_peak_mib"] >= r["idle_mib"] > 0 and r["flood_peak_mib"] >= r["idle_mib"]

@@ -123,18 +123,22 @@ backend be
     return conf
 
 
-def _root_conf(tmp: Path, allow: frozenset[str], sink_port: int) -> Path:
+def _root_conf(tmp: Path, allow: frozenset[str], sink_port: int, slow_port: int | None = None) -> Path:
     bundle = tmp / "bundle.json"
     sig = {"input_names": sorted(allow), "output_names": ["score"]}
     bundle.write_text(json.dumps({"kind": BUNDLE_KIND, "format": BUNDLE_FORMAT,
-                                  "models": {"ref": {"versions": {"1": sig}}, "ref_pass": {"versions": {"1": sig}}}}))
+                                  "models": {m: {"versions": {"1": sig}} for m in ("ref", "ref_pass", "ref_slow")}}))
     (tmp / "overrides.yaml").write_text("models:\n  ref_pass:\n    mode: \"off\"\n")
     cfg = tmp / "root.yaml"
+    partitions = {"sink": {"replicas": [f"http://127.0.0.1:{sink_port}"], "health_path": "/"}}
+    models = {"ref": {"partition": "sink", "default_version": "1"}, "ref_pass": {"partition": "sink", "default_version": "1"}}
+    if slow_port is not None:  # a model that answers after a second: requests pile up in flight
+        partitions["slow"] = {"replicas": [f"http://127.0.0.1:{slow_port}"], "max_connections": 256}
+        models["ref_slow"] = {"partition": "slow", "default_version": "1"}
     cfg.write_text(json.dumps({
         "bundles": [str(bundle)], "overrides": str(tmp / "overrides.yaml"), "watch": False,
         "admin": {"on_service_port": True}, "limits": {"max_body_bytes": 64 * 1024 * 1024},
-        "partitions": {"sink": {"replicas": [f"http://127.0.0.1:{sink_port}"], "health_path": "/"}},
-        "models": {"ref": {"partition": "sink", "default_version": "1"}, "ref_pass": {"partition": "sink", "default_version": "1"}},
+        "timeouts": {"request_s": 10}, "partitions": partitions, "models": models,
     }))
     return cfg
 
@@ -176,6 +180,24 @@ def _peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
         peak = max(peak, proc.memory_info().rss)
         time.sleep(0.02)
     out.append(peak)
+
+
+def _rss(pid: int, url: str | None, script: Path, connections: int, seconds: float) -> int:
+    """Peak RSS of `pid` while wrk loads `url` (its current RSS when url is None)."""
+    import psutil
+
+    if url is None:
+        return psutil.Process(pid).memory_info().rss
+    peak: list[int] = []
+    stop = threading.Event()
+    th = threading.Thread(target=_peak_rss, args=(pid, stop, peak))
+    th.start()
+    try:
+        _wrk(url, script, connections, seconds, threads=2)
+    finally:
+        stop.set()
+        th.join()
+    return peak[0]
 
 
 def _upstream_bytes(port: int) -> dict[str, float]:
@@ -231,7 +253,11 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 _wait_port(port)
                 targets.append(Target("haproxy passthrough", f"http://127.0.0.1:{port}/v1/models/ref/score", [procs[-1].pid]))
-            cfg = _root_conf(tmp, allow, sink)
+            slow = _free_port()  # the stand-in model, answering after 1 s: for RSS with requests in flight
+            procs.append(subprocess.Popen([sys.executable, "-m", "loadtest.sink", "--port", str(slow), "--small", "--delay-ms", "1000"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            _wait_port(slow)
+            cfg = _root_conf(tmp, allow, sink, slow)
             builds = [("root", None)] + ([("baseline root", baseline_python)] if baseline_python else [])
             root_ports: dict[str, int] = {}
             for label, python in builds:
@@ -262,19 +288,13 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                     t.p50_ms.append(_wrk(t.url, script, 1, max(2.0, seconds / 2))[2])
             rss: dict[str, dict[str, float]] = {}
             for root, (label, _) in zip(roots, builds):
-                peak: list[int] = []
-                stop = threading.Event()
-                import psutil
-
-                idle = psutil.Process(root.pid).memory_info().rss
-                th = threading.Thread(target=_peak_rss, args=(root.pid, stop, peak))
-                th.start()
-                try:
-                    _wrk(f"{root.url}/v1/models/ref/score", script, inflight, max(3.0, seconds), threads=2)
-                finally:
-                    stop.set()
-                    th.join()
-                rss[label] = {"idle_mib": idle / 2**20, "peak_mib": peak[0] / 2**20}
+                rss[label] = {"idle_mib": _rss(root.pid, None, script, 0, 0) / 2**20,
+                              # `inflight` requests waiting on a 1 s model at once (the issue's measure)
+                              "slow_model_peak_mib": _rss(root.pid, f"{root.url}/v1/models/ref_slow/score", script, inflight,
+                                                          max(4.0, seconds)) / 2**20,
+                              # `inflight` connections sending bodies as fast as they can (bodies being received)
+                              "flood_peak_mib": _rss(root.pid, f"{root.url}/v1/models/ref/score", script, inflight,
+                                                     max(3.0, seconds)) / 2**20}
             sent = {label: _upstream_bytes(p) for label, p in root_ports.items()}
         finally:
             for root in roots:
@@ -309,7 +329,8 @@ def _report(targets: list[Target], body: bytes, allow: frozenset[str], connectio
         added = f"{p50 - direct_p50:10.3f}" if t.pids else f"{'':10}"
         print(f"{t.name:38} {cpu_ms:10.3f} {x} {row['requests_per_s']:8.0f} {p50:8.3f} {added}")
     for label, r in rss.items():
-        print(f"{label}: RSS idle {r['idle_mib']:.0f} MiB, peak with {inflight} connections in flight {r['peak_mib']:.0f} MiB")
+        print(f"{label}: RSS idle {r['idle_mib']:.0f} MiB; peak with {inflight} requests waiting on a 1 s model "
+              f"{r['slow_model_peak_mib']:.0f} MiB; peak with {inflight} connections flooding {r['flood_peak_mib']:.0f} MiB")
     for label, s in sent.items():
         print(f"{label}: upstream bytes / request  passthrough {s.get('ref_pass', 0):,.0f}   trim {s.get('ref', 0):,.0f}")
     if out:
