@@ -38,6 +38,8 @@ from typing import Any
 
 from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
 
+from .root import upstream_bytes_per_request
+
 ROUNDS = 3
 
 
@@ -200,21 +202,6 @@ def _rss(pid: int, url: str | None, script: Path, connections: int, seconds: flo
     return peak[0]
 
 
-def _upstream_bytes(port: int) -> dict[str, float]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    sent: dict[str, float] = {}
-    reqs: dict[str, float] = {}
-    for line in text.splitlines():
-        for name, into in (("trimmer_root_upstream_sent_bytes_total{", sent), ("trimmer_root_requests_total{", reqs)):
-            if line.startswith(name):
-                model = line.split('model="', 1)[1].split('"', 1)[0]
-                into[model] = into.get(model, 0.0) + float(line.rsplit(" ", 1)[1])
-    return {m: sent[m] / reqs[m] for m in sent if reqs.get(m)}
-
-
 def missing_tools() -> list[str]:
     return [t for t in ("wrk", "nginx") if shutil.which(t) is None]
 
@@ -295,7 +282,7 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                               # `inflight` connections sending bodies as fast as they can (bodies being received)
                               "flood_peak_mib": _rss(root.pid, f"{root.url}/v1/models/ref/score", script, inflight,
                                                      max(3.0, seconds)) / 2**20}
-            sent = {label: _upstream_bytes(p) for label, p in root_ports.items()}
+            sent = {label: upstream_bytes_per_request(f"http://127.0.0.1:{p}") for label, p in root_ports.items()}
         finally:
             for root in roots:
                 root.stop()

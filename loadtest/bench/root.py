@@ -117,7 +117,7 @@ def run_bench(requests: int = 2000, concurrency: int = 8, warmup: int = 200, out
                 p50.setdefault(mode, [])  # type: ignore[arg-type]
                 p50[mode] += lat  # type: ignore[operator]
             med = {k: statistics.median(v) * 1000 for k, v in p50.items()}  # type: ignore[arg-type]
-            metrics = _scrape(root.url)
+            metrics = upstream_bytes_per_request(root.url)
         finally:
             if root is not None:
                 root.stop()
@@ -150,7 +150,7 @@ def run_bench(requests: int = 2000, concurrency: int = 8, warmup: int = 200, out
     return 0
 
 
-def _scrape(url: str) -> dict[str, float]:
+def upstream_bytes_per_request(url: str) -> dict[str, float]:
     """Upstream bytes per request per model, from the root's own metrics."""
     import urllib.request
 
@@ -166,4 +166,4 @@ def _scrape(url: str) -> dict[str, float]:
     return {m: sent[m] / reqs[m] for m in sent if reqs.get(m)}
 
 
-__all__ = ["run_bench"]
+__all__ = ["run_bench", "upstream_bytes_per_request"]
