@@ -73,7 +73,8 @@ class Runner:
     """Assembles a batch and splits its outputs (event loop thread); runs the module under inference_mode
     (model thread)."""
 
-    def __init__(self, module: Callable[..., Any], converter: Converter, output_names: tuple[str, ...], device: torch.device) -> None:
+    def __init__(self, module: Callable[..., Any], converter: Converter,
+                 output_names: tuple[str, ...], device: torch.device) -> None:
         self.module = module
         self.converter = converter
         self.output_names = output_names
@@ -149,7 +150,8 @@ class Runner:
         per_req: list[list[Tensor]] = [[] for _ in rows]
         for name, o in zip(names, outs):
             if o.dim() == 0 or o.shape[0] != total:
-                raise ModelError(f"output {name!r} has shape {list(o.shape)}; its leading axis must be the {total} batch rows")
+                raise ModelError(
+                    f"output {name!r} has shape {list(o.shape)}; its leading axis must be the {total} batch rows")
             wire = WIRE_DTYPES.get(o.dtype)
             if wire is None:
                 o, wire = o.to(torch.float32), "float32"
@@ -250,7 +252,8 @@ class Batcher:
                 try:
                     await asyncio.wait_for(asyncio.shield(task), timeout)
                 except asyncio.TimeoutError:
-                    log.warning("%s/%s: drain not done after %.1fs; failing the jobs left with 503", *self.key, timeout or 0)
+                    log.warning(
+                        "%s/%s: drain not done after %.1fs; failing the jobs left with 503", *self.key, timeout or 0)
                 except Exception:  # noqa: BLE001 - _loop never raises; if it did, the jobs are failed below
                     log.exception("%s/%s: batcher stopped with an error", *self.key)
         finally:  # also when close() itself is cancelled: nothing may be left waiting
@@ -277,7 +280,8 @@ class Batcher:
 
     async def submit(self, conv: Converted) -> list[torch.Tensor]:
         if self._closing or self._task is None or self._task.done():
-            raise Unavailable(f"model {self.key[0]!r} version {self.key[1]!r} is not taking requests (replaced or unloaded); retry")
+            raise Unavailable(
+                f"model {self.key[0]!r} version {self.key[1]!r} is not taking requests (replaced or unloaded); retry")
         if self.max_batch_size == 1:
             return await self._direct(conv)
         fut = asyncio.get_running_loop().create_future()
@@ -300,13 +304,15 @@ class Batcher:
             c0 = time.thread_time()
             inputs = self._prepare(convs)
             c1 = time.thread_time()
-            cheap = self._row_cost is not None and self._row_cost * conv.rows < INLINE_MAX_S  # a big request is not cheap
+            # a big request is not cheap
+            cheap = self._row_cost is not None and self._row_cost * conv.rows < INLINE_MAX_S
             if cheap and self._inline_ok and self._in_thread == 0:
                 outs, stats.compute_s = self.runner.forward(inputs)
             else:
                 self._in_thread += 1
                 try:
-                    outs, stats.compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, self.runner.forward, inputs)
+                    outs, stats.compute_s = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self.runner.forward, inputs)
                 finally:
                     self._in_thread -= 1
             cost, per_row = self._row_cost, stats.compute_s / max(1, conv.rows)

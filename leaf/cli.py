@@ -1,4 +1,5 @@
-"""`trimmer leaf` (serve), `trimmer leaf build-demo`. torch is imported lazily; `trimmer leaf bench` comes from loadtest."""
+"""`trimmer leaf` (serve), `trimmer leaf build-demo`. torch is imported lazily; `trimmer leaf bench` comes from
+loadtest."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--max-batch-size", type=int, help="requests per batch, every model (1 disables batching)")
     p.add_argument("--max-queue-delay-ms", type=float, help="longest wait to fill a batch")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model before it is marked ready (eager if that fails)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model before it is marked ready (eager if that fails)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.set_defaults(func=_serve)
     lsub = p.add_subparsers(dest="leaf_command", metavar="ACTION")

@@ -145,7 +145,8 @@ class Converter:
             dtype = TORCH_DTYPES.get(spec.dtype) if spec.dtype else None
             rest = tuple(d for i, d in enumerate(spec.shape or ()) if i != axis)
             item = (math.prod(rest) * DTYPES[spec.dtype][1]) if spec.dtype else 0
-            self.plans.append(InputPlan(name, spec, dtype, axis, spec.shape, rest, item, _raw_default(spec, dtype, axis)))
+            self.plans.append(
+                InputPlan(name, spec, dtype, axis, spec.shape, rest, item, _raw_default(spec, dtype, axis)))
         self.allow = frozenset(signature.input_names)
         # typed: every input has dtype and shape (fast conversion to raw parts). The batched calling convention
         # needs that, and a signature that does not ask for one request per call (batching: "request")
@@ -206,7 +207,7 @@ class Converter:
         conv = self._convert_tensors(features)
         parts: list[Any] = []
         shapes: list[tuple[int, ...]] = []
-        for plan, t in zip(self.plans, conv.tensors):
+        for _plan, t in zip(self.plans, conv.tensors):
             if isinstance(t, _Default):
                 parts.append(t.raw)
                 shapes.append(t.shape)
@@ -296,7 +297,8 @@ class Converter:
         try:
             arr = np.asarray(value)
         except (ValueError, OverflowError):
-            raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got a ragged or invalid list") from None
+            raise PayloadError(
+                f"feature {plan.name!r}: expected {plan.expected}, got a ragged or invalid list") from None
         kind = arr.dtype.kind
         if kind not in "biuf":
             raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got non-numeric values")

@@ -61,8 +61,10 @@ class ModelRef(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _DECODERS = {
-    MSGPACK: (msgspec.msgpack.Decoder(dict[str, Raw]), msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ModelRef]), "msgpack"),
-    "application/json": (msgspec.json.Decoder(dict[str, Raw]), msgspec.json.Encoder(), msgspec.json.Decoder(list[ModelRef]), "JSON"),
+    MSGPACK: (msgspec.msgpack.Decoder(dict[str, Raw]), msgspec.msgpack.Encoder(),
+              msgspec.msgpack.Decoder(list[ModelRef]), "msgpack"),
+    "application/json": (msgspec.json.Decoder(dict[str, Raw]), msgspec.json.Encoder(),
+                         msgspec.json.Decoder(list[ModelRef]), "JSON"),
 }
 
 
@@ -247,7 +249,8 @@ class PreparedBody:
 
     def models(self) -> list[ModelRef]:
         if self.models_raw is None:
-            raise PayloadError('fan-out request has no "models" list; send [{"name": ...}, ...] or use /v1/models/{name}/score')
+            raise PayloadError(
+                'fan-out request has no "models" list; send [{"name": ...}, ...] or use /v1/models/{name}/score')
         try:
             refs = _DECODERS[self.media][2].decode(self.models_raw)
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
@@ -286,7 +289,8 @@ class DataPlane:
         """Bounded label values: unlisted names from clients collapse to one value each."""
         snap = self.registry.snapshot
         if self._known[0] != snap.generation:
-            self._known = (snap.generation, {k[0] for k in snap.entries} | set(snap.default_versions) | set(snap.fallbacks) | set(self.cfg.models))
+            self._known = (snap.generation, {k[0] for k in snap.entries} | set(snap.default_versions)
+                           | set(snap.fallbacks) | set(self.cfg.models))
         mlabel = model if model in self._known[1] else "_unlisted"
         if version is None:
             vlabel = ""
@@ -299,10 +303,12 @@ class DataPlane:
     def route(self, model: str) -> Partition:
         name = self.cfg.partition_for(model)
         if name is None:
-            raise RouteError(404, f"unknown model {model!r}: not in the root config and unknown_models.policy is reject")
+            raise RouteError(404,
+                             f"unknown model {model!r}: not in the root config and unknown_models.policy is reject")
         return self.partitions[name]
 
-    def target(self, model: str, version: str | None, path_for: Callable[[str | None], str], protocol: str | None = None) -> Target:
+    def target(self, model: str, version: str | None, path_for: Callable[[str | None], str],
+               protocol: str | None = None) -> Target:
         """Validate names, pick the partition, resolve the allowlist: the one resolution this target gets."""
         try:
             check_name("model name", model)
@@ -312,19 +318,20 @@ class DataPlane:
             raise RouteError(400, str(exc)) from None
         part = self.route(model)
         if protocol == "native" and part.cfg.protocol != "native":
-            raise RouteError(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open Inference Protocol; "
-                                  f"use /v2/models/{model}/infer")
+            raise RouteError(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open "
+                                  f"Inference Protocol; use /v2/models/{model}/infer")
         res = self.registry.resolve(model, version)
         # The root is authoritative for the default version: metrics carry the version whose allowlist it used.
         eff_version = version if version is not None else res.version
         # A version the client named goes upstream as named; a resolved one only when it is a configured default
         # (pinned) and the partition's server is versioned. `latest` leaves the choice to the upstream's own
         # rule (the same highest version); the handshake catches the moments the two differ.
-        path = path_for(version if version is not None else (res.version if res.pin and part.cfg.versioned_paths else None))
+        path = path_for(
+            version if version is not None else (res.version if res.pin and part.cfg.versioned_paths else None))
         return Target(model, version, part, res, self.labels(model, eff_version, part.name), path)
 
-    def plan_single(self, route: str, model: str, version: str | None, fmt: BodyFormat, content_type: str, timeout_s: float,
-                    extra_headers: dict[str, str] | None = None) -> Plan:
+    def plan_single(self, route: str, model: str, version: str | None, fmt: BodyFormat, content_type: str,
+                    timeout_s: float, extra_headers: dict[str, str] | None = None) -> Plan:
         """The plan of a one-model route; a routing error is kept in the plan, answered once the body is read."""
         plan = Plan(route, fmt, content_type, timeout_s, extra_headers=extra_headers)
         try:
@@ -347,7 +354,8 @@ class DataPlane:
         media = content_type.split(";", 1)[0].strip().lower()
         if plan.error is None and binary is None and media not in ("application/json", "application/octet-stream", "") \
                 and not media.endswith("+json"):
-            plan.error = RouteError(415, f"inference requests are JSON (or binary with {OIP_BINARY_HEADER}); got {media!r}")
+            plan.error = RouteError(415,
+                                    f"inference requests are JSON (or binary with {OIP_BINARY_HEADER}); got {media!r}")
         return plan
 
     def error(self, status: int, message: str, kind: str, labels: tuple[str, str, str] | None,
@@ -367,7 +375,8 @@ class DataPlane:
             return self.refused(plan.error)
         return await self.send(plan, plan.targets[0], body, len(body), sole_target=True, stream=stream)
 
-    async def fan_out(self, prepared: PreparedBody, content_type: str, timeout_s: float, client_bytes: int) -> tuple[int, bytes]:
+    async def fan_out(self, prepared: PreparedBody, content_type: str,
+                      timeout_s: float, client_bytes: int) -> tuple[int, bytes]:
         """Plan every target of a fan-out body, send them concurrently; one failing target never fails the others."""
         refs = prepared.models()
         cap = self.cfg.max_fanout_targets
@@ -394,7 +403,8 @@ class DataPlane:
         plan.targets = [t for t in planned if isinstance(t, Target)]
 
         async def one(t: Target | RouteError) -> Outcome:
-            return self.refused(t) if isinstance(t, RouteError) else await self.send(plan, t, prepared.base, client_bytes)
+            return self.refused(t) if isinstance(t, RouteError) else await self.send(
+                plan, t, prepared.base, client_bytes)
 
         outcomes = await asyncio.gather(*(one(t) for t in planned))
         return self._merge(prepared.media, refs, keys, planned, outcomes)
@@ -414,7 +424,8 @@ class DataPlane:
                     else:
                         results[key] = _decode_any(out.body, out.content_type)
                 except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
-                    errors[key] = {"status": 502, "error": f"model {ref.name!r}: upstream sent an undecodable {out.content_type} body"}
+                    errors[key] = {"status": 502,
+                                   "error": f"model {ref.name!r}: upstream sent an undecodable {out.content_type} body"}
                     if isinstance(t, Target):
                         self.metrics.errors.labels(*t.labels, "bad_upstream_body").inc()
             else:
@@ -470,7 +481,8 @@ class DataPlane:
         if untrimmed_reason is not None and untrimmed_reason != SHADOW:
             m.child(m.trimmed_bytes, labels).inc(len(body))
         m.child(m.untrimmed_bytes, labels).inc(len(body))
-        m.child(m.trim_seconds, labels).observe(time.perf_counter() - t0 + (stream.seconds if stream is not None else 0.0))
+        m.child(m.trim_seconds, labels).observe(
+            time.perf_counter() - t0 + (stream.seconds if stream is not None else 0.0))
         if untrimmed_reason is not None:
             self._count_untrimmed(labels, untrimmed_reason)
         # Drawn now: an audit needs the untrimmed body. Bodies whose headers change with the trim are not audited.
@@ -490,24 +502,30 @@ class DataPlane:
         t1 = time.perf_counter()
         try:
             sent_headers = {**headers, **trimmed_headers} if trimmed_headers and sent is not body else headers
-            resp = await part.request("POST", target.path, sent, {**sent_headers, SIGNATURE_HEADER: res.digest} if handshake else sent_headers,
+            resp = await part.request("POST", target.path, sent,
+                                      {**sent_headers, SIGNATURE_HEADER: res.digest} if handshake else sent_headers,
                                       plan.timeout_s, labels, self.cfg.deadline_header)
             if handshake and resp.status == MISMATCH_STATUS and resp.headers.get(MISMATCH_HEADER) == "allowlist":
                 # The replica runs another signature than the allowlist's (a model swapped, root and leaf
                 # reloaded at different moments). Nothing ran; the whole body is always a right answer.
                 resend = audit_body if released and audit else None
-                m.child(m.allowlist_mismatches, (*labels, "resent" if (not released or resend is not None) else "refused")).inc()
-                self._warn((target.model, labels[1], "mismatch"), "model %s version %s: replica %s runs another signature than the "
+                m.child(m.allowlist_mismatches,
+                        (*labels, "resent" if (not released or resend is not None) else "refused")).inc()
+                self._warn((target.model, labels[1], "mismatch"),
+                           "model %s version %s: replica %s runs another signature than the "
                            "allowlist's (digest %s); %s", target.model, labels[1], resp.replica, res.digest,
-                           "answered 503, body already released" if released and resend is None else "re-sent untrimmed")
+                           "answered 503, body already released" if released and resend is None
+                           else "re-sent untrimmed")
                 if released and resend is None:
                     m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
-                    return self.error(503, f"model {target.model!r}: the model version changed while this request was in flight; retry",
+                    return self.error(503, f"model {target.model!r}: the model version changed while this request was "
+                                           "in flight; retry",
                                       "signature_mismatch", labels, {"Retry-After": "1"})
                 self._count_untrimmed(labels, SIGNATURE_MISMATCH)
                 whole: Body | bytes = resend if resend is not None else body
                 audit = False
-                resp = await part.request("POST", target.path, whole, headers, max(0.001, plan.timeout_s - (time.perf_counter() - t1)),
+                resp = await part.request("POST", target.path, whole, headers,
+                                          max(0.001, plan.timeout_s - (time.perf_counter() - t1)),
                                           labels, self.cfg.deadline_header)
         except UpstreamError as exc:
             m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
@@ -515,10 +533,12 @@ class DataPlane:
         m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
         if resp.status >= 400:
             m.child(m.errors, (*labels, f"upstream_{resp.status // 100}xx")).inc()
-            return Outcome(resp.status, resp.body, resp.content_type, resp.headers, upstream_error_text(resp.body, resp.content_type, resp.status))
+            return Outcome(resp.status, resp.body, resp.content_type, resp.headers,
+                           upstream_error_text(resp.body, resp.content_type, resp.status))
         if audit and self.auditor is not None:
             # After the answer is in hand and in the background: the client never waits for an audit.
-            self.auditor.submit(AuditJob(target.model, labels[1] or None, labels, part, resp.replica, target.path, audit_body,
+            self.auditor.submit(AuditJob(target.model, labels[1] or None, labels, part, resp.replica, target.path,
+                                         audit_body,
                                          plan.content_type, resp.status, resp.body, resp.content_type, res.allowlist))  # type: ignore[arg-type]
         return Outcome(resp.status, resp.body, resp.content_type, resp.headers)
 
@@ -555,7 +575,8 @@ def target_keys(refs: list[ModelRef]) -> list[str]:
     counts: dict[str, int] = {}
     for r in refs:
         counts[r.name] = counts.get(r.name, 0) + 1
-    keys = [r.name if counts[r.name] == 1 else f"{r.name}/{r.version if r.version is not None else 'default'}" for r in refs]
+    keys = [r.name if counts[r.name] == 1 else f"{r.name}/{r.version if r.version is not None else 'default'}"
+            for r in refs]
     if len(set(keys)) != len(keys):
         raise PayloadError('"models": a version named "default" and a version-less entry of the same model share the '
                            'result key name/default; name the default version explicitly')
@@ -579,6 +600,7 @@ def _decode_any(body: bytes, content_type: str) -> Any:
     return msgspec.json.decode(body)
 
 
-__all__ = ["Body", "DataPlane", "SCORING_ROUTES", "match_scoring_route", "Plan", "Target", "PreparedBody", "Outcome", "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for",
-           "OipJsonFormat", "OipBinaryFormat", "UNTRIMMED", "native_path", "oip_path", "upstream_error_text", "target_keys",
-           "fanout_status"]
+__all__ = ["Body", "DataPlane", "SCORING_ROUTES", "match_scoring_route", "Plan", "Target", "PreparedBody", "Outcome",
+           "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for",
+           "OipJsonFormat", "OipBinaryFormat", "UNTRIMMED", "native_path", "oip_path", "upstream_error_text",
+           "target_keys", "fanout_status"]

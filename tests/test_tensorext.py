@@ -53,6 +53,7 @@ def test_roundtrip_through_the_decoder(dtype: str) -> None:
 
 
 def test_bad_tensor_in_a_request_reads_as_the_library_error() -> None:
-    body = msgspec.msgpack.encode({"features": {"x": msgspec.msgpack.Ext(TENSOR_EXT_CODE, b"\x08\x01\x05\x00\x00\x00abc")}})
+    body = msgspec.msgpack.encode(
+        {"features": {"x": msgspec.msgpack.Ext(TENSOR_EXT_CODE, b"\x08\x01\x05\x00\x00\x00abc")}})
     with pytest.raises(PayloadError, match="needs 20 bytes, got 3"):
         codec.decode_request(body, codec.MSGPACK)

@@ -106,7 +106,8 @@ def _outcome(fn, *args):
 def test_chunked_trim_equals_one_shot_for_any_split(feats: dict, other: dict, data: st.DataObject) -> None:
     """Fed chunk by chunk (scanning as they arrive), the trim gives the same bytes or the same error."""
     body = msgpack.packb({**other, "features": feats}, use_bin_type=True)
-    body = body[: data.draw(st.integers(len(body) - 8, len(body)))] + data.draw(st.binary(max_size=3))  # also broken bodies
+    # also broken bodies
+    body = body[: data.draw(st.integers(len(body) - 8, len(body)))] + data.draw(st.binary(max_size=3))
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=12)))
     chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
     allow = frozenset(list(feats)[::2])
@@ -160,8 +161,8 @@ def test_duplicate_features_key_is_rejected_not_forwarded_untrimmed(impl: str) -
 
 # Keys that are not UTF-8 (a stray byte, an overlong NUL, a surrogate, a code point above U+10FFFF), as short
 # (fixstr) and long (str8) keys, for a feature and for a top-level key: every implementation refuses them.
-_BAD_UTF8 = {"stray byte": b"\xff\xfe", "overlong": b"\xc0\x80", "surrogate": b"\xed\xa0\x80", "above U+10FFFF": b"\xf4\x90\x80\x80",
-             "truncated sequence": b"ab\xe2\x82"}
+_BAD_UTF8 = {"stray byte": b"\xff\xfe", "overlong": b"\xc0\x80", "surrogate": b"\xed\xa0\x80",
+             "above U+10FFFF": b"\xf4\x90\x80\x80", "truncated sequence": b"ab\xe2\x82"}
 
 
 def _key(raw: bytes, long: bool) -> bytes:
@@ -175,8 +176,8 @@ BAD_UTF8_BODIES = {
         else b"\x82" + _key(raw, long) + b"\x01\xa8features\x81\xa1a\x01")
     for where in ("feature", "top-level") for kind, raw in _BAD_UTF8.items() for long in (False, True)
 }
-UTF8_IMPLS = {**IMPLS, "c_1byte_chunks": lambda body, allow: trim_mod.trim_msgpack_chunks([body[i:i + 1] for i in range(len(body))], allow)} \
-    if trim_mod.ACCELERATED else dict(IMPLS)
+UTF8_IMPLS = {**IMPLS, "c_1byte_chunks": lambda body, allow: trim_mod.trim_msgpack_chunks(
+    [body[i:i + 1] for i in range(len(body))], allow)} if trim_mod.ACCELERATED else dict(IMPLS)
 
 
 @pytest.mark.parametrize("impl", sorted(UTF8_IMPLS))
@@ -211,7 +212,8 @@ def test_fuzz_smoke_runs_in_pytest() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     module.smoke(4000, seed=17)
-    for body in (*BAD_UTF8_BODIES.values(), *(b for b, _ in BAD.values())):  # and the known bad inputs through the same property
+    # and the known bad inputs through the same property
+    for body in (*BAD_UTF8_BODIES.values(), *(b for b, _ in BAD.values())):
         module.test_one_input(body)
 
 
@@ -279,7 +281,8 @@ def _list_cases() -> dict[str, list]:
         "uniform float64": [0.5 + i for i in range(40)],
         "one narrower element": [big + i for i in range(20)] + [7] + [big + i for i in range(20)],
         "one wider element last": [5] * 30 + [big],
-        "type byte repeats at the stride inside values": [0xCF, big, 0xCF, big],  # 0xcf = uint64's type byte, also as a value
+        "type byte repeats at the stride inside values": [0xCF, big, 0xCF,
+                                                          big],  # 0xcf = uint64's type byte, also as a value
         "strings": ["ab", "cd", "ef"],
         "nested list": [[1, 2], [3, 4]],
         "mixed": [1, "x", 2.5, None, True, big],

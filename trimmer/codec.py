@@ -65,8 +65,8 @@ def _fast_ext_hook() -> Any:
         from . import _tensorext  # type: ignore[attr-defined]
     except ImportError:  # no compiler at install time
         return _ext_hook
-    _tensorext.configure(Tensor, {code: (name, size) for name, (code, size, _) in DTYPES.items()}, MAX_NDIM, TENSOR_EXT_CODE,
-                         _ext_hook)
+    _tensorext.configure(Tensor, {code: (name, size) for name, (code, size, _) in DTYPES.items()}, MAX_NDIM,
+                         TENSOR_EXT_CODE, _ext_hook)
     return _tensorext.hook
 
 

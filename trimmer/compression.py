@@ -63,7 +63,8 @@ def normalize(encoding: str | None) -> str | None:
     if enc in ("", "identity"):
         return None
     if "," in enc:
-        raise UnsupportedEncoding(f"unsupported Content-Encoding {encoding[:60]!r}: one encoding at a time ({', '.join(ENCODINGS)})")
+        raise UnsupportedEncoding(
+            f"unsupported Content-Encoding {encoding[:60]!r}: one encoding at a time ({', '.join(ENCODINGS)})")
     if enc not in ENCODINGS:
         raise UnsupportedEncoding(f"unsupported Content-Encoding {encoding[:60]!r}; use one of {', '.join(ENCODINGS)}")
     return enc
@@ -106,7 +107,8 @@ class _Zlib:
             if d.eof:  # a gzip body may hold several members; anything else after the end is garbage
                 if not self.gzip or not data.lstrip(b"\x00"):
                     if data.strip(b"\x00"):
-                        raise DecompressError(f"cannot decompress {self.encoding} body: {len(data)} bytes of garbage after its end")
+                        raise DecompressError(
+                            f"cannot decompress {self.encoding} body: {len(data)} bytes of garbage after its end")
                     return
                 d = self.d = zlib.decompressobj(31)
             out = d.decompress(data, PIECE)

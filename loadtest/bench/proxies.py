@@ -134,14 +134,16 @@ def _root_conf(tmp: Path, allow: frozenset[str], sink_port: int) -> Path:
         "bundles": [str(bundle)], "overrides": str(tmp / "overrides.yaml"), "watch": False,
         "admin": {"on_service_port": True}, "limits": {"max_body_bytes": 64 * 1024 * 1024},
         "partitions": {"sink": {"replicas": [f"http://127.0.0.1:{sink_port}"], "health_path": "/"}},
-        "models": {"ref": {"partition": "sink", "default_version": "1"}, "ref_pass": {"partition": "sink", "default_version": "1"}},
+        "models": {"ref": {"partition": "sink", "default_version": "1"},
+                   "ref_pass": {"partition": "sink", "default_version": "1"}},
     }))
     return cfg
 
 
 def _wrk(url: str, script: Path, connections: int, seconds: float, threads: int = 1) -> tuple[int, float, float]:
     """(requests, seconds, p50 ms) of one wrk run; non-2xx answers are an error."""
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+                          "--latency", "-s", str(script), url],
                          capture_output=True, text=True, timeout=seconds + 60)
     text = out.stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", text)
@@ -201,8 +203,8 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                     baseline_python: str | None = None, inflight: int = 64) -> int:
     missing = missing_tools()
     if missing:
-        print(f"trimmer root bench --proxies: {', '.join(missing)} not installed (Debian: apt-get install wrk nginx-light haproxy)",
-              file=sys.stderr)
+        print(f"trimmer root bench --proxies: {', '.join(missing)} not installed (Debian: apt-get install wrk "
+              "nginx-light haproxy)", file=sys.stderr)
         return 2
     from loadtest.payload import reference_payload
     from loadtest.procs import ManagedProcess, start
@@ -218,11 +220,13 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                           f'local f = io.open("{tmp / "body.bin"}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
         try:
             sink = _free_port()
-            procs.append(subprocess.Popen(["nginx", "-c", str(_nginx_conf(tmp, sink, None))], stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(["nginx", "-c", str(_nginx_conf(tmp, sink, None))], stderr=subprocess.DEVNULL))
             _wait_port(sink)
             targets = [Target("direct (no proxy)", f"http://127.0.0.1:{sink}/v1/models/ref/versions/1/score", [])]
             port = _free_port()
-            procs.append(subprocess.Popen(["nginx", "-c", str(_nginx_conf(tmp, port, sink))], stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(["nginx", "-c", str(_nginx_conf(tmp, port, sink))], stderr=subprocess.DEVNULL))
             _wait_port(port)
             targets.append(Target("nginx passthrough", f"http://127.0.0.1:{port}/v1/models/ref/score", [procs[-1].pid]))
             if shutil.which("haproxy"):
@@ -230,7 +234,8 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                 procs.append(subprocess.Popen(["haproxy", "-db", "-f", str(_haproxy_conf(tmp, port, sink))],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 _wait_port(port)
-                targets.append(Target("haproxy passthrough", f"http://127.0.0.1:{port}/v1/models/ref/score", [procs[-1].pid]))
+                targets.append(
+                    Target("haproxy passthrough", f"http://127.0.0.1:{port}/v1/models/ref/score", [procs[-1].pid]))
             cfg = _root_conf(tmp, allow, sink)
             builds = [("root", None)] + ([("baseline root", baseline_python)] if baseline_python else [])
             root_ports: dict[str, int] = {}
@@ -239,14 +244,16 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                 env = {"TRIMMER_LOG_LEVEL": "WARNING"}
                 cmd = ["root", "--config", str(cfg), "--port", str(rport)]
                 if python:  # another build: its own interpreter, run from its own tree
-                    root = ManagedProcess(label.replace(" ", "-"), [python, "-m", "trimmer", *cmd], f"http://127.0.0.1:{rport}",
+                    root = ManagedProcess(label.replace(" ", "-"), [python, "-m", "trimmer", *cmd],
+                                          f"http://127.0.0.1:{rport}",
                                           tmp / "baseline.log", env=env, cwd=tempfile.gettempdir()).start()
                     root.wait_ready("/readyz", 30)
                 else:
                     root = start(label.replace(" ", "-"), cmd, rport, "/readyz", tmp, timeout=30, env=env)
                 roots.append(root)
                 root_ports[label] = rport
-                targets.append(Target(f"{label} passthrough (mode off)", f"{root.url}/v1/models/ref_pass/score", [root.pid]))
+                targets.append(
+                    Target(f"{label} passthrough (mode off)", f"{root.url}/v1/models/ref_pass/score", [root.pid]))
                 targets.append(Target(f"{label} trim", f"{root.url}/v1/models/ref/score", [root.pid]))
             for t in targets:  # warm-up: connections, caches, buffer pools
                 _wrk(t.url, script, connections, 1)
@@ -289,8 +296,8 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
     return _report(targets, body, allow, connections, rss, sent, out, inflight)
 
 
-def _report(targets: list[Target], body: bytes, allow: frozenset[str], connections: int, rss: dict[str, dict[str, float]],
-            sent: dict[str, dict[str, float]], out: str | None, inflight: int) -> int:
+def _report(targets: list[Target], body: bytes, allow: frozenset[str], connections: int,
+            rss: dict[str, dict[str, float]], sent: dict[str, dict[str, float]], out: str | None, inflight: int) -> int:
     direct = targets[0]
     nginx = next(t for t in targets if t.name.startswith("nginx"))
     nginx_ms = nginx.cpu / nginx.requests * 1000
@@ -303,17 +310,21 @@ def _report(targets: list[Target], body: bytes, allow: frozenset[str], connectio
         cpu_ms = t.cpu / t.requests * 1000 if t.pids else float("nan")
         p50 = statistics.median(t.p50_ms)
         row = {"proxy": t.name, "cpu_ms_per_request": cpu_ms, "x_nginx": cpu_ms / nginx_ms if t.pids else None,
-               "requests_per_s": t.requests / t.seconds, "p50_ms": p50, "added_p50_ms": p50 - direct_p50 if t.pids else None}
+               "requests_per_s": t.requests / t.seconds, "p50_ms": p50,
+               "added_p50_ms": p50 - direct_p50 if t.pids else None}
         rows.append(row)
         x = f"{cpu_ms / nginx_ms:8.2f}" if t.pids else f"{'':8}"
         added = f"{p50 - direct_p50:10.3f}" if t.pids else f"{'':10}"
         print(f"{t.name:38} {cpu_ms:10.3f} {x} {row['requests_per_s']:8.0f} {p50:8.3f} {added}")
     for label, r in rss.items():
-        print(f"{label}: RSS idle {r['idle_mib']:.0f} MiB, peak with {inflight} connections in flight {r['peak_mib']:.0f} MiB")
+        print(f"{label}: RSS idle {r['idle_mib']:.0f} MiB, peak with {inflight} connections in flight "
+              f"{r['peak_mib']:.0f} MiB")
     for label, s in sent.items():
-        print(f"{label}: upstream bytes / request  passthrough {s.get('ref_pass', 0):,.0f}   trim {s.get('ref', 0):,.0f}")
+        print(
+            f"{label}: upstream bytes / request  passthrough {s.get('ref_pass', 0):,.0f}   trim {s.get('ref', 0):,.0f}")
     if out:
-        Path(out).write_text(json.dumps({"rows": rows, "rss": rss, "upstream_bytes": sent, "payload_bytes": len(body)}, indent=1))
+        Path(out).write_text(
+            json.dumps({"rows": rows, "rss": rss, "upstream_bytes": sent, "payload_bytes": len(body)}, indent=1))
     return 0
 
 

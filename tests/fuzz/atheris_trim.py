@@ -123,8 +123,10 @@ def _seed_corpus(corpus: Path) -> None:
     ]
     for i, doc in enumerate(seeds):
         (corpus / f"seed{i}.mp").write_bytes(encode_msgpack(doc))
-    (corpus / "seed.json").write_bytes(b'{"features": {"a": {"$tensor": {"dtype": "float32", "shape": [1], "data": "AACAPw=="}}, "q": 1}}')
-    (corpus / "oip.json").write_bytes(b'{"id": "x", "inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}]}')
+    (corpus / "seed.json").write_bytes(
+        b'{"features": {"a": {"$tensor": {"dtype": "float32", "shape": [1], "data": "AACAPw=="}}, "q": 1}}')
+    (corpus / "oip.json").write_bytes(
+        b'{"id": "x", "inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}]}')
 
 
 def smoke(n: int = 20000, seed: int = 0) -> None:
