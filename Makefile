@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-proxies soak clean mutate
+.PHONY: setup test lint demo bench bench-proxies soak clean mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q
+
+# ruff (pycodestyle, pyflakes, bugbear; line length 120) and mypy (trimmer, root, leaf, loadtest); config in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 demo: setup
 	$(VENV)/bin/trimmer demo

@@ -158,7 +158,8 @@ class Runner:
             o = o.contiguous()
             rest = tuple(int(d) for d in o.shape[1:])
             row_bytes = o.element_size() * math.prod(rest)
-            mv = memoryview(o.reshape(-1).view(torch.uint8).numpy()) if o.numel() else memoryview(b"")
+            # numpy declares its buffer protocol (__buffer__) to type checkers only for Python 3.12+
+            mv = memoryview(o.reshape(-1).view(torch.uint8).numpy()) if o.numel() else memoryview(b"")  # type: ignore[arg-type]
             start = 0
             for req, r in zip(per_req, rows):
                 end = start + r * row_bytes

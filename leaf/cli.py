@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from trimmer.errors import ConfigError
 
@@ -16,7 +17,7 @@ def _config(args: argparse.Namespace):
     from .config import Batching, load_config
 
     cfg = load_config(args.config)
-    kw = {}
+    kw: dict[str, Any] = {}
     if args.repo is not None:
         kw["repo"] = Path(args.repo).resolve()
     for key in ("host", "port", "device", "torch_threads", "log_level"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import numpy as np
 import torch
@@ -153,7 +153,8 @@ class Converter:
         self.typed = all(p.spec.dtype is not None and p.spec.shape is not None for p in self.plans)
         self.batchable = self.typed and signature.batching == "rows"
         self.has_candidates = any(p.cand_axis is not None for p in self.plans)
-        self.dtypes = [p.torch_dtype for p in self.plans] if self.typed else None
+        # typed: every plan has a dtype
+        self.dtypes = cast("list[torch.dtype]", [p.torch_dtype for p in self.plans]) if self.typed else None
         self._fast = [(p.name, p.spec.dtype, p, p.cand_axis) for p in self.plans]
 
     # ------------------------------------------------------------------ per request
@@ -195,7 +196,7 @@ class Converter:
         if defaulted is not None:
             for i, plan in enumerate(self.plans):
                 if parts[i] is None:
-                    raw = plan.default_raw
+                    raw = cast(bytes, plan.default_raw)  # defaulted: it has one
                     parts[i] = raw * rows if plan.cand_axis is not None else raw
                     shapes[i] = tuple(rows if d == -1 else d for d in plan.shape)  # type: ignore[union-attr]
         n = len(features)

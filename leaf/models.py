@@ -36,7 +36,7 @@ from trimmer.names import valid_name
 from trimmer.repository import iter_versions
 from trimmer.signature import Signature, read_signature
 
-from .batcher import Batcher, Runner
+from .batcher import Batcher, BatchStats, Runner
 from .compile import maybe_compile
 from .config import LeafConfig
 from .convert import Converted, Converter
@@ -181,7 +181,7 @@ class ModelStore:
         vs.digest = input_digest(signature.input_names)
         runner = Runner(module, converter, signature.output_names, self.device)
         if converter.batchable:
-            outs = runner.run([_warmup_request(converter)], _Stats())[0]
+            outs = runner.run([_warmup_request(converter)], BatchStats())[0]
             names = signature.output_names or tuple(f"output{i}" for i in range(len(outs)))
             cand = converter.has_candidates
             vs.outputs_meta = [{"name": n, "datatype": o.dtype,
@@ -310,7 +310,3 @@ class ModelStore:
         self._load_pool.shutdown(wait=False, cancel_futures=True)
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
 
-
-class _Stats:
-    assemble_s = 0.0
-    compute_s = 0.0

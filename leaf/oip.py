@@ -83,8 +83,9 @@ class InferRequest(msgspec.Struct):
 
 _request = msgspec.json.Decoder(InferRequest)
 _any = msgspec.json.Decoder()
-_flat_decoders = {"f": msgspec.json.Decoder(list[float]), "i": msgspec.json.Decoder(list[int]),
-                  "u": msgspec.json.Decoder(list[int]), "b": msgspec.json.Decoder(list[bool])}
+_flat_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    "f": msgspec.json.Decoder(list[float]), "i": msgspec.json.Decoder(list[int]),
+    "u": msgspec.json.Decoder(list[int]), "b": msgspec.json.Decoder(list[bool])}
 _encode = msgspec.json.Encoder().encode
 _NP = {name: np.dtype(np_str) for name, (_, _, np_str) in DTYPES.items() if np_str}
 try:  # optional accelerator for JSON number lists (the leaf extra installs it); without it msgspec does the job
@@ -92,7 +93,7 @@ try:  # optional accelerator for JSON number lists (the leaf extra installs it);
 
     _parser = _simdjson.Parser()
 except ImportError:  # pragma: no cover - depends on the install
-    _simdjson = None
+    _simdjson = None  # type: ignore[assignment]
 
 
 def _err(exc: Exception) -> str:

@@ -294,8 +294,7 @@ async def model_metadata(request: web.Request) -> web.Response:
         sig = vs.signature
         out["inputs"] = [{"name": n,
                           "datatype": WIRE_TO_OIP.get(sig.inputs[n].dtype or "", "") if n in sig.inputs else "",
-                          "shape": list(sig.inputs[n].shape) if n in sig.inputs and sig.inputs[n].shape is not None
-                          else [],
+                          "shape": list(sig.inputs[n].shape or ()) if n in sig.inputs else [],
                           **({"default": sig.inputs[n].default} if n in sig.inputs and sig.inputs[n].has_default
                              else {})}
                          for n in sig.input_names]

@@ -71,7 +71,8 @@ def signature_from_metadata(meta: Any, where: str) -> Signature:
         if not isinstance(inp, dict) or not isinstance(inp.get("name"), str) or not inp["name"]:
             raise TrimmerError(f"{where}: inputs[{i}] has no name")
         name = inp["name"]
-        dtype = OIP_TO_WIRE.get(inp.get("datatype"))
+        datatype = inp.get("datatype")
+        dtype = OIP_TO_WIRE.get(datatype) if isinstance(datatype, str) else None
         shape = inp.get("shape")
         if not isinstance(shape, list) or not all(
                 isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):

@@ -25,7 +25,7 @@ from trimmer.tensor import Tensor
 from .payload import make_request, universe_for_models
 from .procs import free_port, running, start
 
-STAGES = [
+STAGES: list[dict[str, Any]] = [
     {"model": "retrieval"},
     {"model": "item_features", "inputs": {"cand_item_id": "retrieval.item_ids"}},
     {"model": "ranker", "inputs": {"cand_item_id": "retrieval.item_ids", "cand_emb": "item_features.cand_emb",

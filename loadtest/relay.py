@@ -288,7 +288,7 @@ class RelayThread:
             try:
                 import uvloop
 
-                loop = uvloop.new_event_loop()
+                loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
             except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
                 loop = asyncio.new_event_loop()
             self._loop = loop

@@ -141,7 +141,7 @@ async def _one(session: aiohttp.ClientSession, target: Target, body: bytes | Rep
 
 
 async def run_load(target: Target, spec: LoadSpec, progress: Progress | None = None,
-                   on_measure_start: Callable[[], None] | None = None) -> RunResult:
+                   on_measure_start: Callable[[], object] | None = None) -> RunResult:
     """Drive `target` per `spec`; `on_measure_start` fires once when the warm-up ends (e.g. to snapshot CPU)."""
     if not target.bodies:
         raise ValueError("no request bodies")

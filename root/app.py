@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 import msgspec
 from aiohttp import web
@@ -124,7 +124,7 @@ class RootState:
         for p in self.partitions.values():
             await p.close()
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
 
     async def _watch(self) -> None:
@@ -144,7 +144,9 @@ class RootState:
             log.exception("allowlist hot reload stopped; allowlists stay as last loaded")
 
     async def _metadata_loop(self, src: MetadataSource) -> None:
-        interval = self.cfg.partitions[src.partition.name].metadata.refresh_s
+        meta = self.cfg.partitions[src.partition.name].metadata
+        assert meta is not None  # a MetadataSource exists only for a partition with metadata settings
+        interval = meta.refresh_s
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), interval)
@@ -224,7 +226,9 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
     lease = None
     if budget is not None:
         lease = budget.lease()
-        asyncio.current_task().add_done_callback(lease.close)  # held until the response is written
+        task = asyncio.current_task()
+        assert task is not None  # a request handler runs in a task
+        task.add_done_callback(lease.close)  # held until the response is written
         if n is not None and not lease.take(n):
             raise _busy(budget)
     try:
@@ -282,14 +286,13 @@ async def _read_streamed(request: web.Request, limit: int, encoding: str | None,
     """A chunked and/or Content-Encoding body: (plain body, bytes received). Raw and decoded sizes both stop at
     `limit`."""
     decoder = Decoder(encoding, limit) if encoding is not None else None
-    budget = request.app.get(BUDGET)
     chunks: list[bytes] = []
     raw = 0
     n = request.content_length
 
     def keep(pieces: list[bytes]) -> None:
         if decoder is not None and out_lease is not None and not out_lease.take(sum(map(len, pieces))):
-            raise _busy(budget)
+            raise _busy(out_lease.budget)
         for piece in pieces:
             chunks.append(piece)
             if stream is not None:
@@ -305,7 +308,7 @@ async def _read_streamed(request: web.Request, limit: int, encoding: str | None,
             if raw > limit:
                 raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=raw)
             if raw_lease is not None and not raw_lease.take(len(chunk)):
-                raise _busy(budget)
+                raise _busy(raw_lease.budget)
             keep(decoder.feed(chunk) if decoder is not None else [chunk])
         if n is not None and raw < n:
             raise PayloadError(f"request body truncated: Content-Length {n}, got {raw} bytes")
@@ -571,7 +574,7 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
     limits = EdgeLimits(t.client_header_s, t.client_body_s, t.client_keepalive_s,
                         cfg.max_connections, t.client_body_min_rate)
     runners: list[web.AppRunner] = []
-    fronts: list[tuple[asyncio.AbstractServer, FrontServer]] = []
+    fronts: list[tuple[asyncio.Server, FrontServer]] = []
     try:
         for app, host, port in ((main, cfg.host, cfg.port), (admin, cfg.admin_host, cfg.admin_port)):
             if app is None:
@@ -585,7 +588,7 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
             if app is main and settings().fast_listener:
                 # The service port: the fast listener (root/front.py) serves the scoring routes and hands the rest to
                 # aiohttp.
-                assert runner.server is not None
+                assert runner.server is not None and port is not None  # the service port: cfg.port, an int
                 front = FrontServer(state, runner.server, edge, limits, edge_metrics, main[BUDGET])
                 server = await asyncio.get_running_loop().create_server(
                     front, host, port, reuse_port=reuse_port or None, backlog=1024)

@@ -144,6 +144,8 @@ def compare_outputs(trimmed: dict[str, Any], untrimmed: dict[str, Any], toleranc
         a, b = trimmed[name], untrimmed[name]
         if _same(a, b):
             continue
+        va: Any
+        vb: Any
         if isinstance(a, Tensor) and isinstance(b, Tensor):
             if a.dtype != b.dtype:
                 diffs.append(OutputDiff(name, "dtype", f"{a.dtype} (trimmed) vs {b.dtype} (untrimmed)"))
@@ -261,7 +263,7 @@ class Auditor:
             return
         self.counts["mismatches"] += 1
         m.audit_mismatches.labels(*job.labels).inc()
-        record = {
+        record: dict[str, Any] = {
             "time_unix": round(time.time(), 3), "model": job.model, "version": job.version,
             "partition": job.partition.name,
             "replica": job.replica, "path": job.path, "outputs": [d.to_json() for d in diffs],

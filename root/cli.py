@@ -19,8 +19,13 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from trimmer.errors import ConfigError
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable, Coroutine
 
 MAX_RESTARTS = 10
 ORDER = 20  # place among the `trimmer` commands (trimmer/cli.py); `trimmer root bench` comes from loadtest (ORDER 30)
@@ -73,19 +78,36 @@ def _run_root(args: argparse.Namespace) -> int:
     try:
         import uvloop
 
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     except ImportError:  # uvloop is optional on platforms without it
-        runner = asyncio.Runner()
-    with runner:
-        try:
-            runner.run(serve(cfg, reuse_port=args.worker or cfg.workers > 1))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-                # One line, like the leaf: the port is the user's to change, not a bug to trace.
-                raise ConfigError(f"cannot listen: {exc.strerror or exc} ({str(exc).split(': ', 1)[0]}); "
-                                  f"free the port or pick another with --port / listen.port / admin.port") from None
-            raise
+        loop_factory = asyncio.new_event_loop
+    try:
+        _run(serve(cfg, reuse_port=args.worker or cfg.workers > 1), loop_factory)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            # One line, like the leaf: the port is the user's to change, not a bug to trace.
+            raise ConfigError(f"cannot listen: {exc.strerror or exc} ({str(exc).split(': ', 1)[0]}); "
+                              f"free the port or pick another with --port / listen.port / admin.port") from None
+        raise
     return 0
+
+
+def _run(coro: Coroutine[Any, Any, None], loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """Run `coro` on a loop from `loop_factory`: asyncio.Runner where there is one (3.11+); on 3.10, which
+    requires-python allows, asyncio.run under a policy that makes that loop."""
+    import asyncio
+
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(coro)
+        return
+
+    class _Policy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            return loop_factory()
+
+    asyncio.set_event_loop_policy(_Policy())
+    asyncio.run(coro)
 
 
 def _supervise(args: argparse.Namespace, cfg) -> int:

@@ -338,7 +338,9 @@ class FrontConnection(asyncio.BufferedProtocol):
         srv = self.server
         srv.busy += 1
         srv.idle.clear()
-        srv.loop.create_task(self._answer(self.request, self.body_view, self.buf, self.stream, self.lease))
+        view, buf = self.body_view, self.buf
+        assert view is not None and buf is not None  # a body was being read
+        srv.loop.create_task(self._answer(self.request, view, buf, self.stream, self.lease))
         self.request, self.body_view, self.buf, self.stream, self.lease = {}, None, None, None, None
 
     async def _answer(self, req: dict[str, Any], view: memoryview, buf: bytearray,

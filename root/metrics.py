@@ -131,7 +131,7 @@ class Metrics:
             f"{PREFIX}_allowlist_last_reload_timestamp_seconds",
             "Unix time of the last successful load of an allowlist source",
             ("source", "kind"), registry=r, multiprocess_mode="max")
-        self._failures_seen: dict[str, int] = {}
+        self._failures_seen: dict[tuple[str, str], int] = {}
 
     def child(self, metric, key: tuple[str, ...]):
         """`metric.labels(*key)`, memoised: labels() validates and locks (about 1.5 us), a dict hit costs ~0.1 us.

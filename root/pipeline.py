@@ -34,7 +34,7 @@ from .dataplane import Body, NativeFormat
 from .pipeline_config import PipelineConfig
 
 Raw = msgspec.Raw
-_CODECS = {
+_CODECS: dict[str, tuple[Any, Any, str]] = {  # media type -> (decoder, encoder, format name)
     MSGPACK: (msgspec.msgpack.Decoder(dict[str, Raw]), msgspec.msgpack.Encoder(), "msgpack"),
     "application/json": (msgspec.json.Decoder(dict[str, Raw]), msgspec.json.Encoder(), "JSON"),
 }

@@ -195,8 +195,8 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_result(self._parser.get_status_code())
 
     # -- use
-    async def exchange(self, head: bytes,
-                       body: Sequence[bytes], deadline: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def exchange(self, head: bytes, body: Sequence[bytes | memoryview],
+                       deadline: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Write one request, await its whole answer: (status, raw headers, body). Raises _Broken or _Timeout."""
         loop = self.loop
         self._parser = httptools.HttpResponseParser(self)
@@ -365,12 +365,13 @@ class Partition:
 
     async def check_health(self) -> None:
         """One GET of health_path on every replica, concurrently; bounded by the connect and request timeouts."""
-        assert self.session is not None
+        session = self.session
+        assert session is not None
         timeout = aiohttp.ClientTimeout(total=max(self.timeouts.connect_s, 1.0))
 
         async def one(r: Replica) -> None:
             try:
-                async with self.session.get(r.url + self.cfg.health_path, timeout=timeout) as resp:
+                async with session.get(r.url + self.cfg.health_path, timeout=timeout) as resp:
                     await resp.read()
                     self._mark(r, resp.status == 200,
                                None if resp.status == 200 else f"health check answered {resp.status}")
@@ -421,7 +422,8 @@ class Partition:
         if body is not None and self._compress is not None:
             body = self._compress(body.joined() if isinstance(body, Body) else body)
             headers = {**headers, "Content-Encoding": self.cfg.compression}
-        parts: Sequence[bytes] = () if body is None else (body.chunks if isinstance(body, Body) else (body,))
+        parts: Sequence[bytes | memoryview] = (() if body is None
+                                               else body.chunks if isinstance(body, Body) else (body,))
         sent = len(body) if body is not None else 0
         loop = self.loop
         if loop is None:

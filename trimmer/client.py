@@ -186,7 +186,8 @@ def decode_infer(body: bytes) -> InferResult:
     for o in doc["outputs"]:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise TrimmerError("each /infer output is an object with a name")
-        dtype = OIP_TO_WIRE.get(o.get("datatype"))
+        datatype = o.get("datatype")
+        dtype = OIP_TO_WIRE.get(datatype) if isinstance(datatype, str) else None
         data = o.get("data", [])
         arr = np.asarray(data, dtype=object if o.get("datatype") == "BYTES" else (dtype or None))
         shape = o.get("shape")

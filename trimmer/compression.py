@@ -64,9 +64,10 @@ def normalize(encoding: str | None) -> str | None:
         return None
     if "," in enc:
         raise UnsupportedEncoding(
-            f"unsupported Content-Encoding {encoding[:60]!r}: one encoding at a time ({', '.join(ENCODINGS)})")
+            f"unsupported Content-Encoding {(encoding or '')[:60]!r}: one encoding at a time ({', '.join(ENCODINGS)})")
     if enc not in ENCODINGS:
-        raise UnsupportedEncoding(f"unsupported Content-Encoding {encoding[:60]!r}; use one of {', '.join(ENCODINGS)}")
+        raise UnsupportedEncoding(
+            f"unsupported Content-Encoding {(encoding or '')[:60]!r}; use one of {', '.join(ENCODINGS)}")
     return enc
 
 
@@ -247,6 +248,7 @@ class Decoder:
         self.limit = limit
         self.decoded = 0
         self.received = 0
+        self._codec: _Zlib | _Lz4 | _Zstd | _Brotli
         if enc in ("gzip", "x-gzip", "deflate"):
             self._codec = _Zlib(enc)
         elif enc == "lz4":

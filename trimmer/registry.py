@@ -187,10 +187,10 @@ def _unknown_allowlist_features(ov: Overrides, signatures: Mapping[Key, Signatur
     out: list[str] = []
     for model, mo in ov.models.items():
         for version, vo in mo.versions.items():
-            sig = signatures.get((model, version))
-            if vo.allowlist is not None and sig is not None and not (
+            vsig = signatures.get((model, version))
+            if vo.allowlist is not None and vsig is not None and not (
                     vo.allow_extra_features or mo.allow_extra_features):
-                extra = sorted(vo.allowlist - set(sig.input_names))
+                extra = sorted(vo.allowlist - set(vsig.input_names))
                 if extra:
                     out.append(f"models.{model}.versions.{version}.allowlist: {', '.join(extra[:10])} not in the "
                                f"signature of {model}/{version} (a typo? set allow_extra_features: true to send them "
@@ -407,8 +407,8 @@ class Registry:
                                 "untrimmed")
         for model, sig in unversioned.items():
             if model not in defaults:
-                mo = ov.models.get(model)
-                keep = mo.keep if mo else frozenset()
+                over = ov.models.get(model)
+                keep = over.keep if over else frozenset()
                 defaults[model] = Resolution(model, None, sig.allowlist | keep, mode_of(model, None), "unversioned",
                                              input_digest(sig.input_names), pin=False)
         self._generation += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import re
 import tempfile
@@ -96,7 +97,7 @@ async def _drive(url: str, path: str, body: bytes, clients: int, seconds: float,
     stop_at = t0 + seconds
     dones = [loop.create_future() for _ in range(clients)]
     for d in dones:
-        await loop.create_connection(lambda d=d: _Client(request, stop_at, d, counts), host, int(port))
+        await loop.create_connection(functools.partial(_Client, request, stop_at, d, counts), host, int(port))
     await asyncio.wait_for(asyncio.gather(*dones), seconds + 60)
     return counts[0], counts[1], time.perf_counter() - t0
 

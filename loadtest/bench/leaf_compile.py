@@ -34,6 +34,7 @@ def _inputs(converter: Converter, rows: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for plan in converter.plans:
+        assert plan.spec.shape is not None and plan.torch_dtype is not None  # the demo models are typed
         shape = [rows if d == -1 else d for d in plan.spec.shape]
         if converter.batchable and plan.cand_axis is None:
             shape = [rows] + shape

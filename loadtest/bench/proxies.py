@@ -246,7 +246,7 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                 if python:  # another build: its own interpreter, run from its own tree
                     root = ManagedProcess(label.replace(" ", "-"), [python, "-m", "trimmer", *cmd],
                                           f"http://127.0.0.1:{rport}",
-                                          tmp / "baseline.log", env=env, cwd=tempfile.gettempdir()).start()
+                                          tmp / "baseline.log", env=env, cwd=Path(tempfile.gettempdir())).start()
                     root.wait_ready("/readyz", 30)
                 else:
                     root = start(label.replace(" ", "-"), cmd, rport, "/readyz", tmp, timeout=30, env=env)

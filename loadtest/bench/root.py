@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
 
@@ -126,7 +127,7 @@ def run_bench(requests: int = 2000, concurrency: int = 8, warmup: int = 200,
                 root.stop()
             sink.stop()
     per_k = {m: cpu[m] / requests * 1000 for m in cpu}
-    result = {
+    result: dict[str, Any] = {
         "payload_bytes": len(body), "features": 2000, "allowlist": len(allow), "requests_per_mode": requests,
         "concurrency": concurrency, "root_cpu_s_per_1k": per_k, "cpu_ratio_trim_vs_pass": per_k["trim"] / per_k["pass"],
         "cpu_ratio_per_round": round_ratios,
