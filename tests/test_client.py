@@ -17,7 +17,7 @@ import pytest
 
 from loadtest.procs import free_port, start, trimmer_cmd
 from trimmer import codec
-from trimmer.client import AsyncClient, Client, ClientError, encode_features, oip_input
+from trimmer.client import AsyncClient, Client, ClientError, decode_infer, encode_features, oip_input
 from trimmer.errors import TrimmerError
 from trimmer.repository import scan_repository
 from trimmer.tensor import Tensor
@@ -110,11 +110,16 @@ def test_torch_tensors_encode_like_numpy() -> None:
 
 
 def test_oip_input_shapes_and_types() -> None:
-    assert oip_input("x",
-                     np.array([[1, 2], [3, 4]], dtype=np.int32)) == {"name": "x", "datatype": "INT32", "shape": [2, 2],
-                                                                         "data": [1, 2, 3, 4]}
+    assert oip_input("x", np.array([[1, 2], [3, 4]], dtype=np.int32)) == {"name": "x", "datatype": "INT32",
+                                                                          "shape": [2, 2], "data": [1, 2, 3, 4]}
     assert oip_input("s", ["a", "b"])["datatype"] == "BYTES"
     assert oip_input("f", 2.5) == {"name": "f", "datatype": "FP64", "shape": [], "data": [2.5]}
+
+
+def test_decode_infer_takes_a_datatype_that_is_no_string_as_unknown() -> None:
+    # was a TypeError (an unhashable datatype used as a dict key); an unknown datatype keeps the values as sent
+    body = json.dumps({"outputs": [{"name": "s", "datatype": ["FP32"], "shape": [2], "data": [1.5, 2.5]}]}).encode()
+    assert decode_infer(body).outputs["s"].tolist() == [1.5, 2.5]
 
 
 @pytest.mark.parametrize("target", ["leaf", "root"])

@@ -101,3 +101,6 @@ def test_parse_models_and_metadata() -> None:
     assert sig.inputs["x"].dtype == "float32" and sig.inputs["x"].shape == (-1, 4) and sig.inputs["y"].has_default
     with pytest.raises(TrimmerError, match="no inputs"):
         signature_from_metadata({"inputs": []}, "meta")
+    # a datatype that is no string (was a TypeError when unhashable) is an unknown one: the input goes untyped
+    odd = signature_from_metadata({"inputs": [{"name": "x", "datatype": ["FP32"], "shape": [2]}]}, "meta")
+    assert odd.input_names == ("x",) and odd.inputs["x"].dtype is None and odd.inputs["x"].shape is None
