@@ -28,7 +28,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -187,13 +187,13 @@ def build_ivf(emb: np.ndarray, centers: np.ndarray, iters: int = 2) -> tuple[np.
 class Retrieval(nn.Module):
     """Index-as-model: user tower + IVF/int8/Bloom item index in one module."""
 
-    # buffers (register_buffer), declared for the type checker
-    centroids: torch.Tensor
-    cluster_ids: torch.Tensor
-    cluster_codes: torch.Tensor
-    cluster_scales: torch.Tensor
-    cluster_bits: torch.Tensor
-    token_masks: torch.Tensor
+    if TYPE_CHECKING:  # buffers (register_buffer); not class annotations at run time, which TorchScript would read
+        centroids: torch.Tensor
+        cluster_ids: torch.Tensor
+        cluster_codes: torch.Tensor
+        cluster_scales: torch.Tensor
+        cluster_bits: torch.Tensor
+        token_masks: torch.Tensor
 
     def __init__(self, item_emb: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor, bits: torch.Tensor,
                  token_masks: torch.Tensor) -> None:
@@ -293,7 +293,8 @@ def train_retrieval(model: Retrieval, cat: dict[str, np.ndarray], steps: int = 1
 class Ranker(nn.Module):
     """Multi-task ranker: T task logits per candidate and a weighted value score."""
 
-    task_weights: torch.Tensor  # a buffer
+    if TYPE_CHECKING:  # a buffer (see Retrieval)
+        task_weights: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -372,12 +373,12 @@ class ItemFeatures(nn.Module):
     pipeline can turn retrieval's item ids into the ranker's and the diversifier's candidate features.
     Ids outside the catalogue (retrieval's -1 for 'not found') get a neutral row (category -1)."""
 
-    # buffers (register_buffer), declared for the type checker
-    emb: torch.Tensor
-    ctr: torch.Tensor
-    age: torch.Tensor
-    price: torch.Tensor
-    category: torch.Tensor
+    if TYPE_CHECKING:  # buffers (see Retrieval)
+        emb: torch.Tensor
+        ctr: torch.Tensor
+        age: torch.Tensor
+        price: torch.Tensor
+        category: torch.Tensor
 
     def __init__(self, emb: torch.Tensor, ctr: torch.Tensor, age: torch.Tensor,
                  price: torch.Tensor, category: torch.Tensor) -> None:
