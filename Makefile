@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-no-ext build-strict demo bench bench-proxies soak clean mutate
+.PHONY: setup lint test test-no-ext build-strict demo bench bench-proxies soak clean mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ build-strict: setup
 NO_EXT_TESTS := tests/test_trim.py tests/test_tensorext.py tests/test_root_service.py tests/test_dataplane.py
 test-no-ext: setup
 	TRIMMER_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider $(NO_EXT_TESTS)
+
+# ruff (pycodestyle, pyflakes, bugbear; line length 120) and mypy (trimmer, root, leaf, loadtest); config in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 demo: setup
 	$(VENV)/bin/trimmer demo

@@ -14,6 +14,7 @@ FLAGS = ["-O3"] + (["-Wall", "-Wextra", "-Werror"] if STRICT else [])
 FASTTRIM_HEADERS = ["trimmer/msgpack_format.h", "trimmer/msgpack_reader.h", "trimmer/nameset.h"]
 
 setup(ext_modules=[
-    Extension("trimmer._fasttrim", ["trimmer/_fasttrim.c"], depends=FASTTRIM_HEADERS, optional=not STRICT, extra_compile_args=FLAGS),
+    Extension("trimmer._fasttrim", ["trimmer/_fasttrim.c"], depends=FASTTRIM_HEADERS, optional=not STRICT,
+              extra_compile_args=FLAGS),
     Extension("trimmer._tensorext", ["trimmer/_tensorext.c"], optional=not STRICT, extra_compile_args=FLAGS),
 ])

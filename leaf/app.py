@@ -46,8 +46,8 @@ async def serve(config: LeafConfig) -> None:
     # batchers keep running until the handlers are done, then drain).
     # handler_args: auto_decompress=False (the leaf decodes Content-Encoding itself, bounded: trimmer/compression.py)
     # and the keep-alive timeout; install_edge: header / body timeouts and the connection cap (trimmer/edge.py).
-    limits = EdgeLimits(config.header_timeout_s, config.body_timeout_s, config.keepalive_timeout_s, config.max_connections,
-                        config.body_min_rate)
+    limits = EdgeLimits(config.header_timeout_s, config.body_timeout_s, config.keepalive_timeout_s,
+                        config.max_connections, config.body_min_rate)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, **handler_args(limits),
                            shutdown_timeout=config.drain_timeout_s)
     await runner.setup()
@@ -58,8 +58,8 @@ async def serve(config: LeafConfig) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
-    log.info("leaf listening on http://%s:%d (repo %s, device %s, torch threads %d); not ready until the initial load is done",
-             config.host, config.port, config.repo, device, torch.get_num_threads())
+    log.info("leaf listening on http://%s:%d (repo %s, device %s, torch threads %d); not ready until the initial load "
+             "is done", config.host, config.port, config.repo, device, torch.get_num_threads())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -88,7 +88,8 @@ def main(config: LeafConfig) -> int:
 
             build_demo(config.repo, log=log.info)
         else:
-            raise ConfigError(f"{config.repo}: model repository is not a directory (build one with `trimmer leaf build-demo --out DIR`)")
+            raise ConfigError(f"{config.repo}: model repository is not a directory (build one with `trimmer leaf "
+                              "build-demo --out DIR`)")
     log.info("settings: %s", settings().line())  # after the checks above, so a bad repository is one line
     tune_for_large_bodies()
     tune_gc()

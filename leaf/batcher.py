@@ -73,7 +73,8 @@ class Runner:
     """Assembles a batch and splits its outputs (event loop thread); runs the module under inference_mode
     (model thread)."""
 
-    def __init__(self, module: Callable[..., Any], converter: Converter, output_names: tuple[str, ...], device: torch.device) -> None:
+    def __init__(self, module: Callable[..., Any], converter: Converter,
+                 output_names: tuple[str, ...], device: torch.device) -> None:
         self.module = module
         self.converter = converter
         self.output_names = output_names
@@ -149,14 +150,16 @@ class Runner:
         per_req: list[list[Tensor]] = [[] for _ in rows]
         for name, o in zip(names, outs):
             if o.dim() == 0 or o.shape[0] != total:
-                raise ModelError(f"output {name!r} has shape {list(o.shape)}; its leading axis must be the {total} batch rows")
+                raise ModelError(
+                    f"output {name!r} has shape {list(o.shape)}; its leading axis must be the {total} batch rows")
             wire = WIRE_DTYPES.get(o.dtype)
             if wire is None:
                 o, wire = o.to(torch.float32), "float32"
             o = o.contiguous()
             rest = tuple(int(d) for d in o.shape[1:])
             row_bytes = o.element_size() * math.prod(rest)
-            mv = memoryview(o.reshape(-1).view(torch.uint8).numpy()) if o.numel() else memoryview(b"")
+            # numpy declares its buffer protocol (__buffer__) to type checkers only for Python 3.12+
+            mv = memoryview(o.reshape(-1).view(torch.uint8).numpy()) if o.numel() else memoryview(b"")  # type: ignore[arg-type]
             start = 0
             for req, r in zip(per_req, rows):
                 end = start + r * row_bytes
@@ -250,7 +253,8 @@ class Batcher:
                 try:
                     await asyncio.wait_for(asyncio.shield(task), timeout)
                 except asyncio.TimeoutError:
-                    log.warning("%s/%s: drain not done after %.1fs; failing the jobs left with 503", *self.key, timeout or 0)
+                    log.warning(
+                        "%s/%s: drain not done after %.1fs; failing the jobs left with 503", *self.key, timeout or 0)
                 except Exception:  # noqa: BLE001 - _loop never raises; if it did, the jobs are failed below
                     log.exception("%s/%s: batcher stopped with an error", *self.key)
         finally:  # also when close() itself is cancelled: nothing may be left waiting
@@ -277,7 +281,8 @@ class Batcher:
 
     async def submit(self, conv: Converted) -> list[torch.Tensor]:
         if self._closing or self._task is None or self._task.done():
-            raise Unavailable(f"model {self.key[0]!r} version {self.key[1]!r} is not taking requests (replaced or unloaded); retry")
+            raise Unavailable(
+                f"model {self.key[0]!r} version {self.key[1]!r} is not taking requests (replaced or unloaded); retry")
         if self.max_batch_size == 1:
             return await self._direct(conv)
         fut = asyncio.get_running_loop().create_future()
@@ -300,13 +305,15 @@ class Batcher:
             c0 = time.thread_time()
             inputs = self._prepare(convs)
             c1 = time.thread_time()
-            cheap = self._row_cost is not None and self._row_cost * conv.rows < INLINE_MAX_S  # a big request is not cheap
+            # a big request is not cheap
+            cheap = self._row_cost is not None and self._row_cost * conv.rows < INLINE_MAX_S
             if cheap and self._inline_ok and self._in_thread == 0:
                 outs, stats.compute_s = self.runner.forward(inputs)
             else:
                 self._in_thread += 1
                 try:
-                    outs, stats.compute_s = await asyncio.get_running_loop().run_in_executor(self.executor, self.runner.forward, inputs)
+                    outs, stats.compute_s = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self.runner.forward, inputs)
                 finally:
                     self._in_thread -= 1
             cost, per_row = self._row_cost, stats.compute_s / max(1, conv.rows)

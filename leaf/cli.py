@@ -1,10 +1,12 @@
-"""`trimmer leaf` (serve), `trimmer leaf build-demo`. torch is imported lazily; `trimmer leaf bench` comes from loadtest."""
+"""`trimmer leaf` (serve), `trimmer leaf build-demo`. torch is imported lazily; `trimmer leaf bench` comes from
+loadtest."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from trimmer.errors import ConfigError
 
@@ -15,7 +17,7 @@ def _config(args: argparse.Namespace):
     from .config import Batching, load_config
 
     cfg = load_config(args.config)
-    kw = {}
+    kw: dict[str, Any] = {}
     if args.repo is not None:
         kw["repo"] = Path(args.repo).resolve()
     for key in ("host", "port", "device", "torch_threads", "log_level"):
@@ -66,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--max-batch-size", type=int, help="requests per batch, every model (1 disables batching)")
     p.add_argument("--max-queue-delay-ms", type=float, help="longest wait to fill a batch")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model before it is marked ready (eager if that fails)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model before it is marked ready (eager if that fails)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     p.set_defaults(func=_serve)
     lsub = p.add_subparsers(dest="leaf_command", metavar="ACTION")

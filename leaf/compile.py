@@ -50,7 +50,8 @@ def compile_module(module: Callable[..., Any], examples: Sequence[Sequence[torch
     """(compiled or eager module, info). info: compiled (bool), seconds, reason when not compiled."""
     t0 = time.perf_counter()
     if isinstance(module, torch.jit.ScriptModule):
-        return module, {"compiled": False, "reason": "torch.compile does not take TorchScript modules (serve the .pt2 to compile)"}
+        return module, {"compiled": False,
+                        "reason": "torch.compile does not take TorchScript modules (serve the .pt2 to compile)"}
     try:
         compiled = torch.compile(module, dynamic=True)
         with torch.inference_mode():

@@ -31,14 +31,14 @@ class Batching(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 # ---------------------------------------------------------------- the file (schema: docs/schema/leaf.json)
-class Listen(Section):
+class Listen(Section, frozen=True):
     """The service listener (the root's `listen:` has the same shape)."""
 
     host: Host = "127.0.0.1"
     port: Port = 8001
 
 
-class ModelSettings(Section):
+class ModelSettings(Section, frozen=True):
     """Per-model overrides of `batching` (unset keys inherit from it), plus `compile`."""
 
     max_batch_size: Optional[Count] = None  # default: batching.max_batch_size
@@ -47,7 +47,7 @@ class ModelSettings(Section):
     compile: Optional[bool] = None  # None: the top-level `compile`
 
 
-class LeafFile(Section):
+class LeafFile(Section, frozen=True):
     """The leaf worker's YAML config (configs/leaf.yaml); docs/leaf.md. Relative paths: against this file."""
 
     repo: Optional[Name] = None  # <repo>/<model>/<version>/model.pt | model.pt2
@@ -113,7 +113,8 @@ def _listen(f: LeafFile, where: str) -> Listen:
         return f.listen or Listen()
     if f.listen is not None:
         raise ConfigError(f"{where}: host/port and listen: both set; keep listen: {{host, port}}")
-    log.warning("%s: top-level host/port are deprecated; write listen: {host: ..., port: ...} (as the root does)", where)
+    log.warning(
+        "%s: top-level host/port are deprecated; write listen: {host: ..., port: ...} (as the root does)", where)
     default = Listen()
     return Listen(host=f.host or default.host, port=default.port if f.port is None else f.port)
 
@@ -141,10 +142,13 @@ def load_config(path: str | None) -> LeafConfig:
     models, compile_models = _models(f)
     repo = None if f.repo is None else Path(f.repo)
     return LeafConfig(
-        repo=None if repo is None else repo if repo.is_absolute() else (p.parent / repo).resolve(),  # relative to the config file
-        host=listen.host, port=listen.port, device=f.device, torch_threads=f.torch_threads, batching=f.batching, models=models,
-        compile=f.compile, compile_models=compile_models, max_body_bytes=f.max_body_bytes, header_timeout_s=f.header_timeout_s,
+        repo=None if repo is None else repo if repo.is_absolute()
+        else (p.parent / repo).resolve(),  # relative to the config file
+        host=listen.host, port=listen.port, device=f.device, torch_threads=f.torch_threads, batching=f.batching,
+        models=models, compile=f.compile, compile_models=compile_models, max_body_bytes=f.max_body_bytes,
+        header_timeout_s=f.header_timeout_s,
         body_timeout_s=f.body_timeout_s, keepalive_timeout_s=f.keepalive_timeout_s, max_connections=f.max_connections,
-        body_min_rate=f.body_min_rate, rescan_interval_s=f.rescan_interval_s, drain_timeout_s=f.drain_timeout_s, watch=f.watch,
-        feature_series_limit=f.feature_series_limit, build_demo_if_missing=f.build_demo_if_missing, log_level=f.log_level,
+        body_min_rate=f.body_min_rate, rescan_interval_s=f.rescan_interval_s, drain_timeout_s=f.drain_timeout_s,
+        watch=f.watch, feature_series_limit=f.feature_series_limit, build_demo_if_missing=f.build_demo_if_missing,
+        log_level=f.log_level,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import numpy as np
 import torch
@@ -145,14 +145,16 @@ class Converter:
             dtype = TORCH_DTYPES.get(spec.dtype) if spec.dtype else None
             rest = tuple(d for i, d in enumerate(spec.shape or ()) if i != axis)
             item = (math.prod(rest) * DTYPES[spec.dtype][1]) if spec.dtype else 0
-            self.plans.append(InputPlan(name, spec, dtype, axis, spec.shape, rest, item, _raw_default(spec, dtype, axis)))
+            self.plans.append(
+                InputPlan(name, spec, dtype, axis, spec.shape, rest, item, _raw_default(spec, dtype, axis)))
         self.allow = frozenset(signature.input_names)
         # typed: every input has dtype and shape (fast conversion to raw parts). The batched calling convention
         # needs that, and a signature that does not ask for one request per call (batching: "request")
         self.typed = all(p.spec.dtype is not None and p.spec.shape is not None for p in self.plans)
         self.batchable = self.typed and signature.batching == "rows"
         self.has_candidates = any(p.cand_axis is not None for p in self.plans)
-        self.dtypes = [p.torch_dtype for p in self.plans] if self.typed else None
+        # typed: every plan has a dtype
+        self.dtypes = cast("list[torch.dtype]", [p.torch_dtype for p in self.plans]) if self.typed else None
         self._fast = [(p.name, p.spec.dtype, p, p.cand_axis) for p in self.plans]
 
     # ------------------------------------------------------------------ per request
@@ -194,7 +196,7 @@ class Converter:
         if defaulted is not None:
             for i, plan in enumerate(self.plans):
                 if parts[i] is None:
-                    raw = plan.default_raw
+                    raw = cast(bytes, plan.default_raw)  # defaulted: it has one
                     parts[i] = raw * rows if plan.cand_axis is not None else raw
                     shapes[i] = tuple(rows if d == -1 else d for d in plan.shape)  # type: ignore[union-attr]
         n = len(features)
@@ -206,7 +208,7 @@ class Converter:
         conv = self._convert_tensors(features)
         parts: list[Any] = []
         shapes: list[tuple[int, ...]] = []
-        for plan, t in zip(self.plans, conv.tensors):
+        for _plan, t in zip(self.plans, conv.tensors):
             if isinstance(t, _Default):
                 parts.append(t.raw)
                 shapes.append(t.shape)
@@ -296,7 +298,8 @@ class Converter:
         try:
             arr = np.asarray(value)
         except (ValueError, OverflowError):
-            raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got a ragged or invalid list") from None
+            raise PayloadError(
+                f"feature {plan.name!r}: expected {plan.expected}, got a ragged or invalid list") from None
         kind = arr.dtype.kind
         if kind not in "biuf":
             raise PayloadError(f"feature {plan.name!r}: expected {plan.expected}, got non-numeric values")

@@ -31,7 +31,7 @@ def _key(**params: object) -> str:
     return h.hexdigest()[:20]
 
 
-def build_cached(out: str | os.PathLike[str], build: Callable[[Path], None], **params: object) -> bool:
+def build_cached(out: str | os.PathLike[str], build: Callable[[Path], object], **params: object) -> bool:
     """Copy a cached build into `out` when $TRIMMER_DEMO_CACHE has one, else build (and fill the cache).
 
     Returns True on a cache hit. Without the variable this is just `build(out)`.

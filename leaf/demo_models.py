@@ -28,7 +28,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -62,25 +62,30 @@ SLATE_GAMMA = 0.5
 # ---------------------------------------------------------------- the feature universe
 # name -> (spec, description); a spec's shape -1 is the candidate dimension.
 FEATURE_UNIVERSE: dict[str, tuple[dict[str, Any], str]] = {
-    "user_recent_items": ({"dtype": "int64", "shape": [HISTORY]}, f"last {HISTORY} item ids the user engaged with (-1 = padding)"),
+    "user_recent_items": ({"dtype": "int64", "shape": [HISTORY]},
+                          f"last {HISTORY} item ids the user engaged with (-1 = padding)"),
     "user_dense": ({"dtype": "float32", "shape": [USER_DENSE], "default": 0.0}, "dense user profile vector"),
     "user_country": ({"dtype": "int64", "shape": [], "default": 0}, f"country code 0..{N_COUNTRIES - 1}"),
     "user_language": ({"dtype": "int64", "shape": [], "default": 0}, f"language code 0..{N_LANGUAGES - 1}"),
     "user_age": ({"dtype": "float32", "shape": [], "default": 30.0}, "age in years"),
-    "query_content_class": ({"dtype": "int64", "shape": [], "default": -1}, f"requested content class 0..{N_CLASSES - 1}, -1 = any"),
+    "query_content_class": ({"dtype": "int64", "shape": [], "default": -1},
+                            f"requested content class 0..{N_CLASSES - 1}, -1 = any"),
     "cand_item_id": ({"dtype": "int64", "shape": [-1]}, "candidate item ids"),
     "cand_emb": ({"dtype": "float32", "shape": [-1, CAND_EMB]}, "candidate content embedding"),
     "cand_ctr": ({"dtype": "float32", "shape": [-1]}, "candidate historical click-through rate (logit scale)"),
     "cand_age_hours": ({"dtype": "float32", "shape": [-1], "default": 24.0}, "candidate age in hours"),
     "cand_price": ({"dtype": "float32", "shape": [-1], "default": 0.0}, "candidate price"),
-    "cand_score": ({"dtype": "float32", "shape": [-1]}, "candidate relevance (e.g. the ranker's score), read by the diversifier"),
-    "cand_category": ({"dtype": "int64", "shape": [-1], "default": -1}, "candidate category id, -1 = none (diversifier)"),
+    "cand_score": ({"dtype": "float32", "shape": [-1]},
+                   "candidate relevance (e.g. the ranker's score), read by the diversifier"),
+    "cand_category": ({"dtype": "int64", "shape": [-1], "default": -1},
+                      "candidate category id, -1 = none (diversifier)"),
     "ctx_hour_of_day": ({"dtype": "int64", "shape": []}, "context: hour of day (used by neither demo model)"),
     "ctx_device_type": ({"dtype": "int64", "shape": []}, "context: device type (used by neither demo model)"),
 }
 RETRIEVAL_INPUTS = ("user_recent_items", "user_dense", "user_country", "user_language", "query_content_class")
 RETRIEVAL_OUTPUTS = ("item_ids", "scores", "user_embedding")
-RANKER_INPUTS = ("user_dense", "user_age", "user_country", "cand_item_id", "cand_emb", "cand_ctr", "cand_age_hours", "cand_price")
+RANKER_INPUTS = ("user_dense", "user_age", "user_country", "cand_item_id", "cand_emb", "cand_ctr",
+                 "cand_age_hours", "cand_price")
 RANKER_OUTPUTS = ("score", "task_logits")
 ITEM_FEATURES_INPUTS = ("cand_item_id",)
 ITEM_FEATURES_OUTPUTS = ("cand_emb", "cand_ctr", "cand_age_hours", "cand_price", "cand_category")
@@ -182,6 +187,14 @@ def build_ivf(emb: np.ndarray, centers: np.ndarray, iters: int = 2) -> tuple[np.
 class Retrieval(nn.Module):
     """Index-as-model: user tower + IVF/int8/Bloom item index in one module."""
 
+    if TYPE_CHECKING:  # buffers (register_buffer); not class annotations at run time, which TorchScript would read
+        centroids: torch.Tensor
+        cluster_ids: torch.Tensor
+        cluster_codes: torch.Tensor
+        cluster_scales: torch.Tensor
+        cluster_bits: torch.Tensor
+        token_masks: torch.Tensor
+
     def __init__(self, item_emb: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor, bits: torch.Tensor,
                  token_masks: torch.Tensor) -> None:
         super().__init__()
@@ -239,7 +252,8 @@ class Retrieval(nn.Module):
         rows = u.shape[0]
         q = self.token_masks[self._token(user_country, 0, self.n_countries)]
         q = q | self.token_masks[self._token(user_language, self.n_countries, self.n_languages)]
-        cls_tok = self.token_masks[self._token(query_content_class, self.n_countries + self.n_languages, self.n_classes)]
+        cls_tok = self.token_masks[self._token(query_content_class,
+                                               self.n_countries + self.n_languages, self.n_classes)]
         any_cls = (query_content_class < 0).unsqueeze(1)
         q = q | torch.where(any_cls, torch.zeros_like(cls_tok), cls_tok)  # [B, W]
         probe = torch.topk(u @ self.centroids.T, self.nprobe, dim=1).indices  # [B, P]
@@ -265,7 +279,7 @@ def train_retrieval(model: Retrieval, cat: dict[str, np.ndarray], steps: int = 1
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-2)
     loss = torch.tensor(0.0)
-    for step in range(steps):
+    for _step in range(steps):
         idx = torch.randint(0, len(target), (512,))
         u = model.user_embedding(recent[idx], dense[idx])
         loss = (1 - (u * target[idx]).sum(dim=1)).mean()
@@ -278,6 +292,9 @@ def train_retrieval(model: Retrieval, cat: dict[str, np.ndarray], steps: int = 1
 # ---------------------------------------------------------------- ranker
 class Ranker(nn.Module):
     """Multi-task ranker: T task logits per candidate and a weighted value score."""
+
+    if TYPE_CHECKING:  # a buffer (see Retrieval)
+        task_weights: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -356,7 +373,15 @@ class ItemFeatures(nn.Module):
     pipeline can turn retrieval's item ids into the ranker's and the diversifier's candidate features.
     Ids outside the catalogue (retrieval's -1 for 'not found') get a neutral row (category -1)."""
 
-    def __init__(self, emb: torch.Tensor, ctr: torch.Tensor, age: torch.Tensor, price: torch.Tensor, category: torch.Tensor) -> None:
+    if TYPE_CHECKING:  # buffers (see Retrieval)
+        emb: torch.Tensor
+        ctr: torch.Tensor
+        age: torch.Tensor
+        price: torch.Tensor
+        category: torch.Tensor
+
+    def __init__(self, emb: torch.Tensor, ctr: torch.Tensor, age: torch.Tensor,
+                 price: torch.Tensor, category: torch.Tensor) -> None:
         super().__init__()
         self.n_items = int(emb.shape[0])
         self.register_buffer("emb", torch.cat([emb, torch.zeros(1, emb.shape[1])]))
@@ -378,7 +403,8 @@ def make_item_features(cat: dict[str, np.ndarray], seed: int = SEED) -> ItemFeat
     n = len(cat["topic"])
     proj = rng.standard_normal((DIM, CAND_EMB)).astype(np.float32)
     emb = cat["emb"] @ proj
-    return ItemFeatures(torch.from_numpy(emb.astype(np.float32)), torch.from_numpy(rng.standard_normal(n).astype(np.float32)),
+    return ItemFeatures(torch.from_numpy(emb.astype(np.float32)),
+                        torch.from_numpy(rng.standard_normal(n).astype(np.float32)),
                         torch.from_numpy((200 * rng.random(n)).astype(np.float32)),
                         torch.from_numpy(np.exp(rng.standard_normal(n)).astype(np.float32)),
                         torch.from_numpy(np.asarray(cat["topic"], dtype=np.int64)))
@@ -416,7 +442,8 @@ def _save(model: nn.Module, input_names: tuple[str, ...], output_names: tuple[st
         d1.mkdir(parents=True, exist_ok=True)
         torch.jit.save(torch.jit.script(model), str(d1 / "model.pt"), _extra_files={"module_info.json": info})
         dim = torch.export.Dim("rows", min=1, max=1 << 20)
-        ep = torch.export.export(model, example_inputs(input_names, rows), dynamic_shapes=tuple({0: dim} for _ in input_names))
+        ep = torch.export.export(model, example_inputs(input_names, rows),
+                                 dynamic_shapes=tuple({0: dim} for _ in input_names))
         d2 = repo / name / "2"
         d2.mkdir(parents=True, exist_ok=True)
         tmp = d2 / ".model.tmp.pt2"
@@ -425,7 +452,8 @@ def _save(model: nn.Module, input_names: tuple[str, ...], output_names: tuple[st
 
 
 def build_demo(out: str | os.PathLike[str], n_items: int = N_ITEMS, log: Any = print) -> dict[str, Any]:
-    """Write retrieval/, item_features/, ranker/ and diversifier/ ({1: .pt, 2: .pt2}, same weights per model) plus .demo/ data."""
+    """Write retrieval/, item_features/, ranker/ and diversifier/ ({1: .pt, 2: .pt2}, same weights per model) plus
+    .demo/ data."""
     t0 = time.perf_counter()
     repo = Path(out)
     repo.mkdir(parents=True, exist_ok=True)
@@ -435,8 +463,8 @@ def build_demo(out: str | os.PathLike[str], n_items: int = N_ITEMS, log: Any = p
         masks = bloom_token_masks()
         bits = item_bloom_bits(cat, masks)
         centroids, assign = build_ivf(cat["emb"], cat["centers"])
-        retrieval = Retrieval(torch.from_numpy(cat["emb"]), torch.from_numpy(centroids), torch.from_numpy(assign).long(),
-                              torch.from_numpy(bits), torch.from_numpy(masks))
+        retrieval = Retrieval(torch.from_numpy(cat["emb"]), torch.from_numpy(centroids),
+                              torch.from_numpy(assign).long(), torch.from_numpy(bits), torch.from_numpy(masks))
     r_loss = train_retrieval(retrieval, cat)
     ranker = Ranker()
     k_loss = train_ranker(ranker)
@@ -452,8 +480,9 @@ def build_demo(out: str | os.PathLike[str], n_items: int = N_ITEMS, log: Any = p
     extra.mkdir(exist_ok=True)
     np.savez(extra / "items.npz", emb=cat["emb"], countries=cat["countries"], languages=cat["languages"],
              classes=cat["classes"], bits=bits, token_masks=masks)
-    summary = {"repo": str(repo), "n_items": n_items, "retrieval_loss": round(r_loss, 4), "ranker_loss": round(k_loss, 4),
-               "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {"repo": str(repo), "n_items": n_items, "retrieval_loss": round(r_loss, 4),
+               "ranker_loss": round(k_loss, 4), "seconds": round(time.perf_counter() - t0, 1)}
     log(f"built demo repository {repo}: retrieval, item_features, ranker, diversifier (1: .pt, 2: .pt2 each); "
-        f"{n_items} items; tower loss {summary['retrieval_loss']}, ranker loss {summary['ranker_loss']}; {summary['seconds']} s")
+        f"{n_items} items; tower loss {summary['retrieval_loss']}, ranker loss {summary['ranker_loss']}; "
+        f"{summary['seconds']} s")
     return summary

@@ -12,7 +12,8 @@ where residual_i is the candidate's (normalised) vector after Gram-Schmidt ortho
 orthonormal basis of the last w selected items. As in the paper's Algorithm 1 the basis is built
 incrementally: the selected item's residual, normalised, becomes the newest basis vector q_t and every
 candidate's squared residual norm drops its squared component along q_t (one matrix-vector product over
-all candidates); when an item leaves the window its component is added back. The window's q's are mutually orthonormal (each was
+all candidates); when an item leaves the window its component is added back. The window's q's are mutually orthonormal
+(each was
 orthogonalised against all q's then in the window), so the residual is the exact projection of the
 candidate off span(q_{t-w+1..t}). A selected residual shorter than EPS (a near-duplicate of the window)
 adds no direction, so nothing is ever divided by ~0.
@@ -73,7 +74,8 @@ class SSD(nn.Module):
                 cand_category: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         n_real = cand_score.shape[0]
         x = self._vectors(cand_emb, cand_category)
-        rel = torch.nan_to_num(cand_score.to(torch.float32), nan=self.missing, posinf=-self.missing, neginf=self.missing)
+        rel = torch.nan_to_num(cand_score.to(torch.float32), nan=self.missing,
+                               posinf=-self.missing, neginf=self.missing)
         # k padding rows (zero vector, MISSING relevance): picked only once the real candidates run out, so
         # shapes stay static in k and no branch depends on C (torch.export, torch.compile)
         x = torch.cat([x, torch.zeros(self.k, x.shape[1], dtype=x.dtype, device=x.device)])
@@ -117,12 +119,14 @@ class SSD(nn.Module):
 
 
 def dpp_greedy(emb: torch.Tensor, relevance: torch.Tensor, k: int, alpha: float = 2.0,
-               eps: float = 1.0e-10, jitter: float = 0.0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+               eps: float = 1.0e-10, jitter: float = 0.0,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
     """Fast greedy MAP for a DPP (Chen et al. 2018, Algorithm 1): (slate indices [<= k], had_nan).
 
     Incremental Cholesky: c_i (rows of the factor) and d_i^2 (pivots) for every candidate, one row per pick;
     stops early when the best pivot is below eps. `jitter` is added to the kernel's diagonal (the usual
-    repair: S has rank <= d + 1, so without it a slate longer than the embedding width cannot exist). float32 by default, as a serving implementation would run.
+    repair: S has rank <= d + 1, so without it a slate longer than the embedding width cannot exist). float32 by
+    default, as a serving implementation would run.
     Benchmark only (a Python loop over k, vectorised over C).
     """
     x = F.normalize(emb.to(dtype), dim=1)

@@ -71,9 +71,10 @@ def explain_forward_failure(exc: BaseException, names: Sequence[str], declared: 
         narrowed = [i for i in undeclared if got is not None and i < len(sent_names) and sent_names[i] == got]
         suspects = narrowed or undeclared
     inputs = [names[i] for i in suspects]
-    described = ", ".join(f"{names[i]} (sent as {sent_names[i]})" if i < len(sent_names) else names[i] for i in suspects)
+    described = ", ".join(
+        f"{names[i]} (sent as {sent_names[i]})" if i < len(sent_names) else names[i] for i in suspects)
     fix = " and ".join(f"inputs.{n}.dtype" for n in inputs)
-    return DtypeMismatch(f"the model rejected the dtype of input {described}: {detail}. The signature declares no dtype "
-                         f"for {'it' if len(inputs) == 1 else 'them'}, so the leaf passed the values as they came; "
-                         f"declare {fix} in the model's signature (module_info.json), or send the dtype the model expects",
-                         inputs)
+    return DtypeMismatch(f"the model rejected the dtype of input {described}: {detail}. The signature declares no "
+                         f"dtype for {'it' if len(inputs) == 1 else 'them'}, so the leaf passed the values as they "
+                         f"came; declare {fix} in the model's signature (module_info.json), or send the dtype the "
+                         "model expects", inputs)

@@ -65,36 +65,56 @@ class LeafMetrics:
     def __init__(self, feature_series_limit: int = 20000) -> None:
         r = self.registry = CollectorRegistry()
         mv = ["model", "version"]
-        self.requests = Counter("trimmer_leaf_requests", "Inference requests per model version", mv + ["endpoint"], registry=r)
-        self.failures = Counter("trimmer_leaf_failures", "Failed requests per model version and reason", mv + ["reason"], registry=r)
+        self.requests = Counter("trimmer_leaf_requests", "Inference requests per model version",
+                                mv + ["endpoint"], registry=r)
+        self.failures = Counter("trimmer_leaf_failures", "Failed requests per model version and reason",
+                                mv + ["reason"], registry=r)
         self.not_found = Counter("trimmer_leaf_not_found", "Requests for an unknown model or version", registry=r)
-        self.bad_requests = Counter("trimmer_leaf_bad_requests", "Requests rejected before a model was chosen", ["reason"], registry=r)
-        self.request_seconds = Histogram("trimmer_leaf_request_seconds", "Wall time in the leaf per request", mv, buckets=_LAT, registry=r)
-        self.convert_seconds = Histogram("trimmer_leaf_convert_seconds", "Decode + features-to-tensors per request (CPU time of the event-loop thread)", mv, buckets=_LAT, registry=r)
-        self.assemble_seconds = Histogram("trimmer_leaf_assemble_seconds", "Batch concatenation + output split per batch (CPU time of the event-loop thread)", mv, buckets=_LAT, registry=r)
-        self.encode_seconds = Histogram("trimmer_leaf_encode_seconds", "Response encoding per request", mv, buckets=_LAT, registry=r)
-        self.queue_seconds = Histogram("trimmer_leaf_queue_seconds", "Time a request waited for its batch to start", mv, buckets=_LAT, registry=r)
-        self.compute_seconds = Histogram("trimmer_leaf_compute_seconds", "Model forward time per batch", mv, buckets=_LAT, registry=r)
-        self.batch_size = Histogram("trimmer_leaf_batch_size", "Requests per executed batch", mv, buckets=_BATCH, registry=r)
+        self.bad_requests = Counter("trimmer_leaf_bad_requests",
+                                    "Requests rejected before a model was chosen", ["reason"], registry=r)
+        self.request_seconds = Histogram("trimmer_leaf_request_seconds", "Wall time in the leaf per request", mv,
+                                         buckets=_LAT, registry=r)
+        self.convert_seconds = Histogram("trimmer_leaf_convert_seconds", "Decode + features-to-tensors per request "
+                                                                         "(CPU time of the event-loop thread)", mv,
+                                                                         buckets=_LAT, registry=r)
+        self.assemble_seconds = Histogram("trimmer_leaf_assemble_seconds", "Batch concatenation + output split per "
+                                                                           "batch (CPU time of the event-loop thread)",
+                                                                           mv, buckets=_LAT, registry=r)
+        self.encode_seconds = Histogram("trimmer_leaf_encode_seconds", "Response encoding per request", mv,
+                                        buckets=_LAT, registry=r)
+        self.queue_seconds = Histogram("trimmer_leaf_queue_seconds", "Time a request waited for its batch to start", mv,
+                                       buckets=_LAT, registry=r)
+        self.compute_seconds = Histogram("trimmer_leaf_compute_seconds", "Model forward time per batch", mv,
+                                         buckets=_LAT, registry=r)
+        self.batch_size = Histogram("trimmer_leaf_batch_size", "Requests per executed batch", mv,
+                                    buckets=_BATCH, registry=r)
         self.batch_rows = Histogram("trimmer_leaf_batch_rows", "Rows (candidates) per executed batch", mv,
                                     buckets=(1, 16, 64, 256, 1024, 4096, 16384, 65536), registry=r)
-        self.received_bytes = Counter("trimmer_leaf_received_bytes", "Request body bytes as received (before decompression)", mv, registry=r)
+        self.received_bytes = Counter("trimmer_leaf_received_bytes",
+                                      "Request body bytes as received (before decompression)", mv, registry=r)
         self.features_received = Counter("trimmer_leaf_features_received", "Features received", mv, registry=r)
-        self.features_unused = Counter("trimmer_leaf_features_unused", "Features received that the model does not read", mv, registry=r)
-        self.inputs_defaulted = Counter("trimmer_leaf_inputs_defaulted", "Model inputs filled from their declared default", mv, registry=r)
-        self.model_ready = Gauge("trimmer_leaf_model_ready", "1 when a model version is loaded and serving, 0 when it failed", mv, registry=r)
+        self.features_unused = Counter("trimmer_leaf_features_unused",
+                                       "Features received that the model does not read", mv, registry=r)
+        self.inputs_defaulted = Counter("trimmer_leaf_inputs_defaulted",
+                                        "Model inputs filled from their declared default", mv, registry=r)
+        self.model_ready = Gauge("trimmer_leaf_model_ready",
+                                 "1 when a model version is loaded and serving, 0 when it failed", mv, registry=r)
         self.load_failures = Counter("trimmer_leaf_load_failures", "Model version load failures", mv, registry=r)
         self.loads = Counter("trimmer_leaf_loads", "Model version loads", mv, registry=r)
-        self.reload_failed = Gauge("trimmer_leaf_reload_failed", "1 while a newer archive of a serving version failed to load "
+        self.reload_failed = Gauge("trimmer_leaf_reload_failed",
+                                   "1 while a newer archive of a serving version failed to load "
                                    "(the previous archive keeps serving)", mv, registry=r)
         self.allowlist_mismatches = Counter("trimmer_leaf_allowlist_mismatches", "Requests answered 412: their "
                                             "X-Trimmer-Signature differs from the inputs of the version that would run",
                                             mv, registry=r)
-        # features_unused / inputs_defaulted again, per feature (capped): summed by (model, version) they equal those two.
+        # features_unused / inputs_defaulted again, per feature (capped): summed by (model, version) they equal those
+        # two.
         self.features_unused_by_feature = FeatureTallies(
-            "trimmer_leaf_features_unused_by_feature", "Per-feature count of features received but not read by the model", feature_series_limit)
+            "trimmer_leaf_features_unused_by_feature",
+            "Per-feature count of features received but not read by the model", feature_series_limit)
         self.inputs_defaulted_by_feature = FeatureTallies(
-            "trimmer_leaf_inputs_defaulted_by_feature", "Per-feature count of inputs filled from their default", feature_series_limit)
+            "trimmer_leaf_inputs_defaulted_by_feature",
+            "Per-feature count of inputs filled from their default", feature_series_limit)
         r.register(self.features_unused_by_feature)
         r.register(self.inputs_defaulted_by_feature)
 

@@ -36,7 +36,7 @@ from trimmer.names import valid_name
 from trimmer.repository import iter_versions
 from trimmer.signature import Signature, read_signature
 
-from .batcher import Batcher, Runner
+from .batcher import Batcher, BatchStats, Runner
 from .compile import maybe_compile
 from .config import LeafConfig
 from .convert import Converted, Converter
@@ -70,8 +70,8 @@ class VersionState:
         return self.state == "READY"
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"model": self.model, "version": self.version, "state": self.state, "path": str(self.path),
-                               "platform": self.platform}
+        out: dict[str, Any] = {"model": self.model, "version": self.version, "state": self.state,
+                               "path": str(self.path), "platform": self.platform}
         if self.digest:
             out["trimmer_signature"] = self.digest
         if self.error:
@@ -146,7 +146,8 @@ class ModelStore:
 
     def status(self) -> dict[str, Any]:
         return {"repo": str(self.repo), "initial_load_done": self.initial_done,
-                "versions": [vs.status() for _, vs in sorted(self.versions.items(), key=lambda kv: (kv[0][0], version_key(kv[0][1])))]}
+                "versions": [vs.status() for _,
+                             vs in sorted(self.versions.items(), key=lambda kv: (kv[0][0], version_key(kv[0][1])))]}
 
     # ------------------------------------------------------------------ loading
     def _addressable(self, path: Path) -> bool:
@@ -155,8 +156,8 @@ class ModelStore:
             return True
         if str(path) not in self._skipped_names:
             self._skipped_names.add(str(path))
-            log.warning("ignoring %s: %r is not a valid model name or version (A-Z a-z 0-9 _ . -, not starting with . or -)",
-                        path, path.name)
+            log.warning("ignoring %s: %r is not a valid model name or version (A-Z a-z 0-9 _ . -, not starting with . "
+                        "or -)", path, path.name)
         return False
 
     def _discover(self) -> dict[tuple[str, str], tuple[Path, tuple[int, int]]]:
@@ -174,16 +175,18 @@ class ModelStore:
         signature = read_signature(vs.path)
         module, platform = _load_module(vs.path, self.device)
         converter = Converter(signature)
-        module = maybe_compile(module, converter, self.config.compile_for(vs.model), f"{vs.model}/{vs.version}", self.device)
+        module = maybe_compile(module, converter, self.config.compile_for(vs.model),
+                               f"{vs.model}/{vs.version}", self.device)
         vs.signature, vs.converter, vs.platform = signature, converter, platform
         vs.digest = input_digest(signature.input_names)
         runner = Runner(module, converter, signature.output_names, self.device)
         if converter.batchable:
-            outs = runner.run([_warmup_request(converter)], _Stats())[0]
+            outs = runner.run([_warmup_request(converter)], BatchStats())[0]
             names = signature.output_names or tuple(f"output{i}" for i in range(len(outs)))
             cand = converter.has_candidates
             vs.outputs_meta = [{"name": n, "datatype": o.dtype,
-                                "shape": ([-1] + list(o.shape[1:])) if cand else list(o.shape)} for n, o in zip(names, outs)]
+                                "shape": ([-1] + list(o.shape[1:])) if cand else list(o.shape)}
+                                for n, o in zip(names, outs)]
         else:
             vs.outputs_meta = [{"name": n} for n in signature.output_names]
         vs._runner = runner  # type: ignore[attr-defined]
@@ -209,8 +212,8 @@ class ModelStore:
             if old is not None and old.ready:
                 old.reload_error, old.failed_archive = vs.error, (path, fp)
                 self.metrics.reload_failed.labels(*key).set(1)
-                log.error("cannot load the new archive of %s/%s; the previous one (loaded %s) keeps serving: %s", key[0], key[1],
-                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(old.loaded_at)), vs.error)
+                log.error("cannot load the new archive of %s/%s; the previous one (loaded %s) keeps serving: %s",
+                          key[0], key[1], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(old.loaded_at)), vs.error)
                 return
             self.versions[key] = vs
             self.metrics.model_ready.labels(*key).set(0)
@@ -307,7 +310,3 @@ class ModelStore:
         self._load_pool.shutdown(wait=False, cancel_futures=True)
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
 
-
-class _Stats:
-    assemble_s = 0.0
-    compute_s = 0.0

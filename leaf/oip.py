@@ -83,8 +83,9 @@ class InferRequest(msgspec.Struct):
 
 _request = msgspec.json.Decoder(InferRequest)
 _any = msgspec.json.Decoder()
-_flat_decoders = {"f": msgspec.json.Decoder(list[float]), "i": msgspec.json.Decoder(list[int]),
-                  "u": msgspec.json.Decoder(list[int]), "b": msgspec.json.Decoder(list[bool])}
+_flat_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    "f": msgspec.json.Decoder(list[float]), "i": msgspec.json.Decoder(list[int]),
+    "u": msgspec.json.Decoder(list[int]), "b": msgspec.json.Decoder(list[bool])}
 _encode = msgspec.json.Encoder().encode
 _NP = {name: np.dtype(np_str) for name, (_, _, np_str) in DTYPES.items() if np_str}
 try:  # optional accelerator for JSON number lists (the leaf extra installs it); without it msgspec does the job
@@ -92,7 +93,7 @@ try:  # optional accelerator for JSON number lists (the leaf extra installs it);
 
     _parser = _simdjson.Parser()
 except ImportError:  # pragma: no cover - depends on the install
-    _simdjson = None
+    _simdjson = None  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------------- requests
@@ -122,7 +123,8 @@ def parse_request(body: bytes | memoryview, binary_header: str | None) -> tuple[
         dtype = inp.datatype
         wire = OIP_TO_WIRE.get(dtype)
         if wire is None and dtype != "BYTES":
-            raise PayloadError(f"input {name!r}: unsupported datatype {dtype!r}; use one of {', '.join([*OIP_TO_WIRE, 'BYTES'])}")
+            raise PayloadError(
+                f"input {name!r}: unsupported datatype {dtype!r}; use one of {', '.join([*OIP_TO_WIRE, 'BYTES'])}")
         if size is not None:
             if binary_header is None:
                 raise PayloadError(f"input {name!r} has binary_data_size but the request has no {HEADER} header")
@@ -143,8 +145,8 @@ def parse_request(body: bytes | memoryview, binary_header: str | None) -> tuple[
 def _binary_tensor(name: str, wire: str, shape: list[int], seg: memoryview) -> Tensor:
     want = math.prod(shape) * DTYPES[wire][1]
     if len(seg) != want:
-        raise PayloadError(f"binary input {name!r}: binary_data_size {len(seg)} does not fit {WIRE_TO_OIP[wire]} of shape "
-                           f"{shape} ({want} bytes)")
+        raise PayloadError(f"binary input {name!r}: binary_data_size {len(seg)} does not fit {WIRE_TO_OIP[wire]} of "
+                           f"shape {shape} ({want} bytes)")
     if wire == "bool" and len(seg) and int(np.frombuffer(seg, np.uint8).max()) > 1:
         raise PayloadError(f"binary input {name!r}: BOOL values must be bytes 0 or 1")
     return make_tensor(wire, tuple(shape), seg)

@@ -112,21 +112,24 @@ def resolve(request: web.Request, need_ready: bool = True) -> VersionState:
     if version is not None:
         check_name("model version", version)
     if not store.initial_done:
-        raise HttpError(503, "the leaf is loading its models; retry shortly", code="loading", headers={"Retry-After": RETRY_AFTER_S})
+        raise HttpError(503, "the leaf is loading its models; retry shortly", code="loading",
+                        headers={"Retry-After": RETRY_AFTER_S})
     vs = store.resolve(name, version)
     if vs is None:
         request.app[METRICS].not_found.inc()
         if version is None or not store.model_versions(name):
-            raise HttpError(404, f"unknown model {name!r}; loaded: {', '.join(sorted({m for m, _ in store.versions})) or 'none'}")
-        raise HttpError(404, f"unknown version {version!r} of model {name!r}; versions: {', '.join(store.model_versions(name))}")
+            raise HttpError(
+                404, f"unknown model {name!r}; loaded: {', '.join(sorted({m for m, _ in store.versions})) or 'none'}")
+        raise HttpError(
+            404, f"unknown version {version!r} of model {name!r}; versions: {', '.join(store.model_versions(name))}")
     if need_ready and not vs.ready:
         raise HttpError(503, f"model {vs.model!r} version {vs.version!r} is not ready: {vs.state.lower()}"
                         + (f" ({vs.error})" if vs.error else ""))
     return vs
 
 
-async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, features: dict[str, Any], t_convert: float,
-                    request_id: Any = None) -> list:
+async def run_model(request: web.Request, vs: VersionState, vm: VersionMetrics, features: dict[str, Any],
+                    t_convert: float, request_id: Any = None) -> list:
     """Convert, count, batch, run; returns the per-request outputs in output order. A model failure is a 500 and one
     rate-limited ERROR line (model, version, request id, exception); a dtype the model rejects for an input without
     a declared dtype is a 400 that names the input and the fix (leaf/failures.py)."""
@@ -172,7 +175,8 @@ def _request_id(request: web.Request, request_id: Any) -> str:
     return "-" if rid is None else repr(rid)[:80]
 
 
-def version_to_run(request: web.Request, first: VersionState, vm: VersionMetrics) -> tuple[VersionState, VersionMetrics]:
+def version_to_run(request: web.Request,
+                   first: VersionState, vm: VersionMetrics) -> tuple[VersionState, VersionMetrics]:
     """Look the version up again once the body is in (it may have been swapped meanwhile) and check the allowlist
     handshake against it. The caller converts and enqueues with no await in between."""
     vs = resolve(request)
@@ -182,7 +186,8 @@ def version_to_run(request: web.Request, first: VersionState, vm: VersionMetrics
     if sent is not None and sent != vs.digest:
         vm.allowlist_mismatch.inc()
         request.app[MISMATCH_LOG](
-            (vs.model, vs.version), "allowlist mismatch on %s/%s: request trimmed for inputs %r, this version reads %s; "
+            (vs.model, vs.version),
+            "allowlist mismatch on %s/%s: request trimmed for inputs %r, this version reads %s; "
             "answered %d without running the model", vs.model, vs.version, sent[:64], vs.digest, MISMATCH_STATUS)
         raise HttpError(MISMATCH_STATUS,
                         f"the request was trimmed for inputs with signature {sent[:64]!r}; model {vs.model!r} version "
@@ -226,7 +231,8 @@ async def score(request: web.Request) -> web.Response:
     t_decode = time.thread_time() - t0
     outs = await run_model(request, vs, vm, req.get("features", {}), t_decode, req.get("request_id"))
     t1 = time.perf_counter()
-    names = vs.signature.output_names if vs.signature and vs.signature.output_names else [f"output{i}" for i in range(len(outs))]
+    names = vs.signature.output_names if vs.signature and vs.signature.output_names else [
+        f"output{i}" for i in range(len(outs))]
     resp: dict[str, Any] = {"model": vs.model, "version": vs.version}
     if "request_id" in req:
         resp["request_id"] = req["request_id"]
@@ -286,9 +292,11 @@ async def model_metadata(request: web.Request) -> web.Response:
         out["parameters"] = {"trimmer_signature": vs.digest}  # what X-Trimmer-Signature must equal (docs/leaf.md)
     if vs.signature is not None:
         sig = vs.signature
-        out["inputs"] = [{"name": n, "datatype": WIRE_TO_OIP.get(sig.inputs[n].dtype or "", "") if n in sig.inputs else "",
-                          "shape": list(sig.inputs[n].shape) if n in sig.inputs and sig.inputs[n].shape is not None else [],
-                          **({"default": sig.inputs[n].default} if n in sig.inputs and sig.inputs[n].has_default else {})}
+        out["inputs"] = [{"name": n,
+                          "datatype": WIRE_TO_OIP.get(sig.inputs[n].dtype or "", "") if n in sig.inputs else "",
+                          "shape": list(sig.inputs[n].shape or ()) if n in sig.inputs else [],
+                          **({"default": sig.inputs[n].default} if n in sig.inputs and sig.inputs[n].has_default
+                             else {})}
                          for n in sig.input_names]
         out["outputs"] = [{**o, "datatype": WIRE_TO_OIP.get(o.get("datatype", ""), "")} if "datatype" in o else o
                           for o in vs.outputs_meta]
@@ -315,7 +323,8 @@ async def health_ready(request: web.Request) -> web.Response:
     versions = list(store.versions.values())
     failed = {f"{vs.model}/{vs.version}": vs.error for vs in versions if vs.state == "FAILED"}
     ready = sorted(f"{vs.model}/{vs.version}" for vs in versions if vs.ready)
-    body: dict[str, Any] = {"ready": store.ready, "initial_load_done": store.initial_done, "models": ready, "failed": failed}
+    body: dict[str, Any] = {"ready": store.ready, "initial_load_done": store.initial_done,
+                            "models": ready, "failed": failed}
     reload_errors = {f"{vs.model}/{vs.version}": vs.reload_error for vs in versions if vs.reload_error}
     if reload_errors:
         body["reload_errors"] = reload_errors

@@ -17,12 +17,14 @@ def _loadtest(args: argparse.Namespace) -> int:
 
     if args.target is not None:
         if args.config is not None:
-            raise ConfigError("--target and --config are exclusive: --target loads a running root, --config runs the mode matrix")
+            raise ConfigError(
+                "--target and --config are exclusive: --target loads a running root, --config runs the mode matrix")
         from .field import run_target
 
         return run_target(args)
     if args.config is None:
-        raise ConfigError("--config (the mode matrix, e.g. configs/loadtest.yaml) or --target URL (a running root) is required")
+        raise ConfigError(
+            "--config (the mode matrix, e.g. configs/loadtest.yaml) or --target URL (a running root) is required")
 
     from .config import load_loadtest_config, parse_rate
     from .scenarios import SCENARIOS
@@ -46,7 +48,8 @@ def _loadtest(args: argparse.Namespace) -> int:
         scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
         bad = [s for s in scenarios if s not in SCENARIOS]
         if bad or not scenarios:
-            raise ConfigError(f"--scenarios: unknown scenario {', '.join(bad) or '(none)'}; known: {', '.join(SCENARIOS)}")
+            raise ConfigError(
+                f"--scenarios: unknown scenario {', '.join(bad) or '(none)'}; known: {', '.join(SCENARIOS)}")
     repo = cfg.repo
     if args.repo is not None:
         repo = Path(args.repo).absolute()
@@ -69,23 +72,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("loadtest", help="bytes, latency, throughput and root CPU by mode (passthrough, lz4, zstd, trim, trim+lz4, shadow)")
+    p = sub.add_parser("loadtest", help="bytes, latency, throughput and root CPU by mode (passthrough, lz4, zstd, "
+                                        "trim, trim+lz4, shadow)")
     p.add_argument("--config", help="load test YAML for the mode matrix (see configs/loadtest.yaml, docs/loadtest.md)")
     p.add_argument("--out", help="report directory (default: the config's `out`)")
     p.add_argument("--repo", help="model repository (default: the config's `repo`, or build the demo repository)")
     p.add_argument("--scenarios", help="comma-separated subset of the matrix, e.g. passthrough,trim")
     p.add_argument("--duration", type=float, help="measured seconds per scenario (overrides load.duration_s)")
-    p.add_argument("--rate", type=float, help="open-loop requests per second (overrides load.rate, sets load.mode open)")
+    p.add_argument("--rate", type=float,
+                   help="open-loop requests per second (overrides load.rate, sets load.mode open)")
     p.add_argument("--count", type=int, help="measured requests per scenario (overrides load.count)")
     p.add_argument("--link-rate", action="append", metavar="RATE",
-                   help="also run with the leaf behind a veth shaped to RATE (e.g. 1gbit; repeatable; needs root, skipped otherwise)")
+                   help="also run with the leaf behind a veth shaped to RATE (e.g. 1gbit; repeatable; needs root, "
+                        "skipped otherwise)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     f = p.add_argument_group("field mode (--target): load a running root or leaf; starts no processes")
     f.add_argument("--target", help="base URL of a running root (or leaf), e.g. http://127.0.0.1:8080")
     f.add_argument("--models", help="models to load, name[:version], comma-separated; >1 uses the fan-out /v1/score")
-    f.add_argument("--replay", help="replay a capture file written by the root's `capture:` (docs/loadtest.md) instead of --models")
+    f.add_argument("--replay",
+                   help="replay a capture file written by the root's `capture:` (docs/loadtest.md) instead of --models")
     f.add_argument("--profile", default="realistic", help="feature values: realistic (default) or random")
-    f.add_argument("--usage-ratio", type=float, default=0.2, help="features the models read / features sent (default 0.2)")
+    f.add_argument("--usage-ratio", type=float, default=0.2,
+                   help="features the models read / features sent (default 0.2)")
     f.add_argument("--candidates", type=int, default=256, help="candidates per request (default 256)")
     f.add_argument("--distinct", type=int, default=8, help="distinct pre-encoded requests, cycled (default 8)")
     f.add_argument("--seed", type=int, default=0)

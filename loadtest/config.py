@@ -34,33 +34,43 @@ from .runner import LoadSpec
 from .scenarios import SCENARIOS
 
 _SCENARIO_NAMES = tuple(SCENARIOS)
-Scenario = Annotated[Literal[_SCENARIO_NAMES], msgspec.Meta(extra={"error": f"unknown scenario {{value!r}}; known: {', '.join(SCENARIOS)}"})]
+# Literals built from the runtime tables (scenarios.py, payload.py): mypy sees plain strings.
+Kind = Literal[KINDS]  # type: ignore[valid-type]
+Profile = Literal[PROFILES]  # type: ignore[valid-type]
+Scenario = Annotated[Literal[_SCENARIO_NAMES],  # type: ignore[valid-type]
+                     msgspec.Meta(extra={"error": f"unknown scenario {{value!r}}; known: {', '.join(SCENARIOS)}"})]
+
+
+def _default_models() -> list[str | ModelEntry]:
+    return ["ranker"]
 
 
 # ---------------------------------------------------------------- the file (schema: docs/schema/loadtest.json)
-class ModelEntry(Section):
+class ModelEntry(Section, frozen=True):
     """A target model (a bare name is short for {name: ...})."""
 
     name: Name  # a model in the repository
     version: Union[str, int, None] = None  # default: the highest in the repository
 
 
-class PayloadFile(Section):
+class PayloadFile(Section, frozen=True):
     """The generated requests (loadtest/payload.py)."""
 
     usage_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.2  # share of the features each model reads
     candidates: Count = 256  # size of the candidate dimension
     seed: Annotated[int, msgspec.Meta(ge=0)] = 0  # generator seed (the same seed gives the same bytes)
     distinct: Count = 8  # distinct request bodies cycled
-    mix: Annotated[dict[Literal[KINDS], NonNegative], msgspec.Meta(min_length=1, extra_json_schema={"default": REFERENCE_MIX})] = \
+    mix: Annotated[dict[Kind, NonNegative],
+                   msgspec.Meta(min_length=1, extra_json_schema={"default": REFERENCE_MIX})] = \
         msgspec.field(default_factory=lambda: dict(REFERENCE_MIX))  # feature kind -> weight
-    profile: Literal[PROFILES] = "random"  # value distributions: random (incompressible) | realistic
+    profile: Profile = "random"  # value distributions: random (incompressible) | realistic
 
 
-class LoadFile(Section):
+class LoadFile(Section, frozen=True):
     """How requests are sent (loadtest/runner.py)."""
 
-    mode: Annotated[Literal["open", "closed"], msgspec.Meta(extra={"error": "must be open or closed"})] = "open"  # open (arrival rate) or closed (concurrency)
+    # open (arrival rate) or closed (concurrency)
+    mode: Annotated[Literal["open", "closed"], msgspec.Meta(extra={"error": "must be open or closed"})] = "open"
     rate: Positive = 50.0  # open loop: requests per second
     concurrency: Count = 8  # closed loop: workers
     duration_s: Optional[Positive] = 10.0  # null: bounded by count only
@@ -70,7 +80,7 @@ class LoadFile(Section):
     max_inflight: Count = 1024  # open loop safety bound
 
 
-class RootSettings(Section):
+class RootSettings(Section, frozen=True):
     """The roots the matrix starts."""
 
     workers: Count = 1  # root processes
@@ -78,18 +88,20 @@ class RootSettings(Section):
     extra: dict[str, Any] = {}  # merged into every generated root config
 
 
-class LoadtestFile(Section):
+class LoadtestFile(Section, frozen=True):
     """The load test's YAML config (configs/loadtest.yaml); docs/loadtest.md."""
 
     out: Name = "out/loadtest"  # report directory (relative: to the current directory)
     repo: Optional[Name] = None  # model repository; null = build the demo repository into <out>/models
     leaf_url: Optional[str] = None  # http://host:port of a running leaf to use instead of starting one (then set repo)
     models: Annotated[Union[Name, Annotated[list[Union[Name, ModelEntry]], msgspec.Meta(min_length=1)]],
-                      msgspec.Meta(extra_json_schema={"default": ["ranker"]})] = msgspec.field(default_factory=lambda: ["ranker"])
+                      msgspec.Meta(extra_json_schema={"default": ["ranker"]})] = msgspec.field(
+                          default_factory=_default_models)
     payload: PayloadFile = msgspec.field(default_factory=PayloadFile)
     load: LoadFile = msgspec.field(default_factory=LoadFile)
     scenarios: Annotated[Union[str, Annotated[list[Scenario], msgspec.Meta(min_length=1)]],  # or "a,b,c"
-                         msgspec.Meta(extra_json_schema={"default": list(SCENARIOS)})] = msgspec.field(default_factory=lambda: list(SCENARIOS))
+                         msgspec.Meta(extra_json_schema={"default": list(SCENARIOS)})] = msgspec.field(
+                             default_factory=lambda: list(SCENARIOS))
     link_rates: Union[str, list[str]] = []  # e.g. [1gbit, 100mbit]: repeat the matrix behind a shaped veth (needs root)
     root: RootSettings = msgspec.field(default_factory=RootSettings)
     sample_rss_s: NonNegative = 0.0  # > 0: sample root and leaf RSS every N seconds (soak)
@@ -179,14 +191,15 @@ def parse_loadtest_config(doc: Any, path: str = "loadtest.yaml", base: Path | No
         repo = repo if repo.is_absolute() else base / repo
         if not repo.is_dir():
             raise ConfigError(f"{path}: repo: {f.repo}: no such directory")
-    models = [ModelEntry(name=m) if isinstance(m, str) else m for m in ([f.models] if isinstance(f.models, str) else f.models)]
+    models = [ModelEntry(name=m) if isinstance(m, str) else m
+              for m in ([f.models] if isinstance(f.models, str) else f.models)]
     p = f.payload
     if sum(p.mix.values()) <= 0:
         raise ConfigError(f"{path}: payload.mix: weights must sum to > 0")
     ld = f.load
     try:
-        load = LoadSpec(mode=ld.mode, rate=ld.rate, concurrency=ld.concurrency, duration_s=ld.duration_s, count=ld.count,
-                        warmup_s=ld.warmup_s, timeout_s=ld.timeout_s, max_inflight=ld.max_inflight)
+        load = LoadSpec(mode=ld.mode, rate=ld.rate, concurrency=ld.concurrency, duration_s=ld.duration_s,
+                        count=ld.count, warmup_s=ld.warmup_s, timeout_s=ld.timeout_s, max_inflight=ld.max_inflight)
     except ValueError as exc:  # LoadSpec's own cross-field checks (duration_s or count)
         raise ConfigError(f"{path}: {exc}") from None
     rates = [f.link_rates] if isinstance(f.link_rates, str) else f.link_rates

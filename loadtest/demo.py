@@ -31,9 +31,11 @@ def demo_config(out: Path, duration_s: float | None = None) -> LoadtestConfig:
         repo=None,  # build the demo repository into <out>/models
         models=(ModelTarget("ranker"), ModelTarget("retrieval"), ModelTarget("diversifier")),
         # Realistic values (quantised, sparse, repeated ids, short vocabularies), so lz4 and zstd are
-        # compared with trimming on data they can compress; `payload.profile: random` in a loadtest config for the worst case.
+        # compared with trimming on data they can compress; `payload.profile: random` in a loadtest config for the worst
+        # case.
         payload=PayloadSpec(usage_ratio=0.2, candidates=256, seed=0, distinct=8, profile="realistic"),
-        load=LoadSpec(mode="open", rate=DEMO_RATE, duration_s=duration_s or DEMO_DURATION_S, warmup_s=DEMO_WARMUP_S, timeout_s=10.0),
+        load=LoadSpec(mode="open", rate=DEMO_RATE, duration_s=duration_s or DEMO_DURATION_S,
+                      warmup_s=DEMO_WARMUP_S, timeout_s=10.0),
         scenarios=tuple(SCENARIOS),
     )
 
@@ -45,8 +47,8 @@ def run_demo(out: Path | None = None, duration_s: float | None = None) -> int:
     out = out or Path(tempfile.mkdtemp(prefix="trimmer-demo-"))
     cfg = demo_config(out, duration_s)
     console.print(f"[bold]trimmer demo[/bold]: building demo models, then {len(cfg.scenarios)} scenarios x "
-                  f"{cfg.load.duration_s:g} s at {cfg.load.rate:g} req/s (fan-out to ranker + retrieval + diversifier), then the "
-                  f"retrieval -> ranker -> diversifier pipeline; output in {out}")
+                  f"{cfg.load.duration_s:g} s at {cfg.load.rate:g} req/s (fan-out to ranker + retrieval + "
+                  f"diversifier), then the retrieval -> ranker -> diversifier pipeline; output in {out}")
     t0 = time.monotonic()
     rc = run_and_report(cfg, out, console=console)
     from .pipeline_demo import run_pipeline_demo

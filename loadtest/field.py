@@ -71,13 +71,17 @@ def signature_from_metadata(meta: Any, where: str) -> Signature:
         if not isinstance(inp, dict) or not isinstance(inp.get("name"), str) or not inp["name"]:
             raise TrimmerError(f"{where}: inputs[{i}] has no name")
         name = inp["name"]
-        dtype = OIP_TO_WIRE.get(inp.get("datatype"))
+        datatype = inp.get("datatype")
+        dtype = OIP_TO_WIRE.get(datatype) if isinstance(datatype, str) else None
         shape = inp.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
             shape = None
         names.append(name)
-        specs[name] = InputSpec(dtype, None if shape is None or dtype is None else tuple(shape), inp.get("default"), "default" in inp)
-    outputs = tuple(o["name"] for o in meta.get("outputs") or [] if isinstance(o, dict) and isinstance(o.get("name"), str)) or ("output",)
+        specs[name] = InputSpec(dtype, None if shape is None or dtype is None else tuple(shape),
+                                inp.get("default"), "default" in inp)
+    outputs = tuple(o["name"] for o in meta.get("outputs") or [] if isinstance(o, dict)
+                    and isinstance(o.get("name"), str)) or ("output",)
     return Signature(tuple(dict.fromkeys(names)), outputs, specs)
 
 
@@ -95,7 +99,8 @@ async def fetch_signatures(base: str, targets: list[FieldTarget], timeout_s: flo
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise TrimmerError(f"cannot reach {base}: {type(exc).__name__} {exc}".strip()) from None
             if status != 200:
-                raise TrimmerError(f"GET {base}{path} answered {status}: {body[:200].decode('utf-8', 'replace').strip()}")
+                raise TrimmerError(
+                    f"GET {base}{path} answered {status}: {body[:200].decode('utf-8', 'replace').strip()}")
             try:
                 meta = json.loads(body)
             except ValueError:
@@ -111,7 +116,8 @@ def build_bodies(targets: list[FieldTarget], sigs: dict[FieldTarget, Signature],
     fanout = len(targets) > 1
     if fanout:
         path = "/v1/score"
-        extra: dict[str, Any] = {"models": [{"name": t.model, **({"version": t.version} if t.version else {})} for t in targets]}
+        extra: dict[str, Any] = {
+            "models": [{"name": t.model, **({"version": t.version} if t.version else {})} for t in targets]}
     else:
         t = targets[0]
         path = f"/v1/models/{t.model}" + (f"/versions/{t.version}" if t.version else "") + "/score"
@@ -152,15 +158,16 @@ def run_target(args: Any) -> int:
     duration = args.duration if args.duration is not None else (None if args.count is not None else 10.0)
     try:
         spec = LoadSpec(mode="closed" if args.concurrency is not None and args.rate is None else "open",
-                        rate=args.rate or 20.0, concurrency=args.concurrency or 8, duration_s=duration, count=args.count,
-                        warmup_s=args.warmup, timeout_s=args.timeout)
+                        rate=args.rate or 20.0, concurrency=args.concurrency or 8, duration_s=duration,
+                        count=args.count, warmup_s=args.warmup, timeout_s=args.timeout)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
     if args.replay:
         return _replay(base, args, spec)
     sigs = asyncio.run(fetch_signatures(base, targets, min(args.timeout, 30.0)))
-    path, bodies, body_bytes, min_bytes = build_bodies(targets, sigs, usage_ratio=args.usage_ratio, candidates=args.candidates,
+    path, bodies, body_bytes, min_bytes = build_bodies(targets, sigs, usage_ratio=args.usage_ratio,
+                                                       candidates=args.candidates,
                                                        distinct=args.distinct, seed=args.seed, profile=args.profile)
     print(f"loadtest {base}{path}: {len(targets)} model(s), {args.profile} values, body {body_bytes / 1024:.1f} KiB, "
           f"read features only {min_bytes / 1024:.1f} KiB; "
@@ -169,8 +176,8 @@ def run_target(args: Any) -> int:
           + f" after {spec.warmup_s:g} s warm-up", file=sys.stderr)
     result = asyncio.run(run_load(Target(base + path, bodies), spec))
     doc = {"target": base, "path": path, "models": [t.model + (f":{t.version}" if t.version else "") for t in targets],
-           "payload": {"profile": args.profile, "usage_ratio": args.usage_ratio, "candidates": args.candidates, "distinct": len(bodies),
-                       "body_bytes": round(body_bytes, 1), "min_bytes": round(min_bytes, 1),
+           "payload": {"profile": args.profile, "usage_ratio": args.usage_ratio, "candidates": args.candidates,
+                       "distinct": len(bodies), "body_bytes": round(body_bytes, 1), "min_bytes": round(min_bytes, 1),
                        "features": {t.model: len(sigs[t].input_names) for t in targets}},
            "load": {"mode": spec.mode, "rate": spec.rate if spec.mode == "open" else None,
                     "concurrency": spec.concurrency if spec.mode == "closed" else None},
@@ -178,8 +185,8 @@ def run_target(args: Any) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
     lat = doc["latency_ms"]
-    print(f"{result.measured} ok, errors {doc['errors'] or 'none'}; achieved {doc['achieved_rate']:g} req/s; latency ms "
-          + ", ".join(f"{k} {v:g}" for k, v in lat.items() if v is not None))
+    print(f"{result.measured} ok, errors {doc['errors'] or 'none'}; achieved {doc['achieved_rate']:g} req/s; "
+          "latency ms " + ", ".join(f"{k} {v:g}" for k, v in lat.items() if v is not None))
     return 0 if result.measured > 0 and not result.errors else 1
 
 
@@ -195,7 +202,8 @@ def _replay(base: str, args: Any, spec: LoadSpec) -> int:
     reqs = [Replayed(base + r.path, r.body, {"Content-Type": r.content_type, **r.headers}) for r in records]
     paths = Counter(r.path for r in records)
     print(f"loadtest {base}: replaying {len(reqs)} captured request(s) from {args.replay} "
-          f"({', '.join(f'{p} x{n}' for p, n in paths.most_common(3))}{', ...' if len(paths) > 3 else ''})", file=sys.stderr)
+          f"({', '.join(f'{p} x{n}' for p, n in paths.most_common(3))}{', ...' if len(paths) > 3 else ''})",
+          file=sys.stderr)
     result = asyncio.run(run_load(Target(base, reqs), spec))
     doc = {"target": base, "replay": str(args.replay), "records": len(reqs), "paths": dict(paths),
            "body_bytes": round(sum(len(r.body) for r in records) / len(records), 1), **result.to_json()}

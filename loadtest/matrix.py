@@ -62,13 +62,15 @@ class Workload:
     targets: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"features": self.features, "used": self.used, "usage_ratio": round(self.usage_ratio, 4), "candidates": self.candidates,
+        return {"features": self.features, "used": self.used, "usage_ratio": round(self.usage_ratio, 4),
+                "candidates": self.candidates,
                 "distinct_bodies": len(self.bodies), "body_bytes": round(self.body_bytes, 1),
-                "untrimmed_bytes": round(self.untrimmed_bytes, 1), "min_bytes": round(self.min_bytes, 1), "targets": self.targets,
-                "url_path": self.url_path}
+                "untrimmed_bytes": round(self.untrimmed_bytes, 1), "min_bytes": round(self.min_bytes, 1),
+                "targets": self.targets, "url_path": self.url_path}
 
 
-def _pick_version(model: str, available: dict[tuple[str, str], Signature], version: str | None) -> tuple[str, Signature]:
+def _pick_version(model: str,
+                  available: dict[tuple[str, str], Signature], version: str | None) -> tuple[str, Signature]:
     versions = sorted((v for (m, v) in available if m == model), key=lambda v: (0, int(v)) if v.isdigit() else (1, v))
     if not versions:
         raise ConfigError(f"model {model!r} has no readable version in the repository")
@@ -79,7 +81,8 @@ def _pick_version(model: str, available: dict[tuple[str, str], Signature], versi
 
 
 def build_workload(cfg: LoadtestConfig, repo: Path) -> Workload:
-    """Universe from the target models' signatures plus unused features; sizes computed by encoding only the kept features (independent of trimmer.trim)."""
+    """Universe from the target models' signatures plus unused features; sizes computed by encoding only the kept
+    features (independent of trimmer.trim)."""
     scan = scan_repository(repo)
     sigs = {k: mv.signature for k, mv in scan.versions.items()}
     chosen: list[tuple[ModelTarget, str, Signature]] = []
@@ -93,14 +96,16 @@ def build_workload(cfg: LoadtestConfig, repo: Path) -> Workload:
         url_path = "/v1/score"
     else:
         t = cfg.models[0]
-        url_path = f"/v1/models/{t.name}/score" if t.version is None else f"/v1/models/{t.name}/versions/{t.version}/score"
+        url_path = (f"/v1/models/{t.name}/score" if t.version is None
+                    else f"/v1/models/{t.name}/versions/{t.version}/score")
     bodies, untrimmed, minimum = [], 0, 0
     for i in range(p.distinct):
         plain = make_request(universe, p.candidates, p.seed + i, profile=p.profile)
         forwarded = encode_msgpack(plain)  # what the root forwards untrimmed (fan-out strips "models")
         req = plain
         if fan_out:
-            req = {**plain, "models": [{"name": t.name, **({"version": t.version} if t.version else {})} for t in cfg.models]}
+            req = {**plain,
+                   "models": [{"name": t.name, **({"version": t.version} if t.version else {})} for t in cfg.models]}
         bodies.append(encode_msgpack(req))
         for _, _, sig in chosen:
             untrimmed += len(forwarded)
@@ -109,8 +114,10 @@ def build_workload(cfg: LoadtestConfig, repo: Path) -> Workload:
             minimum += len(encode_msgpack({**plain, "features": kept}))
     n = len(bodies)
     return Workload(
-        url_path=url_path, bodies=bodies, features=len(universe.features), used=len(universe.used), usage_ratio=universe.usage_ratio,
-        candidates=p.candidates, body_bytes=sum(map(len, bodies)) / n, untrimmed_bytes=untrimmed / n, min_bytes=minimum / n,
+        url_path=url_path, bodies=bodies, features=len(universe.features), used=len(universe.used),
+        usage_ratio=universe.usage_ratio,
+        candidates=p.candidates, body_bytes=sum(map(len, bodies)) / n, untrimmed_bytes=untrimmed / n,
+        min_bytes=minimum / n,
         targets=[{"model": t.name, "version": v, "inputs": len(sig.input_names)} for t, v, sig in chosen],
     )
 
@@ -166,7 +173,8 @@ class RssSampler:
     def _run(self) -> None:
         t0 = time.monotonic()
         while not self._stop.is_set():
-            self.samples.append({"t_s": round(time.monotonic() - t0, 2), **{k: rss_bytes(p) for k, p in self.pids.items()}})
+            self.samples.append(
+                {"t_s": round(time.monotonic() - t0, 2), **{k: rss_bytes(p) for k, p in self.pids.items()}})
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "RssSampler":
@@ -186,7 +194,8 @@ class RssSampler:
             if vals:
                 base = next((s[k] for s in self.samples if s.get(k) and s["t_s"] >= settle_s), vals[0])
                 growth_pct = round(100.0 * (vals[-1] - base) / base, 1)
-                out[k] = {"start_mb": round(vals[0] / 2**20, 1), "end_mb": round(vals[-1] / 2**20, 1), "max_mb": round(max(vals) / 2**20, 1),
+                out[k] = {"start_mb": round(vals[0] / 2**20, 1), "end_mb": round(vals[-1] / 2**20, 1),
+                          "max_mb": round(max(vals) / 2**20, 1),
                           "growth_mb": round((vals[-1] - vals[0]) / 2**20, 1), "baseline_mb": round(base / 2**20, 1),
                           "growth_pct": growth_pct, "flat": growth_pct <= FLAT_PCT}
         return out
@@ -198,13 +207,14 @@ def build_demo_repo(out: Path, log_dir: Path) -> Path:
     log_dir.mkdir(parents=True, exist_ok=True)
     with (log_dir / "build-demo.log").open("wb") as log:
         try:
-            rc = subprocess.run(procs.trimmer_cmd("leaf", "build-demo", "--out", str(out)), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, timeout=600).returncode
+            rc = subprocess.run(procs.trimmer_cmd("leaf", "build-demo", "--out", str(out)), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600).returncode
         except subprocess.TimeoutExpired:
             raise TrimmerError("building the demo model repository took over 600 s") from None
     if rc != 0:
         tail = (log_dir / "build-demo.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise TrimmerError(f"building the demo model repository failed (exit {rc}): {tail[0]} (log: {log_dir / 'build-demo.log'})")
+        raise TrimmerError(
+            f"building the demo model repository failed (exit {rc}): {tail[0]} (log: {log_dir / 'build-demo.log'})")
     return out
 
 
@@ -232,8 +242,8 @@ def run_scenario(ctx: MatrixContext, scenario: Scenario, progress: Callable[[flo
     conf_dir = ctx.out / "configs"
     root_cfg = write_scenario_configs(
         scenario, conf_dir, port=port, upstream_url=ctx.relay.relay.url, repo=ctx.repo.resolve(),
-        models={t["model"]: t["version"] for t in ctx.workload.targets}, workers=cfg.root_workers, max_connections=cfg.root_max_connections,
-        extra=cfg.root_extra, tag=suffix,
+        models={t["model"]: t["version"] for t in ctx.workload.targets}, workers=cfg.root_workers,
+        max_connections=cfg.root_max_connections, extra=cfg.root_extra, tag=suffix,
     )
     before = ctx.relay.snapshot()
     root = procs.start(f"root-{suffix}", ["root", "--config", str(root_cfg)], port, ROOT_READY, ctx.log_dir, timeout=60)
@@ -288,7 +298,8 @@ def _run_async(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def _row(ctx: MatrixContext, scenario: Scenario, link_rate: str | None, result, delta: RelayStats, metrics: dict[str, float],
+def _row(ctx: MatrixContext, scenario: Scenario, link_rate: str | None, result, delta: RelayStats,
+         metrics: dict[str, float],
          cpu: dict[str, float], cpu_end: float, sampler: RssSampler | None) -> dict[str, Any]:
     w = ctx.workload
     load = delta.matching(is_load_path)
@@ -320,11 +331,15 @@ def _row(ctx: MatrixContext, scenario: Scenario, link_rate: str | None, result, 
         "root_cpu_s": None if cpu_delta is None else round(cpu_delta, 3),
         "root_cpu_s_per_1k": None if cpu_delta is None or not answered else round(cpu_delta / answered * 1000, 3),
         "root_process_cpu_seconds_total": metrics.get("process_cpu_seconds_total"),
-        "crosscheck": {"relay_body_bytes": load.body_bytes, "relay_wire_bytes": load.total_bytes, "relay_up_bytes_all": delta.up_bytes,
+        "crosscheck": {"relay_body_bytes": load.body_bytes, "relay_wire_bytes": load.total_bytes,
+                       "relay_up_bytes_all": delta.up_bytes,
                        "root_upstream_sent_bytes": root_sent, "agreement_pct": agreement,
                        "ok": agreement is not None and agreement <= CROSSCHECK_TOLERANCE_PCT},
-        "root_metrics": {k: metrics.get(f"trimmer_root_{k}_total") for k in ("untrimmed_bytes", "trimmed_bytes", "upstream_sent_bytes",
-                                                                               "features_dropped", "shadow_features_dropped", "allowlist_misses")},
+        "root_metrics": {k: metrics.get(f"trimmer_root_{k}_total")
+                         for k in ("untrimmed_bytes", "trimmed_bytes", "upstream_sent_bytes",
+                                                                               "features_dropped",
+                                                                               "shadow_features_dropped",
+                                                                               "allowlist_misses")},
         **result.to_json(),
     }
     if audit is not None:
@@ -335,7 +350,8 @@ def _row(ctx: MatrixContext, scenario: Scenario, link_rate: str | None, result, 
 
 
 @contextlib.contextmanager
-def leaf_and_relay(cfg: LoadtestConfig, repo: Path, out: Path, log_dir: Path, link_rate: str | None = None) -> Iterator[tuple[str, RelayThread, int]]:
+def leaf_and_relay(cfg: LoadtestConfig, repo: Path, out: Path, log_dir: Path,
+                   link_rate: str | None = None) -> Iterator[tuple[str, RelayThread, int]]:
     """A leaf (behind a shaped veth when `link_rate` is set) and a relay in front of it; both always stopped."""
     if link_rate:
         from .netns import shaped_leaf
@@ -352,7 +368,8 @@ def leaf_and_relay(cfg: LoadtestConfig, repo: Path, out: Path, log_dir: Path, li
             yield cfg.leaf_url, relay, 0
         return
     port = procs.free_port()
-    leaf = procs.start("leaf", ["leaf", "--repo", str(repo), "--port", str(port)], port, LEAF_READY, log_dir, timeout=180)
+    leaf = procs.start("leaf", ["leaf", "--repo", str(repo), "--port", str(port)], port,
+                       LEAF_READY, log_dir, timeout=180)
     with procs.running(leaf), _relay("127.0.0.1", port) as relay:
         yield leaf.url, relay, leaf.pid
 
@@ -393,8 +410,8 @@ def run_matrix(cfg: LoadtestConfig, out: Path, progress_factory: ProgressFactory
         "config": cfg.path,
         "models": [f"{t['model']}/{t['version']}" for t in workload.targets],
         "payload": {**workload.to_json(), "profile": cfg.payload.profile},
-        "load": {"mode": load.mode, "rate": load.rate, "concurrency": load.concurrency, "duration_s": load.duration_s, "count": load.count,
-                 "warmup_s": load.warmup_s, "timeout_s": load.timeout_s},
+        "load": {"mode": load.mode, "rate": load.rate, "concurrency": load.concurrency, "duration_s": load.duration_s,
+                 "count": load.count, "warmup_s": load.warmup_s, "timeout_s": load.timeout_s},
         "scenarios": rows,
         "notes": list(notes or []),
     }

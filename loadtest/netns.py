@@ -91,8 +91,10 @@ def shaped_leaf(repo: Path, bits_per_s: int, log_dir: Path) -> Iterator[tuple[st
     """A leaf listening on LEAF_IP inside a shaped namespace; yields (host, port, pid)."""
     with shaped_link(bits_per_s) as ns:
         port = procs.free_port()
-        cmd = ["ip", "netns", "exec", ns, *procs.trimmer_cmd("leaf", "--repo", str(repo), "--host", LEAF_IP, "--port", str(port))]
-        leaf = procs.ManagedProcess(f"leaf-{bits_per_s}", cmd, f"http://{LEAF_IP}:{port}", Path(log_dir) / f"leaf-{bits_per_s}.log")
+        cmd = ["ip", "netns", "exec", ns,
+               *procs.trimmer_cmd("leaf", "--repo", str(repo), "--host", LEAF_IP, "--port", str(port))]
+        leaf = procs.ManagedProcess(f"leaf-{bits_per_s}", cmd, f"http://{LEAF_IP}:{port}",
+                                    Path(log_dir) / f"leaf-{bits_per_s}.log")
         leaf.start()
         with procs.running(leaf):
             leaf.wait_ready("/v2/health/ready", 180)

@@ -35,7 +35,8 @@ from trimmer.tensor import Tensor
 
 KINDS = ("float_col", "id_col", "context", "history", "string")
 PROFILES = ("realistic", "random")
-_VOCAB = ("US", "DE", "FR", "GB", "JP", "BR", "IN", "CA", "shoes", "books", "toys", "music", "garden", "sports", "beauty", "games")
+_VOCAB = ("US", "DE", "FR", "GB", "JP", "BR", "IN", "CA", "shoes", "books", "toys", "music", "garden",
+          "sports", "beauty", "games")
 _CATALOGUE = 1_000_000  # id space for realistic id columns (Zipf-like popularity)
 
 
@@ -74,7 +75,8 @@ def _split_counts(n: int, mix: Mapping[str, float]) -> dict[str, int]:
     return counts
 
 
-def reference_universe(n_features: int = 2000, mix: Mapping[str, float] = REFERENCE_MIX, allow_ratio: float = 0.2, seed: int = 0) -> tuple[Universe, frozenset[str]]:
+def reference_universe(n_features: int = 2000, mix: Mapping[str, float] = REFERENCE_MIX,
+                       allow_ratio: float = 0.2, seed: int = 0) -> tuple[Universe, frozenset[str]]:
     """The reference universe and an allowlist of `allow_ratio` of it, drawn evenly across kinds."""
     rng = random.Random(seed)
     features: list[FeatureSpec] = []
@@ -104,8 +106,8 @@ def universe_for_models(
     return Universe(features, frozenset(used))
 
 
-_NP_DTYPE = {"bool": np.bool_, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
-             "float16": np.float16, "float32": np.float32, "float64": np.float64}
+_NP_DTYPE = {"bool": np.bool_, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32,
+             "int64": np.int64, "float16": np.float16, "float32": np.float32, "float64": np.float64}
 
 
 def _zipf_ids(rng: np.random.Generator, n: int | tuple[int, ...], high: int) -> np.ndarray:
@@ -171,7 +173,8 @@ def _realistic_value(f: FeatureSpec, candidates: int, rng: np.random.Generator) 
             ids = _hashed()[ids]
         return Tensor.from_numpy(ids.astype(np.int64))
     if f.kind == "context":
-        return float(np.round(rng.standard_normal() * 64) / 64) if rng.random() < 0.5 else int(_zipf_ids(rng, 1, 10_000)[0])
+        return float(np.round(rng.standard_normal() * 64) / 64) if rng.random() < 0.5 else int(
+            _zipf_ids(rng, 1, 10_000)[0])
     if f.kind == "history":
         return [int(x) for x in _zipf_ids(rng, HISTORY_LEN, 50_000)]
     if f.kind == "string":
@@ -184,7 +187,8 @@ def make_features(universe: Universe, candidates: int = 256, seed: int = 0, prof
     return {f.name: feature_value(f, candidates, rng, profile) for f in universe.features}
 
 
-def make_request(universe: Universe, candidates: int = 256, seed: int = 0, *, profile: str = "random", **extra: Any) -> dict[str, Any]:
+def make_request(universe: Universe, candidates: int = 256, seed: int = 0, *,
+                 profile: str = "random", **extra: Any) -> dict[str, Any]:
     return {"request_id": f"req-{seed}", **extra, "features": make_features(universe, candidates, seed, profile)}
 
 

@@ -25,11 +25,12 @@ from trimmer.tensor import Tensor
 from .payload import make_request, universe_for_models
 from .procs import free_port, running, start
 
-STAGES = [
+STAGES: list[dict[str, Any]] = [
     {"model": "retrieval"},
     {"model": "item_features", "inputs": {"cand_item_id": "retrieval.item_ids"}},
     {"model": "ranker", "inputs": {"cand_item_id": "retrieval.item_ids", "cand_emb": "item_features.cand_emb",
-                                   "cand_ctr": "item_features.cand_ctr", "cand_age_hours": "item_features.cand_age_hours",
+                                   "cand_ctr": "item_features.cand_ctr",
+                                   "cand_age_hours": "item_features.cand_age_hours",
                                    "cand_price": "item_features.cand_price"}},
     {"model": "diversifier", "inputs": {"cand_emb": "item_features.cand_emb", "cand_score": "ranker.score",
                                         "cand_category": "item_features.cand_category"}},
@@ -72,20 +73,22 @@ def run_pipeline_demo(repo: Path, out: Path, console: Console, requests: int = 5
     leaf = start("pipeline-leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--log-level", "WARNING"], lport,
                  "/v2/health/ready", log_dir, timeout=180)
     with running(leaf):
-        cfg = {"repositories": [str(repo)], "watch": False, "admin": {"on_service_port": True}, "partitions": {"leaf": {"replicas": [leaf.url]}},
+        cfg = {"repositories": [str(repo)], "watch": False, "admin": {"on_service_port": True},
+               "partitions": {"leaf": {"replicas": [leaf.url]}},
                "models": {m: {"partition": "leaf", "default_version": "2"} for m in MODELS},
                "timeouts": {"request_s": 30}, "pipelines": {"feed": {"stages": STAGES}}}
         path = out / "root-pipeline.yaml"
         path.write_text(json.dumps(cfg))
-        root = start("pipeline-root", ["root", "--config", str(path), "--port", str(rport)], rport, "/readyz", log_dir, timeout=60)
+        root = start("pipeline-root", ["root", "--config", str(path), "--port", str(rport)], rport,
+                     "/readyz", log_dir, timeout=60)
         with running(root):
             failures = 0
             slate: Any = None
             for i in range(requests):
                 req = make_request(universe, candidates=1, seed=i)
                 rng = np.random.default_rng(i)  # plausible user features, so retrieval finds eligible items
-                req["features"].update(user_recent_items=Tensor.from_numpy(rng.integers(0, 3000, 20)), user_country=i % 8,
-                                       user_language=i % 6, query_content_class=-1)
+                req["features"].update(user_recent_items=Tensor.from_numpy(rng.integers(0, 3000, 20)),
+                                       user_country=i % 8, user_language=i % 6, query_content_class=-1)
                 status, body = _post(root.url + "/v1/pipelines/feed/score", encode_msgpack(req))
                 if status != 200:
                     failures += 1
@@ -93,7 +96,8 @@ def run_pipeline_demo(repo: Path, out: Path, console: Console, requests: int = 5
                     continue
                 slate = decode_msgpack(body)["outputs"]["slate"].to_numpy()
             metrics = per_model(root.url)
-    table = Table(title=f"pipeline feed (POST /v1/pipelines/feed/score): {requests} requests, bytes per hop, as sent vs untrimmed")
+    table = Table(title=f"pipeline feed (POST /v1/pipelines/feed/score): {requests} requests, bytes per hop, as sent "
+                        "vs untrimmed")
     for col in ("stage", "requests", "untrimmed B/req", "sent B/req", "features dropped/req"):
         table.add_column(col)
 

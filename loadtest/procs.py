@@ -63,7 +63,8 @@ class ManagedProcess:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + path, timeout=1.0) as resp:
                     if resp.status == 200:
@@ -102,7 +103,8 @@ class ManagedProcess:
 def start(name: str, args: Sequence[str], port: int, ready_path: str, log_dir: Path, timeout: float = 60.0,
           env: dict[str, str] | None = None) -> ManagedProcess:
     """Start `trimmer <args>` that listens on 127.0.0.1:port and wait until ready_path answers 200."""
-    mp = ManagedProcess(name, trimmer_cmd(*args), f"http://127.0.0.1:{port}", Path(log_dir) / f"{name}.log", env=env or {})
+    mp = ManagedProcess(name, trimmer_cmd(*args), f"http://127.0.0.1:{port}",
+                        Path(log_dir) / f"{name}.log", env=env or {})
     mp.start()
     try:
         mp.wait_ready(ready_path, timeout)

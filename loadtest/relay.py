@@ -65,7 +65,8 @@ class RelayStats:
     def to_json(self) -> dict:
         return {"up_bytes": self.up_bytes, "down_bytes": self.down_bytes, "connections": self.connections,
                 "parse_errors": self.parse_errors,
-                "paths": {k: {"requests": v.requests, "header_bytes": v.header_bytes, "body_bytes": v.body_bytes} for k, v in sorted(self.paths.items())}}
+                "paths": {k: {"requests": v.requests, "header_bytes": v.header_bytes, "body_bytes": v.body_bytes} for k,
+                          v in sorted(self.paths.items())}}
 
 
 class _HttpRequestParser:
@@ -222,7 +223,8 @@ class Relay:
         self.stats.connections += 1
         try:
             try:
-                up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*self.upstream, limit=self.bufsize), 10)
+                up_reader, up_writer = await asyncio.wait_for(
+                    asyncio.open_connection(*self.upstream, limit=self.bufsize), 10)
             except (OSError, asyncio.TimeoutError):
                 writer.close()
                 return
@@ -286,7 +288,7 @@ class RelayThread:
             try:
                 import uvloop
 
-                loop = uvloop.new_event_loop()
+                loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
             except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
                 loop = asyncio.new_event_loop()
             self._loop = loop

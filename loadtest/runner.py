@@ -94,7 +94,8 @@ class RunResult:
             "sent": self.sent, "completed": self.completed, "measured": self.measured,
             "errors": {str(k): v for k, v in sorted(self.errors.items(), key=lambda kv: str(kv[0]))},
             "measured_s": round(self.measured_s, 4), "warmup_s": self.warmup_s,
-            "target_rate": self.target_rate, "achieved_rate": round(self.achieved_rate, 3), "ok_rate": round(self.ok_rate, 3),
+            "target_rate": self.target_rate, "achieved_rate": round(self.achieved_rate, 3),
+            "ok_rate": round(self.ok_rate, 3),
             "latency_ms": {**{k: round(v, 3) for k, v in self.percentiles_ms().items()},
                            "mean": None if empty else round(h.get_mean_value() / 1000.0, 3),
                            "max": None if empty else round(h.get_max_value() / 1000.0, 3)},
@@ -140,7 +141,7 @@ async def _one(session: aiohttp.ClientSession, target: Target, body: bytes | Rep
 
 
 async def run_load(target: Target, spec: LoadSpec, progress: Progress | None = None,
-                   on_measure_start: Callable[[], None] | None = None) -> RunResult:
+                   on_measure_start: Callable[[], object] | None = None) -> RunResult:
     """Drive `target` per `spec`; `on_measure_start` fires once when the warm-up ends (e.g. to snapshot CPU)."""
     if not target.bodies:
         raise ValueError("no request bodies")

@@ -52,7 +52,8 @@ def root_config(scenario: Scenario, *, port: int, upstream_url: str, repo: Path,
         "repositories": [str(repo)],
         "overrides": str(overrides_path),
         "watch": False,
-        "admin": {"on_service_port": True}, "partitions": {PARTITION: {"replicas": [upstream_url], "protocol": "native", "compression": scenario.compression,
+        "admin": {"on_service_port": True}, "partitions": {PARTITION: {"replicas": [upstream_url], "protocol": "native",
+                                                                       "compression": scenario.compression,
                                    "max_connections": max_connections}},
         # default_version: a repository source names no default, and a version-less request
         # with no default is an allowlist miss (forwarded untrimmed), so pin the version under test.

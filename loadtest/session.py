@@ -39,8 +39,8 @@ def run_and_report(cfg: LoadtestConfig, out: Path, link_rates: tuple[str, ...] =
         console = Console(width=120)  # piped output (make demo | tee): keep the table on one line per row
     notes: list[str] = []
     rates = usable_link_rates(link_rates, console, notes)
-    with Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+    with Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
         def factory(label: str):
             task = progress.add_task(label, total=1.0)
             return lambda frac: progress.update(task, completed=frac)

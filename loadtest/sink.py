@@ -5,7 +5,8 @@ size, headers) instead of running a model, so tests can see exactly what the
 root forwarded, and the benchmark can measure the root without a model's cost.
 `--echo-model M` answers M's requests with the exact (decoded) body received, so a test can compare
 the bytes the root forwarded with an independent oracle.
-Run: `python -m loadtest.sink --port N [--fail-model M] [--garbage-model M] [--echo-model M] [--delay-ms D] [--oip-inputs model=a,b] [--unversioned]`.
+Run: `python -m loadtest.sink --port N [--fail-model M] [--garbage-model M] [--echo-model M] [--delay-ms D]
+[--oip-inputs model=a,b] [--unversioned]`.
 Never imports torch.
 """
 
@@ -43,7 +44,8 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
         if name in fail_models:
             return web.json_response({"error": f"model {name} failed on purpose"}, status=500)
         if name in garbage_models:  # a broken peer: 200 with a body that is not what its Content-Type says
-            return web.Response(body=b"\xc1\xc1 not msgpack {", content_type=request.content_type or "application/msgpack")
+            return web.Response(body=b"\xc1\xc1 not msgpack {",
+                                content_type=request.content_type or "application/msgpack")
         if small:
             return web.Response(body=b"\x81\xa2ok\xc3", content_type="application/msgpack")
         body = decompress(raw, request.headers.get("Content-Encoding"), MAX_BODY)
@@ -54,8 +56,8 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
         top = dec.decode(body)
         feats = dec.decode(top["features"]) if "features" in top else {}
         out = {"model": name, "version": version, "features": list(feats), "keys": list(top), "body_bytes": len(body),
-               "body_sha256": hashlib.sha256(body).hexdigest(), "wire_bytes": len(raw), "encoding": request.headers.get("Content-Encoding"),
-               "deadline_ms": request.headers.get("X-Deadline-Ms")}
+               "body_sha256": hashlib.sha256(body).hexdigest(), "wire_bytes": len(raw),
+               "encoding": request.headers.get("Content-Encoding"), "deadline_ms": request.headers.get("X-Deadline-Ms")}
         if is_mp:
             return web.Response(body=msgspec.msgpack.encode(out), content_type="application/msgpack")
         return web.Response(body=msgspec.json.encode(out), content_type="application/json")
@@ -71,8 +73,8 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
         outputs = [{"name": "received", "datatype": "BYTES", "shape": [len(names)], "data": names}]
         if hlen is not None:  # binary tensor extension: also report the bytes after the JSON header
             outputs.append({"name": "binary_bytes", "datatype": "INT64", "shape": [1], "data": [len(body) - int(hlen)]})
-        return web.json_response({"model_name": name, "model_version": request.match_info.get("version"), "id": doc.get("id"),
-                                  "outputs": outputs})
+        return web.json_response({"model_name": name, "model_version": request.match_info.get("version"),
+                                  "id": doc.get("id"), "outputs": outputs})
 
     async def metadata(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -87,7 +89,8 @@ def build_app(fail_models: set[str], delay_ms: float, oip_inputs: dict[str, list
 
     async def no_versions(request: web.Request) -> web.Response:
         # As Seldon MLServer 1.7 answers a versioned path for a model served without versions.
-        return web.json_response({"error": f"Model {request.match_info['name']} with version {request.match_info['version']} not found"},
+        return web.json_response({"error": f"Model {request.match_info['name']} with version "
+                                           f"{request.match_info['version']} not found"},
                                  status=404)
 
     async def config(request: web.Request) -> web.Response:  # Triton's extension routes, as a stand-in
@@ -126,12 +129,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--fail-model", action="append", default=[])
-    p.add_argument("--garbage-model", action="append", default=[], help="answer 200 with an undecodable body for this model")
-    p.add_argument("--echo-model", action="append", default=[], help="answer this model's requests with the body received")
+    p.add_argument("--garbage-model", action="append", default=[],
+                   help="answer 200 with an undecodable body for this model")
+    p.add_argument("--echo-model", action="append", default=[],
+                   help="answer this model's requests with the body received")
     p.add_argument("--delay-ms", type=float, default=0.0)
     p.add_argument("--oip-inputs", action="append", default=[], help="model=name1,name2 (served as OIP metadata)")
     p.add_argument("--small", action="store_true", help="answer a fixed tiny body without decoding (benchmark)")
-    p.add_argument("--unversioned", action="store_true", help='serve models without versions, as MLServer does: metadata '
+    p.add_argument("--unversioned", action="store_true",
+                   help='serve models without versions, as MLServer does: metadata '
                    '"versions": [] and 404 on every versioned path')
     a = p.parse_args(argv)
     oip = {}
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     web.run_app(build_app(set(a.fail_model), a.delay_ms, oip, a.small, frozenset(a.garbage_model),
-                          frozenset(a.echo_model), a.unversioned), host=a.host, port=a.port, print=None, access_log=None,
+                          frozenset(a.echo_model), a.unversioned), host=a.host, port=a.port, print=None,
+                          access_log=None,
                 shutdown_timeout=2)
 
 

@@ -13,13 +13,13 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from trimmer.codec import JSON, MSGPACK, media_type
+from trimmer.codec import JSON, media_type
 from trimmer.compression import BodyTooLarge, Decoder, DecompressError, UnsupportedEncoding, normalize
 from trimmer.edge import BodyBudget, EdgeLimits, EdgeMetrics, Lease, handler_args
 from trimmer.edge import install as install_edge
@@ -86,8 +86,8 @@ class RootState:
         self.partitions = {n: Partition(pc, cfg.timeouts, self.metrics) for n, pc in cfg.partitions.items()}
         self.meta_sources: list[MetadataSource] = metadata_sources(
             self.partitions, cfg.partitions, {m: mc.default_version for m, mc in cfg.models.items()})
-        self.auditor = Auditor(cfg.audit_sample_rate, cfg.audit_max_concurrent, self.metrics, cfg.timeouts.request_s, cfg.deadline_header,
-                               cfg.audit_tolerance)
+        self.auditor = Auditor(cfg.audit_sample_rate, cfg.audit_max_concurrent, self.metrics, cfg.timeouts.request_s,
+                               cfg.deadline_header, cfg.audit_tolerance)
         self.plane = DataPlane(cfg, self.registry, self.partitions, self.metrics, self.auditor)
         self.capture = (CaptureWriter(cfg.capture_path, cfg.capture_sample_rate, cfg.capture_max_bytes)
                         if cfg.capture_path is not None else None)
@@ -125,7 +125,7 @@ class RootState:
         for p in self.partitions.values():
             await p.close()
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
 
     async def _watch(self) -> None:
@@ -145,7 +145,9 @@ class RootState:
             log.exception("allowlist hot reload stopped; allowlists stay as last loaded")
 
     async def _metadata_loop(self, src: MetadataSource) -> None:
-        interval = self.cfg.partitions[src.partition.name].metadata.refresh_s
+        meta = self.cfg.partitions[src.partition.name].metadata
+        assert meta is not None  # a MetadataSource exists only for a partition with metadata settings
+        interval = meta.refresh_s
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), interval)
@@ -162,7 +164,8 @@ class RootState:
     def reload(self) -> None:
         """Re-read the overrides file and every file source (POST /admin/reload)."""
         self.registry.reload_overrides()
-        self.registry.reload([st.source.name for st in self.registry.sources if not isinstance(st.source, MetadataSource)])
+        self.registry.reload(
+            [st.source.name for st in self.registry.sources if not isinstance(st.source, MetadataSource)])
         self.metrics.registry_reloads.inc()
 
     # ------------------------------------------------------------------ readiness
@@ -180,7 +183,8 @@ class RootState:
 
 
     def public_text(self, text: str) -> str:
-        """`text` without this host's absolute paths: the config's directory becomes `.`, other sources their file name."""
+        """`text` without this host's absolute paths: the config's directory becomes `.`, other sources their file
+        name."""
         base = str(Path(self.cfg.path).absolute().parent)
         text = text.replace(base + os.sep, "./")
         for _, st in self.registry.source_states():
@@ -203,7 +207,8 @@ def _timeout(request: web.Request, cfg: RootConfig) -> float:
 
 def _busy(budget: BodyBudget) -> web.HTTPServiceUnavailable:
     return web.HTTPServiceUnavailable(
-        reason=f"server busy: request bodies in flight are at limits.max_inflight_body_bytes ({budget.cap} bytes); retry shortly",
+        reason=f"server busy: request bodies in flight are at limits.max_inflight_body_bytes ({budget.cap} bytes); "
+               "retry shortly",
         headers={"Retry-After": "1"})
 
 
@@ -222,7 +227,9 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
     lease = None
     if budget is not None:
         lease = budget.lease()
-        asyncio.current_task().add_done_callback(lease.close)  # held until the response is written
+        task = asyncio.current_task()
+        assert task is not None  # a request handler runs in a task
+        task.add_done_callback(lease.close)  # held until the response is written
         if n is not None and not lease.take(n):
             raise _busy(budget)
     try:
@@ -239,8 +246,8 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
     capture = state.capture
     if capture is not None and request.match_info.route.name in CAPTURED_ROUTES and capture.sample():
         # The body as decoded; raw path (already validated or refused by the handler's checks on replay).
-        if capture.record(request.rel_url.raw_path, request.headers.get("Content-Type", "application/msgpack"), body.joined(),
-                          dict(request.headers)):
+        if capture.record(request.rel_url.raw_path, request.headers.get("Content-Type", "application/msgpack"),
+                          body.joined(), dict(request.headers)):
             state.metrics.captured.inc()
     return body
 
@@ -275,18 +282,18 @@ def _count_decode(request: web.Request, encoding: str, outcome: str) -> None:
         budget.metrics.decoded.labels(encoding or "?", outcome).inc()
 
 
-async def _read_streamed(request: web.Request, limit: int, encoding: str | None, raw_lease: Lease | None, out_lease: Lease | None,
-                         stream: StreamTrim | None) -> tuple[Body, int]:
-    """A chunked and/or Content-Encoding body: (plain body, bytes received). Raw and decoded sizes both stop at `limit`."""
+async def _read_streamed(request: web.Request, limit: int, encoding: str | None, raw_lease: Lease | None,
+                         out_lease: Lease | None, stream: StreamTrim | None) -> tuple[Body, int]:
+    """A chunked and/or Content-Encoding body: (plain body, bytes received). Raw and decoded sizes both stop at
+    `limit`."""
     decoder = Decoder(encoding, limit) if encoding is not None else None
-    budget = request.app.get(BUDGET)
     chunks: list[bytes] = []
     raw = 0
     n = request.content_length
 
     def keep(pieces: list[bytes]) -> None:
         if decoder is not None and out_lease is not None and not out_lease.take(sum(map(len, pieces))):
-            raise _busy(budget)
+            raise _busy(out_lease.budget)
         for piece in pieces:
             chunks.append(piece)
             if stream is not None:
@@ -302,7 +309,7 @@ async def _read_streamed(request: web.Request, limit: int, encoding: str | None,
             if raw > limit:
                 raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=raw)
             if raw_lease is not None and not raw_lease.take(len(chunk)):
-                raise _busy(budget)
+                raise _busy(raw_lease.budget)
             keep(decoder.feed(chunk) if decoder is not None else [chunk])
         if n is not None and raw < n:
             raise PayloadError(f"request body truncated: Content-Length {n}, got {raw} bytes")
@@ -345,8 +352,8 @@ async def handle_model_score(request: web.Request) -> web.Response:
     """The shortcut route, for connections root/front.py handed over (or all of them with `front: aiohttp`)."""
     state = request.app[STATE]
     media = media_type(request.content_type)
-    plan = state.plane.plan_single("model", request.match_info["name"], request.match_info.get("version"), NativeFormat(media),
-                                   media, _timeout(request, state.cfg))
+    plan = state.plane.plan_single("model", request.match_info["name"], request.match_info.get("version"),
+                                   NativeFormat(media), media, _timeout(request, state.cfg))
     # The allowlist is known before the body arrives: msgpack is trimmed chunk by chunk as each chunk is read.
     stream = plan.stream_trim(min(request.content_length or 0, state.cfg.max_body_bytes))
     if stream is not None:
@@ -358,7 +365,8 @@ async def handle_model_score(request: web.Request) -> web.Response:
 async def handle_oip_infer(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await _read_body(request, "oip")
-    plan = state.plane.plan_oip(request.match_info["name"], request.match_info.get("version"), request.headers, _timeout(request, state.cfg))
+    plan = state.plane.plan_oip(request.match_info["name"], request.match_info.get("version"), request.headers,
+                                _timeout(request, state.cfg))
     return _outcome_response(await state.plane.score(plan, body))
 
 
@@ -414,11 +422,13 @@ async def handle_repository_index(request: web.Request) -> web.Response:
 
     async def one(part: Partition) -> list:
         try:
-            resp = await part.request("POST", "/v2/repository/index", body, {"Content-Type": JSON, "Accept": JSON}, timeout)
+            resp = await part.request("POST", "/v2/repository/index", body,
+                                      {"Content-Type": JSON, "Accept": JSON}, timeout)
             entries = msgspec.json.decode(resp.body) if resp.status == 200 else []
-        except (UpstreamError, *DECODE_FAILURES):
+        except _UPSTREAM_OR_DECODE:
             return []
-        return [{**e, "partition": part.name} for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+        return [{**e, "partition": part.name} for e in entries if isinstance(e, dict)] if isinstance(
+            entries, list) else []
 
     lists = await asyncio.gather(*(one(p) for p in state.partitions.values()))
     return json_response([e for lst in lists for e in lst])
@@ -432,8 +442,9 @@ async def handle_server_metadata(request: web.Request) -> web.Response:
     async def one(part: Partition) -> Any:
         try:
             resp = await part.request("GET", "/v2", None, {"Accept": JSON}, timeout)
-            return msgspec.json.decode(resp.body) if resp.status == 200 else {"error": f"GET /v2 answered {resp.status}"}
-        except (UpstreamError, *DECODE_FAILURES) as exc:
+            return msgspec.json.decode(resp.body) if resp.status == 200 else {
+                "error": f"GET /v2 answered {resp.status}"}
+        except _UPSTREAM_OR_DECODE as exc:
             return {"error": str(exc)[:200]}
 
     metas = await asyncio.gather(*(one(p) for p in state.partitions.values()))
@@ -490,7 +501,12 @@ async def handle_settings(request: web.Request) -> web.Response:
 async def handle_reload(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await asyncio.get_running_loop().run_in_executor(None, state.reload)
-    return web.Response(body=state.public_text(msgspec.json.encode(state.registry.status()).decode()), content_type="application/json")
+    return web.Response(body=state.public_text(msgspec.json.encode(state.registry.status()).decode()),
+                        content_type="application/json")
+
+
+# an upstream failed, or sent garbage
+_UPSTREAM_OR_DECODE: tuple[type[Exception], ...] = (UpstreamError, *DECODE_FAILURES)
 
 
 def _count_request(request: web.Request, status: int) -> None:
@@ -509,7 +525,8 @@ errors_middleware = error_middleware(
 def build_apps(state: RootState) -> tuple[web.Application, web.Application | None]:
     """(main app, separate admin app or None). Admin routes: /metrics and /admin/*."""
     cfg = state.cfg
-    main = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_middleware], handler_args={"max_field_size": 16384, "read_bufsize": 1 << 20})
+    main = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_middleware],
+                           handler_args={"max_field_size": 16384, "read_bufsize": 1 << 20})
     main[STATE] = state
     r = main.router
     scoring = {"fanout": handle_fanout, "model": handle_model_score, "oip": handle_oip_infer}
@@ -522,8 +539,10 @@ def build_apps(state: RootState) -> tuple[web.Application, web.Application | Non
     r.add_get("/v2/models/{name}/versions/{version}/ready", handle_oip_get, name="oip_model_version_ready")
     r.add_post("/v2/repository/index", handle_repository_index, name="oip_repository_index")
     for method in ("GET", "POST"):
-        r.add_route(method, "/v2/models/{name}/{tail:.+}", handle_oip_model_proxy, name=f"oip_model_other_{method.lower()}")
-        r.add_route(method, "/v2/repository/models/{name}/{tail:.+}", handle_oip_model_proxy, name=f"oip_repository_{method.lower()}")
+        r.add_route(method, "/v2/models/{name}/{tail:.+}", handle_oip_model_proxy,
+                    name=f"oip_model_other_{method.lower()}")
+        r.add_route(method, "/v2/repository/models/{name}/{tail:.+}", handle_oip_model_proxy,
+                    name=f"oip_repository_{method.lower()}")
     r.add_get("/v2", handle_server_metadata, name="oip_server")
     r.add_get("/v2/health/live", handle_live, name="oip_live")
     r.add_get("/v2/health/ready", handle_readyz, name="oip_ready")
@@ -557,22 +576,27 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
     edge_metrics = EdgeMetrics("trimmer_root", state.metrics.registry)
     main[BUDGET] = BodyBudget(cfg.max_inflight_body_bytes, edge_metrics)
     t = cfg.timeouts
-    limits = EdgeLimits(t.client_header_s, t.client_body_s, t.client_keepalive_s, cfg.max_connections, t.client_body_min_rate)
+    limits = EdgeLimits(t.client_header_s, t.client_body_s, t.client_keepalive_s,
+                        cfg.max_connections, t.client_body_min_rate)
     runners: list[web.AppRunner] = []
-    fronts: list[tuple[asyncio.AbstractServer, FrontServer]] = []
+    fronts: list[tuple[asyncio.Server, FrontServer]] = []
     try:
         for app, host, port in ((main, cfg.host, cfg.port), (admin, cfg.admin_host, cfg.admin_port)):
             if app is None:
                 continue
-            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.timeouts.drain_s, access_log=None, **handler_args(limits))
+            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.timeouts.drain_s,
+                                   access_log=None, **handler_args(limits))
             await runner.setup()
-            edge = install_edge(runner, limits, edge_metrics, "root admin" if app is admin else "root")  # timeouts, connection cap
+            # timeouts, connection cap
+            edge = install_edge(runner, limits, edge_metrics, "root admin" if app is admin else "root")
             runners.append(runner)
             if app is main and settings().fast_listener:
-                # The service port: the fast listener (root/front.py) serves the scoring routes and hands the rest to aiohttp.
-                assert runner.server is not None
+                # The service port: the fast listener (root/front.py) serves the scoring routes and hands the rest to
+                # aiohttp.
+                assert runner.server is not None and port is not None  # the service port: cfg.port, an int
                 front = FrontServer(state, runner.server, edge, limits, edge_metrics, main[BUDGET])
-                server = await asyncio.get_running_loop().create_server(front, host, port, reuse_port=reuse_port or None, backlog=1024)
+                server = await asyncio.get_running_loop().create_server(
+                    front, host, port, reuse_port=reuse_port or None, backlog=1024)
                 fronts.append((server, front))
                 addrs = [s.getsockname()[:2] for s in server.sockets]
             else:
@@ -589,7 +613,8 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("root (pid %d) shutting down: draining in-flight requests for up to %.1fs", os.getpid(), cfg.timeouts.drain_s)
+        log.info("root (pid %d) shutting down: draining in-flight requests for up to %.1fs",
+                 os.getpid(), cfg.timeouts.drain_s)
         state.draining = True
     finally:
         for server, front in fronts:

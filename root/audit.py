@@ -8,7 +8,8 @@ bounded background task. Both responses' `outputs` are compared bit for bit
 shape and data for OIP v2). A leaf that batches requests may batch the two
 copies differently, which can change float summation order in the last bits;
 float outputs within `audit_tolerance` (relative) count as near matches, not
-mismatches (`audit_tolerance: 0` makes every bit difference a mismatch). A difference means the allowlist dropped a feature
+mismatches (`audit_tolerance: 0` makes every bit difference a mismatch). A difference means the allowlist dropped a
+feature
 the model reads (a wrong override, a stale bundle): it is counted per
 model/version, logged with the differing outputs, and kept in a short list
 served at GET /admin/audit.
@@ -89,7 +90,8 @@ def _outputs(body: bytes, content_type: str) -> dict[str, Any]:
     if isinstance(outs, dict):
         return outs
     if isinstance(outs, list) and all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
-        return {o["name"]: {"datatype": o.get("datatype"), "shape": o.get("shape"), "data": o.get("data")} for o in outs}
+        return {
+            o["name"]: {"datatype": o.get("datatype"), "shape": o.get("shape"), "data": o.get("data")} for o in outs}
     raise AuditError("answer `outputs` is neither a map nor an OIP list")
 
 
@@ -142,6 +144,8 @@ def compare_outputs(trimmed: dict[str, Any], untrimmed: dict[str, Any], toleranc
         a, b = trimmed[name], untrimmed[name]
         if _same(a, b):
             continue
+        va: Any
+        vb: Any
         if isinstance(a, Tensor) and isinstance(b, Tensor):
             if a.dtype != b.dtype:
                 diffs.append(OutputDiff(name, "dtype", f"{a.dtype} (trimmed) vs {b.dtype} (untrimmed)"))
@@ -152,7 +156,8 @@ def compare_outputs(trimmed: dict[str, Any], untrimmed: dict[str, Any], toleranc
             va, vb = a, b
         elif isinstance(a, dict) and isinstance(b, dict) and "data" in a:  # OIP output
             if a.get("datatype") != b.get("datatype"):
-                diffs.append(OutputDiff(name, "dtype", f"{a.get('datatype')} (trimmed) vs {b.get('datatype')} (untrimmed)"))
+                diffs.append(
+                    OutputDiff(name, "dtype", f"{a.get('datatype')} (trimmed) vs {b.get('datatype')} (untrimmed)"))
                 continue
             if a.get("shape") != b.get("shape"):
                 diffs.append(OutputDiff(name, "shape", f"{a.get('shape')} (trimmed) vs {b.get('shape')} (untrimmed)"))
@@ -161,9 +166,13 @@ def compare_outputs(trimmed: dict[str, Any], untrimmed: dict[str, Any], toleranc
         else:
             va, vb = a, b
         mx, n, size, within = _numeric_diff(va, vb, tolerance)
-        detail = "values differ" if n is None else f"{n} of {size} values differ" + ("" if mx is None else f", max abs diff {mx:.6g}")
+        detail = "values differ" if n is None else f"{n} of {size} values differ" + (
+            "" if mx is None else f", max abs diff {mx:.6g}")
         diffs.append(OutputDiff(name, "values", detail, mx, n, size, within))
     return diffs
+
+
+_UNREADABLE: tuple[type[Exception], ...] = (*DECODE_FAILURES, TypeError, AttributeError)
 
 
 def dropped_features(untrimmed: bytes, content_type: str, allowlist: AbstractSet[str], limit: int = 32) -> list[str]:
@@ -176,7 +185,7 @@ def dropped_features(untrimmed: bytes, content_type: str, allowlist: AbstractSet
             names = list(fmt.decode(raw, type=dict[str, msgspec.Raw]))
         else:  # OIP: inputs list
             names = [i.get("name") for i in msgspec.json.decode(doc.get("inputs", b"[]")) if isinstance(i, dict)]
-    except (*DECODE_FAILURES, TypeError, AttributeError):
+    except _UNREADABLE:
         return []
     out = sorted(n for n in names if isinstance(n, str) and n not in allowlist)
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
@@ -186,8 +195,8 @@ def dropped_features(untrimmed: bytes, content_type: str, allowlist: AbstractSet
 class Auditor:
     """Samples trimmed requests and runs their audits as bounded background tasks (never on the client's path)."""
 
-    def __init__(self, rate: float, max_concurrent: int, metrics: Metrics, timeout_s: float, deadline_header: str | None = None,
-                 tolerance: float = 0.0, seed: int | None = None) -> None:
+    def __init__(self, rate: float, max_concurrent: int, metrics: Metrics, timeout_s: float,
+                 deadline_header: str | None = None, tolerance: float = 0.0, seed: int | None = None) -> None:
         self.rate = rate
         self.tolerance = tolerance
         self.max_concurrent = max_concurrent
@@ -197,7 +206,8 @@ class Auditor:
         self._random = random.Random(seed).random
         self._tasks: set[asyncio.Task] = set()
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
-        self.counts = {"sampled": 0, "run": 0, "matches": 0, "near_matches": 0, "mismatches": 0, "errors": 0, "dropped": 0}
+        self.counts = {"sampled": 0, "run": 0, "matches": 0, "near_matches": 0, "mismatches": 0,
+                       "errors": 0, "dropped": 0}
         metrics.audit_sample_rate.set(rate)
 
     @property
@@ -232,7 +242,8 @@ class Auditor:
             status, body, ctype = await self._send(job)
             if status != job.trimmed_status:
                 raise AuditError(f"untrimmed copy answered {status}, trimmed request {job.trimmed_status}")
-            diffs = compare_outputs(_outputs(job.trimmed_body, job.trimmed_content_type), _outputs(body, ctype), self.tolerance)
+            diffs = compare_outputs(_outputs(job.trimmed_body, job.trimmed_content_type),
+                                    _outputs(body, ctype), self.tolerance)
         except asyncio.CancelledError:
             raise
         except AuditError as exc:
@@ -250,19 +261,22 @@ class Auditor:
             # Float noise only (a leaf batching the two copies differently changes summation order): not a lost feature.
             self.counts["near_matches"] += 1
             m.audit_near_matches.labels(*job.labels).inc()
-            log.debug("audit near match %s version %s: %s", job.model, job.version, "; ".join(f"{d.name}: {d.detail}" for d in diffs))
+            log.debug("audit near match %s version %s: %s", job.model, job.version,
+                      "; ".join(f"{d.name}: {d.detail}" for d in diffs))
             return
         self.counts["mismatches"] += 1
         m.audit_mismatches.labels(*job.labels).inc()
-        record = {
-            "time_unix": round(time.time(), 3), "model": job.model, "version": job.version, "partition": job.partition.name,
+        record: dict[str, Any] = {
+            "time_unix": round(time.time(), 3), "model": job.model, "version": job.version,
+            "partition": job.partition.name,
             "replica": job.replica, "path": job.path, "outputs": [d.to_json() for d in diffs],
             "dropped_features": dropped_features(job.untrimmed, job.content_type, job.allowlist),
         }
         self.recent.append(record)
         log.warning("audit MISMATCH %s version %s at %s: outputs %s differ (%s); the allowlist dropped %s",
                     job.model, job.version, job.replica, ", ".join(d.name for d in diffs),
-                    "; ".join(f"{d.name}: {d.detail}" for d in diffs), ", ".join(record["dropped_features"]) or "(none)")
+                    "; ".join(f"{d.name}: {d.detail}" for d in diffs),
+                    ", ".join(record["dropped_features"]) or "(none)")
 
     def _error(self, job: AuditJob, message: str) -> None:
         self.counts["errors"] += 1
@@ -285,11 +299,13 @@ class Auditor:
         except asyncio.TimeoutError:
             raise AuditError(f"untrimmed copy timed out after {self.timeout_s:.3g}s at {job.replica}") from None
         except aiohttp.ClientError as exc:
-            raise AuditError(f"untrimmed copy to {job.replica} failed: {type(exc).__name__}: {str(exc)[:200]}") from None
+            raise AuditError(
+                f"untrimmed copy to {job.replica} failed: {type(exc).__name__}: {str(exc)[:200]}") from None
 
     def status(self) -> dict[str, Any]:
         """JSON for GET /admin/audit (this worker process's view; Prometheus has the totals over workers)."""
-        return {"sample_rate": self.rate, "max_concurrent": self.max_concurrent, "tolerance": self.tolerance, "in_flight": len(self._tasks),
+        return {"sample_rate": self.rate, "max_concurrent": self.max_concurrent, "tolerance": self.tolerance,
+                "in_flight": len(self._tasks),
                 "counts": dict(self.counts), "recent_mismatches": list(reversed(self.recent))}
 
 

@@ -19,8 +19,13 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from trimmer.errors import ConfigError
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable, Coroutine
 
 MAX_RESTARTS = 10
 ORDER = 20  # place among the `trimmer` commands (trimmer/cli.py); `trimmer root bench` comes from loadtest (ORDER 30)
@@ -50,7 +55,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 def _run_root(args: argparse.Namespace) -> int:
     from trimmer.settings import settings
 
-    env = settings()  # every TRIMMER_* variable parsed once: a bad value is a one-line error here, before anything starts
+    # every TRIMMER_* variable parsed once: a bad value is a one-line error here, before anything starts
+    env = settings()
     level = (args.log_level or env.log_level).upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: {level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -72,19 +78,36 @@ def _run_root(args: argparse.Namespace) -> int:
     try:
         import uvloop
 
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     except ImportError:  # uvloop is optional on platforms without it
-        runner = asyncio.Runner()
-    with runner:
-        try:
-            runner.run(serve(cfg, reuse_port=args.worker or cfg.workers > 1))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-                # One line, like the leaf: the port is the user's to change, not a bug to trace.
-                raise ConfigError(f"cannot listen: {exc.strerror or exc} ({str(exc).split(': ', 1)[0]}); "
-                                  f"free the port or pick another with --port / listen.port / admin.port") from None
-            raise
+        loop_factory = asyncio.new_event_loop
+    try:
+        _run(serve(cfg, reuse_port=args.worker or cfg.workers > 1), loop_factory)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            # One line, like the leaf: the port is the user's to change, not a bug to trace.
+            raise ConfigError(f"cannot listen: {exc.strerror or exc} ({str(exc).split(': ', 1)[0]}); "
+                              f"free the port or pick another with --port / listen.port / admin.port") from None
+        raise
     return 0
+
+
+def _run(coro: Coroutine[Any, Any, None], loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """Run `coro` on a loop from `loop_factory`: asyncio.Runner where there is one (3.11+); on 3.10, which
+    requires-python allows, asyncio.run under a policy that makes that loop."""
+    import asyncio
+
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(coro)
+        return
+
+    class _Policy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            return loop_factory()
+
+    asyncio.set_event_loop_policy(_Policy())
+    asyncio.run(coro)
 
 
 def _supervise(args: argparse.Namespace, cfg) -> int:
@@ -100,8 +123,8 @@ def _supervise(args: argparse.Namespace, cfg) -> int:
     mp_dir = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="trimmer-root-metrics-")
     env = {**os.environ, MULTIPROC_ENV: mp_dir}
     os.environ[MULTIPROC_ENV] = mp_dir  # so mark_process_dead here sees it
-    cmd = [sys.executable, "-m", "trimmer", "root", "--config", args.config, "--worker", "--host", cfg.host, "--port", str(cfg.port),
-           "--workers", str(cfg.workers), *(["--log-level", args.log_level] if args.log_level else [])]
+    cmd = [sys.executable, "-m", "trimmer", "root", "--config", args.config, "--worker", "--host", cfg.host, "--port",
+           str(cfg.port), "--workers", str(cfg.workers), *(["--log-level", args.log_level] if args.log_level else [])]
     stopping = False
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -111,7 +134,8 @@ def _supervise(args: argparse.Namespace, cfg) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     workers = [subprocess.Popen(cmd, env=env) for _ in range(cfg.workers)]
-    log.info("root supervisor (pid %d): %d workers on %s:%d, metrics dir %s", os.getpid(), cfg.workers, cfg.host, cfg.port, mp_dir)
+    log.info("root supervisor (pid %d): %d workers on %s:%d, metrics dir %s", os.getpid(), cfg.workers,
+             cfg.host, cfg.port, mp_dir)
     log.info("settings: %s", settings().line())  # once here; the workers (reuse_port) do not repeat it
     restarts, rc = 0, 0
     try:
@@ -159,8 +183,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_root_entry)
 
-    d = sub.add_parser("drift", help="allowlist drift report of a running root: inputs its leaves defaulted, features sent but unused")
-    d.add_argument("--root", required=True, help="the root's admin base URL: http://127.0.0.1:9901 by default (admin.host/admin.port), the service URL with admin.on_service_port")
+    d = sub.add_parser(
+        "drift", help="allowlist drift report of a running root: inputs its leaves defaulted, features sent but unused")
+    d.add_argument("--root", required=True, help="the root's admin base URL: http://127.0.0.1:9901 by default "
+                                                 "(admin.host/admin.port), the service URL with admin.on_service_port")
     d.add_argument("--json", action="store_true", help="print the raw JSON report")
     d.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the root (default 15)")
     d.set_defaults(func=_run_drift)
@@ -225,18 +251,20 @@ def _run_drift(args: argparse.Namespace) -> int:
 
     console = Console()
     t = Table(title=f"allowlist drift at {base} (counts since each leaf started)", title_justify="left")
-    for c in ("model", "version", "mode", "requests", "needed, not received (defaulted)", "trimmed by root", "sent but unused",
-              "unused features"):
+    for c in ("model", "version", "mode", "requests", "needed, not received (defaulted)", "trimmed by root",
+              "sent but unused", "unused features"):
         t.add_column(c, justify="right" if c in ("requests", "sent but unused") else "left", overflow="fold")
     for model, versions in sorted((doc.get("models") or {}).items()):
         for version, v in sorted(versions.items()):
-            t.add_row(model, version, str(v.get("mode")), f"{v.get('requests', 0):,}", _top(v.get("needed_but_defaulted") or {}),
-                      ", ".join(v.get("defaulted_not_in_allowlist") or []) or "-", f"{v.get('sent_but_unused_count', 0):,}",
-                      _top(v.get("sent_but_unused") or {}))
+            t.add_row(model, version, str(v.get("mode")), f"{v.get('requests', 0):,}",
+                      _top(v.get("needed_but_defaulted") or {}),
+                      ", ".join(v.get("defaulted_not_in_allowlist") or []) or "-",
+                      f"{v.get('sent_but_unused_count', 0):,}", _top(v.get("sent_but_unused") or {}))
     console.print(t)
     for r in doc.get("replicas") or []:
         if not r.get("ok"):
-            console.print(f"[red]replica {r.get('replica')} (partition {r.get('partition')}) did not answer: {r.get('error')}[/red]")
+            console.print(f"[red]replica {r.get('replica')} (partition {r.get('partition')}) did not answer: "
+                          f"{r.get('error')}[/red]")
     for name, why in (doc.get("skipped_partitions") or {}).items():
         console.print(f"partition {name} skipped: {why}")
     console.print(f"{doc.get('replicas_ok', 0)} replica(s) answered, {doc.get('replicas_failed', 0)} failed")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 from urllib.parse import urlsplit
 
 import msgspec
@@ -23,11 +23,13 @@ from trimmer.overrides import load_yaml
 
 from .pipeline_config import PipelineConfig, PipelineSpec, build_pipelines
 
-PROTOCOLS = ("native", "oip")
-COMPRESSIONS = ("none", "lz4", "zstd")
-BALANCES = ("least_inflight", "round_robin")
-UNKNOWN_POLICIES = ("reject", "passthrough")
-VERSION_POLICIES = ("latest", "explicit")
+Protocol = Literal["native", "oip"]
+Compression = Literal["none", "lz4", "zstd"]
+Balance = Literal["least_inflight", "round_robin"]
+UnknownPolicy = Literal["reject", "passthrough"]
+VersionPolicy = Literal["latest", "explicit"]
+PROTOCOLS, COMPRESSIONS, BALANCES = get_args(Protocol), get_args(Compression), get_args(Balance)
+UNKNOWN_POLICIES, VERSION_POLICIES = get_args(UnknownPolicy), get_args(VersionPolicy)
 DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 9901  # Envoy's admin port: loopback only unless admin.host says otherwise
 MiB = 1024 * 1024
@@ -37,14 +39,14 @@ Paths = Union[Name, list[Name]]  # one path or a list; relative to the config fi
 
 
 # ---------------------------------------------------------------- the file (schema: docs/schema/root.json)
-class Listen(Section):
+class Listen(Section, frozen=True):
     """The service listener (the leaf's `listen:` has the same shape)."""
 
     host: Host = "127.0.0.1"  # loopback by default; 0.0.0.0 to serve other hosts
     port: Port = 8080
 
 
-class Admin(Section):
+class Admin(Section, frozen=True):
     """/metrics and /admin/*: their own loopback listener by default."""
 
     enabled: bool = True  # false: no /metrics or /admin/* at all
@@ -53,43 +55,45 @@ class Admin(Section):
     on_service_port: bool = False  # serve them on `listen` instead (then no host/port here)
 
 
-class MetadataSpec(Section):
+class MetadataSpec(Section, frozen=True):
     """Allowlists from the upstream's OIP `GET /v2/models/{name}` inputs, for models without archives."""
 
     models: Annotated[list[Name], msgspec.Meta(min_length=1)]  # models whose OIP metadata `inputs` are their allowlists
     refresh_s: Positive = 60.0  # seconds between refreshes
 
 
-class PartitionSpec(Section):
+class PartitionSpec(Section, frozen=True):
     """A pool of interchangeable upstream replicas."""
 
     replicas: Union[str, Annotated[list[str], msgspec.Meta(min_length=1)]]  # base URLs http(s)://host:port[/prefix]
-    protocol: Literal[PROTOCOLS] = "native"  # native: our leaf (/v1 and /v2 routes); oip: any OIP v2 server (/v2 only)
-    compression: Literal[COMPRESSIONS] = "none"  # request body compression to the replicas (Content-Encoding)
-    balance: Literal[BALANCES] = "least_inflight"  # how a replica is picked
-    health_path: Annotated[str, msgspec.Meta(pattern="^/", extra={"error": "must start with '/'"})] = "/v2/health/ready"  # GET every timeouts.health_interval_s; 200 = up
+    protocol: Protocol = "native"  # native: our leaf (/v1 and /v2 routes); oip: any OIP v2 server (/v2 only)
+    compression: Compression = "none"  # request body compression to the replicas (Content-Encoding)
+    balance: Balance = "least_inflight"  # how a replica is picked
+    # GET every timeouts.health_interval_s; 200 = up
+    health_path: Annotated[str, msgspec.Meta(pattern="^/", extra={"error": "must start with '/'"})] = "/v2/health/ready"
     max_connections: Count = 64  # pooled connections per replica
-    allowlists_from_metadata: Union[Annotated[list[Name], msgspec.Meta(min_length=1)], MetadataSpec, None] = None  # model names, or {models, refresh_s}: allowlists from GET /v2/models/{name}
-    version_policy: Literal[VERSION_POLICIES] = "latest"  # a request without a version: the highest known, or `explicit`
+    # model names, or {models, refresh_s}: allowlists from GET /v2/models/{name}
+    allowlists_from_metadata: Union[Annotated[list[Name], msgspec.Meta(min_length=1)], MetadataSpec, None] = None
+    version_policy: VersionPolicy = "latest"  # a request without a version: the highest known, or `explicit`
     versioned_paths: bool = True  # name a configured default version in upstream paths (off for unversioned servers)
 
 
-class ModelSpec(Section):
+class ModelSpec(Section, frozen=True):
     """Where one model routes (`models: {name: partition}` is short for `{name: {partition: ...}}`)."""
 
     partition: Name  # a key of partitions
     default_version: Union[str, int, None] = None  # the version a request without one gets
-    version_policy: Optional[Literal[VERSION_POLICIES]] = None  # None: the partition's
+    version_policy: Optional[VersionPolicy] = None  # None: the partition's
 
 
-class UnknownModels(Section):
+class UnknownModels(Section, frozen=True):
     """Models not under `models`: rejected (404), or sent untrimmed-by-name to one partition."""
 
-    policy: Literal[UNKNOWN_POLICIES] = "reject"  # reject: 404; passthrough: forward to `partition`
+    policy: UnknownPolicy = "reject"  # reject: 404; passthrough: forward to `partition`
     partition: Optional[Name] = None  # required when policy is passthrough
 
 
-class Timeouts(Section):
+class Timeouts(Section, frozen=True):
     """Upstream and client-side timeouts, seconds (client side: trimmer/edge.py, like nginx's)."""
 
     connect_s: Positive = 1.0  # TCP connect to a replica
@@ -97,12 +101,13 @@ class Timeouts(Section):
     drain_s: Positive = 10.0  # on SIGTERM: bound on waiting for in-flight requests
     health_interval_s: Positive = 2.0  # replica health checks
     client_header_s: Positive = 10.0  # connection start or first byte of a request head -> whole head
-    client_body_s: Positive = 30.0  # each window this long must bring client_body_min_rate bytes/s of body (0 bytes: stalled)
+    # each window this long must bring client_body_min_rate bytes/s of body (0 bytes: stalled)
+    client_body_s: Positive = 30.0
     client_body_min_rate: Annotated[int, msgspec.Meta(ge=0)] = 1024  # bytes/s; 0: only a full stall closes
     client_keepalive_s: Positive = 75.0  # idle keep-alive connection
 
 
-class Limits(Section):
+class Limits(Section, frozen=True):
     """Per-process bounds on what clients may send."""
 
     max_body_bytes: Count = 64 * MiB  # larger request bodies (also after decompression) get 413
@@ -111,7 +116,7 @@ class Limits(Section):
     max_fanout_targets: Count = 64  # models one /v1/score request may list; more -> 400
 
 
-class Capture(Section):
+class Capture(Section, frozen=True):
     """A sample of scoring requests appended to a file, for `trimmer loadtest --replay` (trimmer/capture.py)."""
 
     path: Name  # relative to the config file
@@ -119,7 +124,7 @@ class Capture(Section):
     max_bytes: Count = 256 * MiB  # the file's bound; capturing stops there
 
 
-class RootFile(Section):
+class RootFile(Section, frozen=True):
     """The root's YAML config (configs/root.yaml); docs/root.md."""
 
     partitions: Annotated[dict[str, PartitionSpec], msgspec.Meta(min_length=1)]
@@ -130,14 +135,16 @@ class RootFile(Section):
     repositories: Paths = []  # <repo>/<model>/<version>/model.pt[2]
     overrides: Optional[Paths] = None  # one allowlists.yaml
     watch: bool = True  # hot-reload bundles and repositories when they change
-    models: dict[str, Union[Name, ModelSpec]] = {}  # model -> partition name, or {partition, default_version, version_policy}
+    # model -> partition name, or {partition, default_version, version_policy}
+    models: dict[str, Union[Name, ModelSpec]] = {}
     unknown_models: UnknownModels = msgspec.field(default_factory=UnknownModels)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     limits: Limits = msgspec.field(default_factory=Limits)
     deadline_header: Name = "X-Deadline-Ms"  # remaining budget in ms, read from clients and sent upstream
     audit_sample_rate: Fraction = 0.0  # fraction of trimmed requests also sent untrimmed and compared (root/audit.py)
     audit_max_concurrent: Count = 8  # audits in flight at once; more are dropped and counted
-    audit_tolerance: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 1e-5  # float outputs this close (relative) are near matches
+    # float outputs this close (relative) are near matches
+    audit_tolerance: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 1e-5
     pipelines: dict[str, PipelineSpec] = {}  # multi-stage requests (root/pipeline_config.py)
     capture: Optional[Capture] = None
 
@@ -259,20 +266,24 @@ def _partition(name: str, spec: PartitionSpec, path: str) -> PartitionConfig:
     meta = spec.allowlists_from_metadata
     if isinstance(meta, list):
         meta = MetadataSpec(models=meta)
-    return PartitionConfig(name, urls, spec.protocol, spec.compression, spec.balance, spec.health_path, spec.max_connections,
+    return PartitionConfig(name, urls, spec.protocol, spec.compression, spec.balance, spec.health_path,
+                           spec.max_connections,
                            None if meta is None else MetadataAllowlists(tuple(meta.models), meta.refresh_s),
                            spec.version_policy, spec.versioned_paths)
 
 
-def _models(raw: dict[str, str | ModelSpec], partitions: dict[str, PartitionConfig], path: str) -> dict[str, ModelConfig]:
+def _models(raw: dict[str, str | ModelSpec],
+            partitions: dict[str, PartitionConfig], path: str) -> dict[str, ModelConfig]:
     models: dict[str, ModelConfig] = {}
     for name, spec in raw.items():
         w = f"{path}: models.{name}"
         if not valid_name(name):
-            raise ConfigError(f"{w}: invalid model name; use 1-128 characters from A-Z a-z 0-9 _ . -, not starting with '.' or '-'")
+            raise ConfigError(
+                f"{w}: invalid model name; use 1-128 characters from A-Z a-z 0-9 _ . -, not starting with '.' or '-'")
         spec = ModelSpec(partition=spec) if isinstance(spec, str) else spec
         if spec.partition not in partitions:
-            raise ConfigError(f"{w}.partition: no partition named {spec.partition!r}; known: {', '.join(sorted(partitions))}")
+            raise ConfigError(
+                f"{w}.partition: no partition named {spec.partition!r}; known: {', '.join(sorted(partitions))}")
         dv = spec.default_version
         if dv is not None and not valid_name(str(dv)):
             raise ConfigError(f"{w}.default_version: must be a version string (A-Z a-z 0-9 _ . -), got {dv!r}")
@@ -280,7 +291,8 @@ def _models(raw: dict[str, str | ModelSpec], partitions: dict[str, PartitionConf
     return models
 
 
-def _check_routes(f: RootFile, partitions: dict[str, PartitionConfig], models: dict[str, ModelConfig], path: str) -> None:
+def _check_routes(f: RootFile, partitions: dict[str, PartitionConfig],
+                  models: dict[str, ModelConfig], path: str) -> None:
     """unknown_models needs a partition to pass through to; a metadata model must route to the partition asked."""
     um = f.unknown_models
     if um.policy == "passthrough":
@@ -292,12 +304,14 @@ def _check_routes(f: RootFile, partitions: dict[str, PartitionConfig], models: d
         for m in pc.metadata.models if pc.metadata else ():
             owner = models.get(m)
             if owner is not None and owner.partition != pc.name:
-                raise ConfigError(f"{path}: partitions.{pc.name}.allowlists_from_metadata: model {m!r} routes to partition {owner.partition!r}")
+                raise ConfigError(f"{path}: partitions.{pc.name}.allowlists_from_metadata: model {m!r} routes to "
+                                  f"partition {owner.partition!r}")
 
 
 def _check_admin(admin: Admin, path: str) -> None:
     if admin.on_service_port and (admin.host is not None or admin.port is not None):
-        raise ConfigError(f"{path}: admin: on_service_port: true serves /metrics and /admin/* on listen; drop admin.host and admin.port")
+        raise ConfigError(f"{path}: admin: on_service_port: true serves /metrics and /admin/* on listen; drop "
+                          "admin.host and admin.port")
 
 
 def _check_limits(limits: Limits, path: str) -> int:

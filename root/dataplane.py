@@ -60,9 +60,12 @@ class ModelRef(msgspec.Struct, forbid_unknown_fields=True):
     version: str | int | None = None
 
 
-_DECODERS = {
-    MSGPACK: (msgspec.msgpack.Decoder(dict[str, Raw]), msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[ModelRef]), "msgpack"),
-    "application/json": (msgspec.json.Decoder(dict[str, Raw]), msgspec.json.Encoder(), msgspec.json.Decoder(list[ModelRef]), "JSON"),
+# media type -> (decoder of the top-level map, encoder, decoder of the `models` list, format name)
+_DECODERS: dict[str, tuple[Any, Any, Any, str]] = {
+    MSGPACK: (msgspec.msgpack.Decoder(dict[str, Raw]), msgspec.msgpack.Encoder(),
+              msgspec.msgpack.Decoder(list[ModelRef]), "msgpack"),
+    "application/json": (msgspec.json.Decoder(dict[str, Raw]), msgspec.json.Encoder(),
+                         msgspec.json.Decoder(list[ModelRef]), "JSON"),
 }
 
 
@@ -90,9 +93,10 @@ class NativeFormat(BodyFormat):
 
     def trim(self, body: Body, allow: AbstractSet[str], stream: StreamTrim | None) -> Trimmed:
         if stream is not None:
-            r: TrimResult = stream.finish(body.chunks)
+            # TEMP: trimmer/trim.py types chunks as bytes; the memoryviews of root/front.py work as well
+            r: TrimResult = stream.finish(body.chunks)  # type: ignore[arg-type]
         elif self.media == MSGPACK:
-            r = trim_msgpack_chunks(body.chunks, allow)
+            r = trim_msgpack_chunks(body.chunks, allow)  # type: ignore[arg-type]
         else:
             r = trim(body.joined(), allow, self.media)
         return Trimmed(r.body, r.features_in, r.features_kept)
@@ -184,7 +188,8 @@ class Plan:
     error: "RouteError | None" = None  # answered once the body is in (received and counted like any body)
 
     def stream_trim(self, size_hint: int) -> StreamTrim | None:
-        """A trim to feed while the body arrives: one msgpack target in a trimming mode (the C engine scans each piece as
+        """A trim to feed while the body arrives: one msgpack target in a trimming mode (the C engine scans each piece
+        as
         it is fed; the Python twin keeps them and scans at the end)."""
         if self.error is not None or len(self.targets) != 1:
             return None
@@ -242,8 +247,10 @@ class PreparedBody:
 
     def models(self) -> list[ModelRef]:
         if self.models_raw is None:
-            raise PayloadError('fan-out request has no "models" list; send [{"name": ...}, ...] or use /v1/models/{name}/score')
-        with decode_errors(f"{_DECODERS[self.media][3]} models list", shape='"models" must be a list of {"name": str, "version": str?}'):
+            raise PayloadError(
+                'fan-out request has no "models" list; send [{"name": ...}, ...] or use /v1/models/{name}/score')
+        with decode_errors(f"{_DECODERS[self.media][3]} models list",
+                           shape='"models" must be a list of {"name": str, "version": str?}'):
             refs = _DECODERS[self.media][2].decode(self.models_raw)
         if not refs:
             raise PayloadError('"models" is empty')
@@ -290,7 +297,8 @@ class DataPlane:
         """Bounded label values: unlisted names from clients collapse to one value each."""
         snap = self.registry.snapshot
         if self._known[0] != snap.generation:
-            self._known = (snap.generation, {k[0] for k in snap.entries} | set(snap.default_versions) | set(snap.fallbacks) | set(self.cfg.models))
+            self._known = (snap.generation, {k[0] for k in snap.entries} | set(snap.default_versions)
+                           | set(snap.fallbacks) | set(self.cfg.models))
         mlabel = model if model in self._known[1] else "_unlisted"
         if version is None:
             vlabel = ""
@@ -303,10 +311,12 @@ class DataPlane:
     def route(self, model: str) -> Partition:
         name = self.cfg.partition_for(model)
         if name is None:
-            raise RouteError(404, f"unknown model {model!r}: not in the root config and unknown_models.policy is reject")
+            raise RouteError(404,
+                             f"unknown model {model!r}: not in the root config and unknown_models.policy is reject")
         return self.partitions[name]
 
-    def target(self, model: str, version: str | None, path_for: Callable[[str | None], str], protocol: str | None = None) -> Target:
+    def target(self, model: str, version: str | None, path_for: Callable[[str | None], str],
+               protocol: str | None = None) -> Target:
         """Validate names, pick the partition, resolve the allowlist: the one resolution this target gets."""
         try:
             check_name("model name", model)
@@ -316,19 +326,20 @@ class DataPlane:
             raise RouteError(400, str(exc)) from None
         part = self.route(model)
         if protocol == "native" and part.cfg.protocol != "native":
-            raise RouteError(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open Inference Protocol; "
-                                  f"use /v2/models/{model}/infer")
+            raise RouteError(400, f"model {model!r} is served by partition {part.name!r}, which speaks the Open "
+                                  f"Inference Protocol; use /v2/models/{model}/infer")
         res = self.registry.resolve(model, version)
         # The root is authoritative for the default version: metrics carry the version whose allowlist it used.
         eff_version = version if version is not None else res.version
         # A version the client named goes upstream as named; a resolved one only when it is a configured default
         # (pinned) and the partition's server is versioned. `latest` leaves the choice to the upstream's own
         # rule (the same highest version); the handshake catches the moments the two differ.
-        path = path_for(version if version is not None else (res.version if res.pin and part.cfg.versioned_paths else None))
+        path = path_for(
+            version if version is not None else (res.version if res.pin and part.cfg.versioned_paths else None))
         return Target(model, version, part, res, self.labels(model, eff_version, part.name), path)
 
-    def plan_single(self, route: str, model: str, version: str | None, fmt: BodyFormat, content_type: str, timeout_s: float,
-                    extra_headers: dict[str, str] | None = None) -> Plan:
+    def plan_single(self, route: str, model: str, version: str | None, fmt: BodyFormat, content_type: str,
+                    timeout_s: float, extra_headers: dict[str, str] | None = None) -> Plan:
         """The plan of a one-model route; a routing error is kept in the plan, answered once the body is read."""
         plan = Plan(route, fmt, content_type, timeout_s, extra_headers=extra_headers)
         try:
@@ -351,7 +362,8 @@ class DataPlane:
         media = content_type.split(";", 1)[0].strip().lower()
         if plan.error is None and binary is None and media not in ("application/json", "application/octet-stream", "") \
                 and not media.endswith("+json"):
-            plan.error = RouteError(415, f"inference requests are JSON (or binary with {OIP_BINARY_HEADER}); got {media!r}")
+            plan.error = RouteError(415,
+                                    f"inference requests are JSON (or binary with {OIP_BINARY_HEADER}); got {media!r}")
         return plan
 
     def error(self, status: int, message: str, kind: str, labels: tuple[str, str, str] | None,
@@ -371,7 +383,8 @@ class DataPlane:
             return self.refused(plan.error)
         return await self.send(plan, plan.targets[0], body, len(body), sole_target=True, stream=stream)
 
-    async def fan_out(self, prepared: PreparedBody, content_type: str, timeout_s: float, client_bytes: int) -> tuple[int, bytes]:
+    async def fan_out(self, prepared: PreparedBody, content_type: str,
+                      timeout_s: float, client_bytes: int) -> tuple[int, bytes]:
         """Plan every target of a fan-out body, send them concurrently; one failing target never fails the others."""
         refs = prepared.models()
         cap = self.cfg.max_fanout_targets
@@ -398,7 +411,8 @@ class DataPlane:
         plan.targets = [t for t in planned if isinstance(t, Target)]
 
         async def one(t: Target | RouteError) -> Outcome:
-            return self.refused(t) if isinstance(t, RouteError) else await self.send(plan, t, prepared.base, client_bytes)
+            return self.refused(t) if isinstance(t, RouteError) else await self.send(
+                plan, t, prepared.base, client_bytes)
 
         outcomes = await asyncio.gather(*(one(t) for t in planned))
         return self._merge(prepared.media, refs, keys, planned, outcomes)
@@ -418,7 +432,8 @@ class DataPlane:
                     else:
                         results[key] = _decode_any(out.body, out.content_type)
                 except DECODE_FAILURES:
-                    errors[key] = {"status": 502, "error": f"model {ref.name!r}: upstream sent an undecodable {out.content_type} body"}
+                    errors[key] = {"status": 502,
+                                   "error": f"model {ref.name!r}: upstream sent an undecodable {out.content_type} body"}
                     if isinstance(t, Target):
                         self.metrics.errors.labels(*t.labels, "bad_upstream_body").inc()
             else:
@@ -484,7 +499,8 @@ class DataPlane:
         if reason is not None and reason != SHADOW:
             m.child(m.trimmed_bytes, labels).inc(len(body))
         m.child(m.untrimmed_bytes, labels).inc(len(body))
-        m.child(m.trim_seconds, labels).observe(time.perf_counter() - t0 + (stream.seconds if stream is not None else 0.0))
+        m.child(m.trim_seconds, labels).observe(
+            time.perf_counter() - t0 + (stream.seconds if stream is not None else 0.0))
         if reason is not None:
             self._count_untrimmed(labels, reason)
         return out
@@ -503,21 +519,25 @@ class DataPlane:
             sent_headers = {**sent_headers, SIGNATURE_HEADER: res.digest}  # type: ignore[dict-item]
         t1 = time.perf_counter()
         try:
-            resp = await part.request("POST", target.path, out.body, sent_headers, plan.timeout_s, labels, self.cfg.deadline_header)
+            resp = await part.request("POST", target.path, out.body, sent_headers, plan.timeout_s, labels,
+                                      self.cfg.deadline_header)
             if handshake and resp.status == MISMATCH_STATUS and resp.headers.get(MISMATCH_HEADER) == "allowlist":
                 # Reloaded at different moments (a model swapped in place). Nothing ran; the whole body is right.
                 whole = out.audit_body if out.released else body
                 m.child(m.allowlist_mismatches, (*labels, "refused" if whole is None else "resent")).inc()
-                self._warn((target.model, labels[1], "mismatch"), "model %s version %s: replica %s runs another signature than the "
+                self._warn((target.model, labels[1], "mismatch"),
+                           "model %s version %s: replica %s runs another signature than the "
                            "allowlist's (digest %s); %s", target.model, labels[1], resp.replica, res.digest,
                            "answered 503, body already released" if whole is None else "re-sent untrimmed")
                 if whole is None:
                     m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
-                    return self.error(503, f"model {target.model!r}: the model version changed while this request was in flight; retry",
+                    return self.error(503, f"model {target.model!r}: the model version changed while this request was "
+                                           "in flight; retry",
                                       "signature_mismatch", labels, {"Retry-After": "1"})
                 self._count_untrimmed(labels, SIGNATURE_MISMATCH)
                 out.audit_body = None
-                resp = await part.request("POST", target.path, whole, headers, max(0.001, plan.timeout_s - (time.perf_counter() - t1)),
+                resp = await part.request("POST", target.path, whole, headers,
+                                          max(0.001, plan.timeout_s - (time.perf_counter() - t1)),
                                           labels, self.cfg.deadline_header)
         except UpstreamError as exc:
             m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
@@ -525,7 +545,8 @@ class DataPlane:
         m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
         if resp.status >= 400:
             m.child(m.errors, (*labels, f"upstream_{resp.status // 100}xx")).inc()
-            return Outcome(resp.status, resp.body, resp.content_type, resp.headers, upstream_error_text(resp.body, resp.content_type, resp.status))
+            return Outcome(resp.status, resp.body, resp.content_type, resp.headers,
+                           upstream_error_text(resp.body, resp.content_type, resp.status))
         if out.audit_body is not None and self.auditor is not None:
             # After the answer is in hand and in the background: the client never waits for an audit.
             version = target.version if target.version is not None else res.version
@@ -566,7 +587,8 @@ def target_keys(refs: list[ModelRef]) -> list[str]:
     counts: dict[str, int] = {}
     for r in refs:
         counts[r.name] = counts.get(r.name, 0) + 1
-    keys = [r.name if counts[r.name] == 1 else f"{r.name}/{r.version if r.version is not None else 'default'}" for r in refs]
+    keys = [r.name if counts[r.name] == 1 else f"{r.name}/{r.version if r.version is not None else 'default'}"
+            for r in refs]
     if len(set(keys)) != len(keys):
         raise PayloadError('"models": a version named "default" and a version-less entry of the same model share the '
                            'result key name/default; name the default version explicitly')
@@ -590,6 +612,7 @@ def _decode_any(body: bytes, content_type: str) -> Any:
     return msgspec.json.decode(body)
 
 
-__all__ = ["Body", "DataPlane", "SCORING_ROUTES", "match_scoring_route", "Plan", "Target", "PreparedBody", "Outcome", "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for",
-           "OipJsonFormat", "OipBinaryFormat", "UNTRIMMED", "native_path", "oip_path", "upstream_error_text", "target_keys",
-           "fanout_status"]
+__all__ = ["Body", "DataPlane", "SCORING_ROUTES", "match_scoring_route", "Plan", "Target", "PreparedBody", "Outcome",
+           "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for",
+           "OipJsonFormat", "OipBinaryFormat", "UNTRIMMED", "native_path", "oip_path", "upstream_error_text",
+           "target_keys", "fanout_status"]

@@ -51,7 +51,8 @@ def _empty() -> dict[str, Any]:
 
 
 def parse_leaf_metrics(text: str) -> Tallies:
-    """(model, version) -> {requests, features_received, unused: Counter, defaulted: Counter} from one leaf's /metrics."""
+    """(model, version) -> {requests, features_received, unused: Counter, defaulted: Counter} from one leaf's
+    /metrics."""
     out: Tallies = {}
     for fam in text_string_to_metric_families(text):
         key = _FAMILIES.get(fam.name)
@@ -114,9 +115,11 @@ async def gather_drift(partitions: dict[str, Partition], registry: Registry, tim
         try:
             tallies = parse_leaf_metrics(await _scrape(p.session, url, timeout_s))
         except asyncio.TimeoutError:
-            return {"partition": part_name, "replica": url, "ok": False, "error": f"timed out after {timeout_s:.3g}s"}, {}
+            return {"partition": part_name, "replica": url, "ok": False,
+                    "error": f"timed out after {timeout_s:.3g}s"}, {}
         except (aiohttp.ClientError, OSError, RuntimeError, ValueError) as exc:
-            return {"partition": part_name, "replica": url, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}, {}
+            return {"partition": part_name, "replica": url, "ok": False,
+                    "error": f"{type(exc).__name__}: {str(exc)[:200]}"}, {}
         return {"partition": part_name, "replica": url, "ok": True, "error": None}, tallies
 
     results = await asyncio.gather(*(one(*j) for j in jobs))

@@ -59,7 +59,8 @@ HEAD_START = 8 * 1024  # a connection's head buffer to begin with (doubled up to
 POOL_BYTES = 16 * 1024 * 1024  # idle body buffers kept for reuse
 _ALIGN = 64 * 1024
 HEAD, BODY, BUSY, WAIT, LINGER, GONE = "head", "body", "busy", "wait", "linger", "gone"
-LINGER_S = 2.0  # after an early error answer: unread body bytes are read and dropped this long, as nginx lingering_close
+# after an early error answer: unread body bytes are read and dropped this long, as nginx lingering_close
+LINGER_S = 2.0
 LINGER_BYTES = 16 * 1024 * 1024
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -192,7 +193,8 @@ class FrontConnection(asyncio.BufferedProtocol):
         self.keep_alive = False
         if self.phase == BODY:  # the client half-closed before its Content-Length arrived: its error, answered
             self.eof = True
-            self._reject(400, f"request body truncated: Content-Length {self.need}, got {self.got} bytes", route=self.request.get("name", "other"))
+            self._reject(400, f"request body truncated: Content-Length {self.need}, got {self.got} bytes",
+                         route=self.request.get("name", "other"))
             return True
         return self.phase == BUSY  # half-closed while its request runs: the answer can still be written
 
@@ -232,7 +234,8 @@ class FrontConnection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def _grow_head(self) -> None:
-        head = bytearray(min(2 * len(self.head), HEAD_MAX))  # a new buffer: the old one may still be lent to the transport
+        head = bytearray(
+            min(2 * len(self.head), HEAD_MAX))  # a new buffer: the old one may still be lent to the transport
         head[:self.head_len] = self.head_view[:self.head_len]
         self.head, self.head_view = head, memoryview(head)
 
@@ -275,7 +278,8 @@ class FrontConnection(asyncio.BufferedProtocol):
             low = name.lower()
             if low == b"content-length":
                 length = value.strip().isdigit()
-            elif low in (b"transfer-encoding", b"expect") or (low == b"content-encoding" and value.strip().lower() != b"identity"):
+            elif low in (b"transfer-encoding", b"expect") or (
+                low == b"content-encoding" and value.strip().lower() != b"identity"):
                 return False
         return length
 
@@ -286,15 +290,16 @@ class FrontConnection(asyncio.BufferedProtocol):
         limit = srv.state.cfg.max_body_bytes
         name, kind, model, version = route
         if need > limit:
-            return self._reject(413, f"request body too large (Maximum request body size {limit} exceeded, actual body size {need}); "
-                                     f"limits.max_body_bytes is {limit}", route=name)
+            return self._reject(413, f"request body too large (Maximum request body size {limit} exceeded, actual body "
+                                     f"size {need}); limits.max_body_bytes is {limit}", route=name)
         if srv.budget is not None:
             self.lease = srv.budget.lease()
             if not self.lease.take(need):
                 self.lease = None
                 return self._reject(503, f"server busy: request bodies in flight are at limits.max_inflight_body_bytes "
                                          f"({srv.budget.cap} bytes); retry shortly", {"Retry-After": "1"}, name)
-        self.request = {"name": name, "kind": kind, "headers": headers, "path": self.url.split(b"?", 1)[0].decode("latin-1")}
+        self.request = {"name": name, "kind": kind, "headers": headers,
+                        "path": self.url.split(b"?", 1)[0].decode("latin-1")}
         self.request["plan"] = plan = self._plan(kind, model, version, headers)
         self.stream = plan.stream_trim(need) if isinstance(plan, Plan) else None
         if self.stream is not None:
@@ -319,7 +324,8 @@ class FrontConnection(asyncio.BufferedProtocol):
         self.window_bytes = 0
         self._arm(srv.limits.body_timeout_s)
 
-    def _plan(self, kind: str, model: str | None, version: str | None, headers: CIMultiDict[str]) -> Plan | PayloadError | None:
+    def _plan(self, kind: str, model: str | None, version: str | None,
+              headers: CIMultiDict[str]) -> Plan | PayloadError | None:
         """The request's plan from its route and headers; a bad header is answered once the body is in."""
         state = self.server.state
         try:
@@ -336,14 +342,18 @@ class FrontConnection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ body and answer
     def _body_complete(self) -> None:
-        self.phase = BUSY  # reading goes on into the head buffer (a pipelined request); no timer while the answer is made
+        # reading goes on into the head buffer (a pipelined request); no timer while the answer is made
+        self.phase = BUSY
         srv = self.server
         srv.busy += 1
         srv.idle.clear()
-        srv.loop.create_task(self._answer(self.request, self.body_view, self.buf, self.stream, self.lease))
+        view, buf = self.body_view, self.buf
+        assert view is not None and buf is not None  # a body was being read
+        srv.loop.create_task(self._answer(self.request, view, buf, self.stream, self.lease))
         self.request, self.body_view, self.buf, self.stream, self.lease = {}, None, None, None, None
 
-    async def _answer(self, req: dict[str, Any], view: memoryview, buf: bytearray, stream: Any, lease: Lease | None) -> None:
+    async def _answer(self, req: dict[str, Any], view: memoryview, buf: bytearray,
+                      stream: Any, lease: Lease | None) -> None:
         srv = self.server
         state = srv.state
         headers: CIMultiDict[str] = req["headers"]
@@ -361,7 +371,8 @@ class FrontConnection(asyncio.BufferedProtocol):
             state.metrics.child(state.metrics.client_bytes, (req["kind"],)).inc(len(view))
             capture = state.capture
             if capture is not None and capture.sample():
-                if capture.record(req["path"], headers.get("Content-Type", "application/msgpack"), bytes(view), dict(headers)):
+                if capture.record(req["path"], headers.get("Content-Type", "application/msgpack"),
+                                  bytes(view), dict(headers)):
                     state.metrics.captured.inc()
             out = await self._run(req, body, stream)
         except Exception as exc:  # a bug: one line to the client, traceback to the log
@@ -388,7 +399,8 @@ class FrontConnection(asyncio.BufferedProtocol):
                 headers = req["headers"]
                 media = media_type(headers.get("Content-Type"))
                 prepared = PreparedBody(body, media)
-                status, data = await plane.fan_out(prepared, media, timeout_for(headers, self.server.state.cfg), len(body))
+                status, data = await plane.fan_out(prepared, media,
+                                                   timeout_for(headers, self.server.state.cfg), len(body))
                 return Outcome(status, data, media, {})
             return await plane.score(plan, body, stream)
         except PayloadError as exc:
@@ -403,8 +415,8 @@ class FrontConnection(asyncio.BufferedProtocol):
         srv = self.server
         keep = self.keep_alive and not close and not srv.draining
         parts = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n%s: %s\r\n" % (
-            out.status, _REASONS.get(out.status, b"Unknown"), out.content_type.encode("latin-1"), len(out.body), srv.date(),
-            REQUEST_ID_HEADER.encode(), rid.encode("latin-1"))]
+            out.status, _REASONS.get(out.status, b"Unknown"), out.content_type.encode("latin-1"), len(out.body),
+            srv.date(), REQUEST_ID_HEADER.encode(), rid.encode("latin-1"))]
         for name in ("Retry-After", "Inference-Header-Content-Length"):
             value = out.headers.get(name)
             if value is not None:
@@ -516,13 +528,15 @@ class FrontConnection(asyncio.BufferedProtocol):
                 self.window_bytes = 0
                 return self._arm(lim.body_timeout_s)
             phase = "body"
-            what = f"{self.window_bytes} body bytes in {lim.body_timeout_s:g} s (body_timeout_s, body_min_rate {lim.body_min_rate} B/s)"
+            what = (f"{self.window_bytes} body bytes in {lim.body_timeout_s:g} s "
+                    f"(body_timeout_s, body_min_rate {lim.body_min_rate} B/s)")
         else:
             phase = "header"
             what = f"no complete request head within {lim.header_timeout_s:g} s (header_timeout_s)"
         srv.edge_metrics.timed_out.labels(phase).inc()
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-        srv.timeout_log(None, "root: closed a connection from %s: %s", f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?", what)
+        srv.timeout_log(None, "root: closed a connection from %s: %s",
+                        f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?", what)
         self.close()
 
 

@@ -108,7 +108,8 @@ class MetadataSource(Source):
             if self._data is None:
                 return False
             # Keep last good for everything; report the failure through the registry.
-            data = SourceData(dict(self._data.signatures), dict(self._data.default_versions), data.errors, dict(self._data.unversioned))
+            data = SourceData(dict(self._data.signatures), dict(self._data.default_versions), data.errors,
+                              dict(self._data.unversioned))
         elif self._data is not None and data.errors:
             failed = {m for m, _ in data.errors}  # last good per model that failed this round
             for key, sig in self._data.signatures.items():

@@ -34,7 +34,7 @@ from .dataplane import Body, NativeFormat
 from .pipeline_config import PipelineConfig
 
 Raw = msgspec.Raw
-_CODECS = {
+_CODECS: dict[str, tuple[Any, Any, str]] = {  # media type -> (decoder, encoder, format name)
     MSGPACK: (msgspec.msgpack.Decoder(dict[str, Raw]), msgspec.msgpack.Encoder(), "msgpack"),
     "application/json": (msgspec.json.Decoder(dict[str, Raw]), msgspec.json.Encoder(), "JSON"),
 }
@@ -53,7 +53,8 @@ class PipelineMetrics:
     def __init__(self, registry: Any) -> None:
         self.stages = Counter("trimmer_root_pipeline_stages", "Pipeline stage calls by outcome (ok, error)",
                               ("pipeline", "stage", "outcome"), registry=registry)
-        self.requests = Counter("trimmer_root_pipeline_requests", "Pipeline requests by outcome (ok, or the failing stage's name)",
+        self.requests = Counter("trimmer_root_pipeline_requests",
+                                "Pipeline requests by outcome (ok, or the failing stage's name)",
                                 ("pipeline", "outcome"), registry=registry)
 
 
@@ -63,7 +64,8 @@ def _decode(data: bytes | Raw, media: str, what: str) -> dict[str, Raw]:
         return dec.decode(data)
 
 
-async def run_pipeline(state: Any, pm: PipelineMetrics, pipe: PipelineConfig, body: bytes, media: str, budget_s: float) -> bytes:
+async def run_pipeline(state: Any, pm: PipelineMetrics, pipe: PipelineConfig, body: bytes,
+                       media: str, budget_s: float) -> bytes:
     """Every stage in order; returns the encoded response or raises StageError / PayloadError."""
     top = _decode(body, media, "request")
     features = _decode(top.pop("features"), media, '"features"') if "features" in top else {}
@@ -79,7 +81,8 @@ async def run_pipeline(state: Any, pm: PipelineMetrics, pipe: PipelineConfig, bo
             for feat, src, out in stage.inputs:
                 value = outputs[src].get(out)
                 if value is None:
-                    raise StageError(502, f"input {feat!r} wants output {out!r} of stage {src!r}, which answered without it "
+                    raise StageError(502,
+                                     f"input {feat!r} wants output {out!r} of stage {src!r}, which answered without it "
                                           f"(outputs: {', '.join(outputs[src]) or 'none'})")
                 feats[feat] = value
             remaining = deadline - time.monotonic()

@@ -33,16 +33,17 @@ from trimmer.names import valid_name
 MAX_STAGES = 16
 
 
-class StageSpec(Section):
+class StageSpec(Section, frozen=True):
     """One stage: a model call. `inputs` maps a feature name of this stage to `<earlier stage>.<output>`."""
 
     model: Name  # the model this stage calls
     name: Union[Name, None] = None  # how later stages and the response refer to it; default: the model name
     version: Union[str, int, None] = None  # default: the model's default version
-    inputs: Annotated[dict[str, str], msgspec.Meta(extra={"error": "must map a feature name to '<earlier stage>.<output>'"})] = {}
+    inputs: Annotated[dict[str, str],
+                      msgspec.Meta(extra={"error": "must map a feature name to '<earlier stage>.<output>'"})] = {}
 
 
-class PipelineSpec(Section):
+class PipelineSpec(Section, frozen=True):
     """A multi-stage request: POST /v1/pipelines/{name}/score runs the stages in order (root/pipeline.py)."""
 
     stages: Annotated[list[Union[Name, StageSpec]], msgspec.Meta(min_length=1, max_length=MAX_STAGES)]
@@ -85,7 +86,8 @@ def build_pipelines(specs: dict[str, PipelineSpec], path: str, route: Callable[[
             if part is None:
                 raise ConfigError(f"{sw}.model: {model!r} is not in models (and unknown_models.policy is reject)")
             if protocol_of(part) != "native":
-                raise ConfigError(f"{sw}.model: {model!r} routes to partition {part!r}, which speaks the Open Inference "
+                raise ConfigError(f"{sw}.model: {model!r} routes to partition {part!r}, which speaks the Open "
+                                  "Inference "
                                   f"Protocol; pipeline stages need native partitions")
             sname = _name(st.name or model, f"{sw}.name")
             if any(s.name == sname for s in stages):
@@ -101,7 +103,8 @@ def build_pipelines(specs: dict[str, PipelineSpec], path: str, route: Callable[[
                 # names may hold dots: the longest earlier stage name that prefixes the reference wins
                 src = max((s.name for s in stages if ref.startswith(s.name + ".")), key=len, default=None)
                 if src is None:
-                    raise ConfigError(f"{sw}.inputs.{feat}: {ref!r} names no earlier stage; earlier: {', '.join(s.name for s in stages)}")
+                    raise ConfigError(f"{sw}.inputs.{feat}: {ref!r} names no earlier stage; earlier: "
+                                      f"{', '.join(s.name for s in stages)}")
                 inputs.append((feat, src, _name(ref[len(src) + 1:], f"{sw}.inputs.{feat} output")))
             stages.append(StageConfig(sname, model, version, tuple(inputs)))
         out[pname] = PipelineConfig(pname, tuple(stages))

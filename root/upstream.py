@@ -48,7 +48,8 @@ from .metrics import Metrics
 log = logging.getLogger("trimmer.root.upstream")
 
 # Hop-by-hop and recomputed headers never copied from an upstream response.
-_DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "date", "server"}
+_DROP_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive",
+                          "content-encoding", "date", "server"}
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024  # an upstream answer past this (decoded) is a 502, not an unbounded buffer
 
 
@@ -194,7 +195,8 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_result(self._parser.get_status_code())
 
     # -- use
-    async def exchange(self, head: bytes, body: Sequence[bytes], deadline: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def exchange(self, head: bytes, body: Sequence[bytes | memoryview],
+                       deadline: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Write one request, await its whole answer: (status, raw headers, body). Raises _Broken or _Timeout."""
         loop = self.loop
         self._parser = httptools.HttpResponseParser(self)
@@ -275,7 +277,8 @@ class ReplicaPool:
                 return conn
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self.response_limit, loop), self.host, self.port, ssl=self.tls),
+                loop.create_connection(lambda: UpstreamConnection(self.response_limit, loop),
+                                       self.host, self.port, ssl=self.tls),
                 max(0.001, min(self.connect_s, deadline - loop.time())))
         except (OSError, asyncio.TimeoutError) as exc:
             self._slots.release()
@@ -313,7 +316,8 @@ def _request_head(method: str, path: str, authority: bytes, headers: Mapping[str
 
 # ---------------------------------------------------------------------- partitions
 class Partition:
-    def __init__(self, cfg: PartitionConfig, timeouts: Timeouts, metrics: Metrics, response_limit: int = MAX_RESPONSE_BYTES) -> None:
+    def __init__(self, cfg: PartitionConfig, timeouts: Timeouts, metrics: Metrics,
+                 response_limit: int = MAX_RESPONSE_BYTES) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.timeouts = timeouts
@@ -330,7 +334,8 @@ class Partition:
             metrics.replica_up.labels(self.name, r.url).set(1)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=4 * len(self.replicas), limit_per_host=4, ttl_dns_cache=300, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(limit=4 * len(self.replicas), limit_per_host=4, ttl_dns_cache=300,
+                                         enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(
             connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s),
@@ -351,7 +356,8 @@ class Partition:
 
     def _mark(self, replica: Replica, up: bool, error: str | None = None) -> None:
         if replica.up != up:
-            log.warning("partition %s replica %s is %s%s", self.name, replica.url, "up" if up else "down", f": {error}" if error else "")
+            log.warning("partition %s replica %s is %s%s", self.name, replica.url, "up" if up else "down",
+                        f": {error}" if error else "")
             replica.last_change = time.time()
         replica.up = up
         replica.last_error = error
@@ -359,14 +365,16 @@ class Partition:
 
     async def check_health(self) -> None:
         """One GET of health_path on every replica, concurrently; bounded by the connect and request timeouts."""
-        assert self.session is not None
+        session = self.session
+        assert session is not None
         timeout = aiohttp.ClientTimeout(total=max(self.timeouts.connect_s, 1.0))
 
         async def one(r: Replica) -> None:
             try:
-                async with self.session.get(r.url + self.cfg.health_path, timeout=timeout) as resp:
+                async with session.get(r.url + self.cfg.health_path, timeout=timeout) as resp:
                     await resp.read()
-                    self._mark(r, resp.status == 200, None if resp.status == 200 else f"health check answered {resp.status}")
+                    self._mark(r, resp.status == 200,
+                               None if resp.status == 200 else f"health check answered {resp.status}")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 self._mark(r, False, f"health check failed: {type(exc).__name__}")
 
@@ -388,7 +396,8 @@ class Partition:
             "protocol": self.cfg.protocol,
             "compression": self.cfg.compression,
             "balance": self.cfg.balance,
-            "replicas": [{"url": r.url, "up": r.up, "inflight": r.inflight, "last_error": r.last_error} for r in self.replicas],
+            "replicas": [{"url": r.url, "up": r.up, "inflight": r.inflight, "last_error": r.last_error}
+                         for r in self.replicas],
         }
 
     # ------------------------------------------------------------------ choice
@@ -406,13 +415,15 @@ class Partition:
         return sorted(ordered, key=lambda r: not r.up)  # stable: keeps the balance order among up replicas
 
     # ------------------------------------------------------------------ send
-    async def request(self, method: str, path: str, body: Body | bytes | None, headers: dict[str, str], timeout_s: float,
-                      labels: tuple[str, str, str] | None = None, deadline_header: str | None = None) -> UpstreamResponse:
+    async def request(self, method: str, path: str, body: Body | bytes | None, headers: dict[str, str],
+                      timeout_s: float, labels: tuple[str, str, str] | None = None,
+                      deadline_header: str | None = None) -> UpstreamResponse:
         """Send to one replica, failing over once on a connect failure. Raises UpstreamError (502/503/504)."""
         if body is not None and self._compress is not None:
             body = self._compress(body.joined() if isinstance(body, Body) else body)
             headers = {**headers, "Content-Encoding": self.cfg.compression}
-        parts: Sequence[bytes] = () if body is None else (body.chunks if isinstance(body, Body) else (body,))
+        parts: Sequence[bytes | memoryview] = (() if body is None
+                                               else body.chunks if isinstance(body, Body) else (body,))
         sent = len(body) if body is not None else 0
         loop = self.loop
         if loop is None:
@@ -427,7 +438,8 @@ class Partition:
             pool = replica.pool
             assert pool is not None
             try:
-                head = _request_head(method, pool.prefix + path, pool.authority, h, sent if body is not None or method == "POST" else None)
+                head = _request_head(method, pool.prefix + path, pool.authority, h,
+                                     sent if body is not None or method == "POST" else None)
             except ValueError as exc:
                 raise UpstreamError(400, "bad_request", str(exc)) from None
             replica.inflight += 1
@@ -446,7 +458,8 @@ class Partition:
                 self._count_attempt(replica, "timeout")
                 if labels is not None and conn is not None:  # connected, so the body went out (or began to)
                     self.metrics.child(self.metrics.sent_bytes, labels).inc(sent)
-                raise UpstreamError(504, "timeout", f"upstream timed out after {timeout_s:.3g}s at {replica.url}") from None
+                raise UpstreamError(504, "timeout",
+                                    f"upstream timed out after {timeout_s:.3g}s at {replica.url}") from None
             except _Broken as exc:
                 # Reached the replica (or may have): not retried, the model may have run.
                 self._count_attempt(replica, "error")
@@ -477,7 +490,8 @@ class Partition:
             raise UpstreamError(504, "timeout", f"deadline of {timeout_s:.3g}s expired before a replica was reached")
         raise UpstreamError(503, "unavailable", "no replica reachable (" + "; ".join(errors) + ")")
 
-    def _decoded(self, status: int, raw_headers: list[tuple[bytes, bytes]], data: bytes) -> tuple[str, CIMultiDict[str], bytes]:
+    def _decoded(self, status: int,
+                 raw_headers: list[tuple[bytes, bytes]], data: bytes) -> tuple[str, CIMultiDict[str], bytes]:
         """(Content-Type, the headers worth passing on, the body without its Content-Encoding)."""
         out_headers: CIMultiDict[str] = CIMultiDict()
         encoding = None
@@ -495,7 +509,8 @@ class Partition:
             try:
                 data = decompress(data, encoding, self.response_limit)
             except (DecompressError, BodyTooLarge, UnsupportedEncoding) as exc:
-                raise UpstreamError(502, "bad_gateway", f"upstream answered {status} with an undecodable body: {exc}") from None
+                raise UpstreamError(502, "bad_gateway",
+                                    f"upstream answered {status} with an undecodable body: {exc}") from None
         return ctype, out_headers, data
 
     def _count_attempt(self, replica: Replica, outcome: str) -> None:

@@ -38,5 +38,6 @@ def make_repo(root: Path, models: dict[str, dict[str, list[str]]], fmt: str = "p
     """models: name -> version -> input names. Writes <root>/<name>/<version>/model.<fmt>."""
     for name, versions in models.items():
         for version, inputs in versions.items():
-            save_archive(root / name / version / f"model.{fmt}", {"input_names": inputs, "output_names": ["score"]}, fmt)
+            save_archive(root / name / version / f"model.{fmt}",
+                         {"input_names": inputs, "output_names": ["score"]}, fmt)
     return root

@@ -39,7 +39,8 @@ RETRIEVAL_WRONG = ["user_recent_items", "user_country", "user_language", "query_
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auditdrift")
     repo = tmp / "models"
-    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "3000"), check=True, capture_output=True, timeout=240)
+    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "3000"), check=True,
+                   capture_output=True, timeout=240)
     scan = scan_repository(repo)
     assert "user_dense" in scan.versions[("retrieval", "1")].signature.input_names
     assert scan.versions[("retrieval", "1")].signature.inputs["user_dense"].has_default
@@ -50,17 +51,19 @@ def stack(tmp_path_factory):
                    "ranker": {"versions": {"1": {"mode": "off"}}}},
     }))
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport)], lport, "/v2/health/ready", tmp, timeout=180)
+    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport)], lport,
+                 "/v2/health/ready", tmp, timeout=180)
     roots = {}
     try:
         for name, extra in (("audit", {"audit_sample_rate": 1.0, "audit_max_concurrent": 64}), ("plain", {})):
             cfg = {"repositories": [str(repo)], "overrides": str(overrides), "watch": False,
-                   "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [leaf.url]}}, "models": {"ranker": "leaves", "retrieval": "leaves"},
-                   "timeouts": {"request_s": 30}, **extra}
+                   "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [leaf.url]}},
+                   "models": {"ranker": "leaves", "retrieval": "leaves"}, "timeouts": {"request_s": 30}, **extra}
             path = tmp / f"root-{name}.yaml"
             path.write_text(json.dumps(cfg))
             port = free_port()
-            roots[name] = start(f"root-{name}", ["root", "--config", str(path), "--port", str(port)], port, "/readyz", tmp, timeout=60)
+            roots[name] = start(f"root-{name}", ["root", "--config", str(path), "--port", str(port)], port,
+                                "/readyz", tmp, timeout=60)
         yield {"leaf": leaf, "roots": roots, "scan": scan, "tmp": tmp}
     finally:
         for r in roots.values():
@@ -96,7 +99,8 @@ async def wait_audits(s, root, version: str, n: int) -> dict[str, float]:
     lab = {"model": "retrieval", "version": version}
     deadline = time.monotonic() + 20
     while True:
-        got = {k: await metric(s, root, f"trimmer_root_audit_{k}_total", **lab) for k in ("matches", "near_matches", "mismatches", "errors")}
+        got = {k: await metric(s, root, f"trimmer_root_audit_{k}_total", **lab)
+               for k in ("matches", "near_matches", "mismatches", "errors")}
         if sum(got.values()) >= n or time.monotonic() > deadline:
             got["run"] = await metric(s, root, "trimmer_root_audits_total", **lab)
             return got
@@ -109,7 +113,8 @@ def to_oip(features: dict) -> list[dict]:
     for name, v in features.items():
         if isinstance(v, Tensor) and v.dtype in oip:
             arr = v.to_numpy()
-            out.append({"name": name, "datatype": oip[v.dtype], "shape": list(arr.shape), "data": arr.reshape(-1).tolist()})
+            out.append(
+                {"name": name, "datatype": oip[v.dtype], "shape": list(arr.shape), "data": arr.reshape(-1).tolist()})
     return out
 
 
@@ -138,9 +143,11 @@ async def test_wrong_allowlist_is_caught_as_a_mismatch(stack):
     recent = [m for m in doc["recent_mismatches"] if m["model"] == "retrieval" and m["version"] == "1"]
     assert len(recent) == 6 and doc["sample_rate"] == 1.0
     outs = {o["name"]: o for o in recent[-1]["outputs"]}
-    assert "user_embedding" in outs and outs["user_embedding"]["reason"] == "values" and outs["user_embedding"]["max_abs_diff"] > 0
+    assert "user_embedding" in outs and outs["user_embedding"]["reason"] == "values" \
+        and outs["user_embedding"]["max_abs_diff"] > 0
     assert "user_dense" in recent[-1]["dropped_features"]
-    assert "audit MISMATCH retrieval version 1" in (stack["tmp"] / "root-audit.log").read_text()  # logged with its outputs
+    # logged with its outputs
+    assert "audit MISMATCH retrieval version 1" in (stack["tmp"] / "root-audit.log").read_text()
 
 
 async def test_correct_allowlist_gives_zero_mismatches(stack):
@@ -159,26 +166,31 @@ async def test_correct_allowlist_gives_zero_mismatches(stack):
         got = await wait_audits(s, root, "2", 6)
         plain = await metric(s, stack["roots"]["plain"], "trimmer_root_audits_total")
     # bit-identical, or float noise from the leaf batching the two copies differently (audit_tolerance)
-    assert got["matches"] + got["near_matches"] == 6 and got["mismatches"] == 0 and got["errors"] == 0 and got["run"] == 6, got
+    assert got["matches"] + got["near_matches"] == 6 and got["mismatches"] == 0 and got["errors"] == 0 \
+        and got["run"] == 6, got
     assert plain == 0  # audit_sample_rate defaults to 0
 
 
 def test_compare_outputs_reports_what_differs():
-    a = {"s": Tensor.from_numpy(np.array([1.0, 2.0, 3.0], np.float32)), "k": Tensor.from_numpy(np.array([1, 2], np.int64))}
-    same = {"s": Tensor.from_numpy(np.array([1.0, 2.0, 3.0], np.float32)), "k": Tensor.from_numpy(np.array([1, 2], np.int64))}
+    a = {"s": Tensor.from_numpy(np.array([1.0, 2.0, 3.0], np.float32)),
+         "k": Tensor.from_numpy(np.array([1, 2], np.int64))}
+    same = {"s": Tensor.from_numpy(np.array([1.0, 2.0, 3.0], np.float32)),
+            "k": Tensor.from_numpy(np.array([1, 2], np.int64))}
     assert compare_outputs(a, same) == []
-    b = {"s": Tensor.from_numpy(np.array([1.0, 2.5, 3.0], np.float32)), "k": Tensor.from_numpy(np.array([1, 2], np.int32)),
-         "extra": 1}
+    b = {"s": Tensor.from_numpy(np.array([1.0, 2.5, 3.0], np.float32)),
+         "k": Tensor.from_numpy(np.array([1, 2], np.int32)), "extra": 1}
     diffs = {d.name: d for d in compare_outputs(a, b)}
     assert diffs["s"].reason == "values" and diffs["s"].max_abs_diff == 0.5 and diffs["s"].differing == 1
     assert diffs["k"].reason == "dtype" and diffs["extra"].reason == "missing_trimmed"
     noise = {"s": Tensor.from_numpy(np.array([1.0, 2.0000002, 3.0], np.float32)), "k": a["k"]}
     d = compare_outputs(a, noise, tolerance=1e-5)
-    assert len(d) == 1 and d[0].within_tolerance and not compare_outputs(a, noise)[0].within_tolerance  # 0 = bit for bit
+    # 0 = bit for bit
+    assert len(d) == 1 and d[0].within_tolerance and not compare_outputs(a, noise)[0].within_tolerance
     tol = {d.name: d for d in compare_outputs(a, b, tolerance=1e-5)}
     assert tol["s"].max_abs_diff == 0.5 and not tol["s"].within_tolerance  # 0.5 is far beyond a 1e-5 tolerance
     z = {"s": Tensor.from_numpy(np.array([0.0], np.float32))}
-    assert compare_outputs(z, {"s": Tensor.from_numpy(np.array([-0.0], np.float32))})[0].reason == "values"  # bit for bit
+    # bit for bit
+    assert compare_outputs(z, {"s": Tensor.from_numpy(np.array([-0.0], np.float32))})[0].reason == "values"
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, "half", True])
@@ -195,12 +207,14 @@ async def test_drift_report_untrimmed_vs_trimmed(stack):
                 status, out = await post(s, root.url + f"/v1/models/ranker/versions/{version}/score",
                                          encode_msgpack(request(stack, "ranker", version, seed)))
                 assert status == 200, out[:300]
-        status, out = await post(s, root.url + "/v1/models/retrieval/versions/1/score", encode_msgpack(request(stack, "retrieval", "1", 1)))
+        status, out = await post(s, root.url + "/v1/models/retrieval/versions/1/score",
+                                 encode_msgpack(request(stack, "retrieval", "1", 1)))
         assert status == 200
         async with s.get(root.url + "/admin/drift") as r:
             assert r.status == 200
             doc = await r.json()
-    assert doc["replicas_ok"] == 1 and doc["replicas_failed"] == 0 and doc["replicas"][0]["replica"] == stack["leaf"].url
+    assert doc["replicas_ok"] == 1 and doc["replicas_failed"] == 0 \
+        and doc["replicas"][0]["replica"] == stack["leaf"].url
     off, trimmed = doc["models"]["ranker"]["1"], doc["models"]["ranker"]["2"]
     assert off["mode"] == "off" and off["requests"] >= 3 and off["sent_but_unused"] and off["sent_but_unused_count"] > 0
     assert "ctx_hour_of_day" in off["sent_but_unused"] or len(off["sent_but_unused"]) >= 3
@@ -212,7 +226,9 @@ async def test_drift_report_untrimmed_vs_trimmed(stack):
 
 def test_drift_cli(stack):
     root, leaf = stack["roots"]["plain"], stack["leaf"]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "trimmer", "drift", *a], capture_output=True, text=True, timeout=60)  # noqa: E731
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "trimmer", "drift", *a], capture_output=True, text=True,
+                              timeout=60)
     table = run("--root", root.url)
     assert table.returncode == 0, table.stderr
     assert "ranker" in table.stdout and "1 replica(s) answered, 0 failed" in table.stdout
@@ -229,12 +245,14 @@ async def test_drift_reports_an_unreachable_replica(stack, tmp_path):
     """A second partition whose only replica is down: the report names it and still covers the live leaf."""
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = {"repositories": [str(stack["tmp"] / "models")], "watch": False,
-           "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [stack["leaf"].url]}, "gone": {"replicas": [dead]}},
+           "admin": {"on_service_port": True},
+           "partitions": {"leaves": {"replicas": [stack["leaf"].url]}, "gone": {"replicas": [dead]}},
            "models": {"ranker": "leaves", "retrieval": "gone"}}
     path = tmp_path / "root.yaml"
     path.write_text(json.dumps(cfg))
     port = free_port()
-    root = start("root-dead", ["root", "--config", str(path), "--port", str(port)], port, "/healthz", tmp_path, timeout=60)
+    root = start("root-dead", ["root", "--config", str(path), "--port", str(port)], port,
+                 "/healthz", tmp_path, timeout=60)
     try:
         async with aiohttp.ClientSession() as s:
             async with s.get(root.url + "/admin/drift") as r:
@@ -261,12 +279,14 @@ async def test_audits_over_the_cap_are_dropped_and_counted(tmp_path):
     gate = Gate(hold=lambda features: len(features) > 1)  # only the audit's untrimmed re-sends wait
     root = None
     try:
-        cfg = {"bundles": [str(bundle)], "watch": False, "admin": {"on_service_port": True}, "partitions": {"p": {"replicas": [gate.url]}},
+        cfg = {"bundles": [str(bundle)], "watch": False, "admin": {"on_service_port": True},
+               "partitions": {"p": {"replicas": [gate.url]}},
                "models": {"m": "p"}, "audit_sample_rate": 1.0, "audit_max_concurrent": 1, "timeouts": {"request_s": 60}}
         path = tmp_path / "root.yaml"
         path.write_text(json.dumps(cfg))
         port = free_port()
-        root = start("root-cap", ["root", "--config", str(path), "--port", str(port)], port, "/readyz", tmp_path, timeout=60)
+        root = start("root-cap", ["root", "--config", str(path), "--port", str(port)], port,
+                     "/readyz", tmp_path, timeout=60)
         body = encode_msgpack({"features": {"f1": 1, "f2": 2, "f3": 3}})
         async with aiohttp.ClientSession() as s:
             answers = await asyncio.gather(*(post(s, root.url + "/v1/models/m/score", body) for _ in range(6)))
@@ -285,7 +305,8 @@ async def test_audits_over_the_cap_are_dropped_and_counted(tmp_path):
             assert (c["sampled"], c["dropped"], doc["in_flight"]) == (6, 5, 1), doc  # the one audit is held upstream
             gate.open(1)  # let it finish
             deadline = time.monotonic() + 30
-            while await metric(s, root, "trimmer_root_audit_matches_total", model="m", version="1") < 1 and time.monotonic() < deadline:
+            while await metric(s, root, "trimmer_root_audit_matches_total", model="m", version="1") < 1 \
+                and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             async with s.get(root.url + "/admin/audit") as r:
                 doc = await r.json()

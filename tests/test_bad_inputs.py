@@ -39,14 +39,16 @@ INFO = {"input_names": ["x", "y"], "output_names": ["score"]}
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("badinputs")
     repo = tmp / "models"
-    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "1000"), check=True, capture_output=True, timeout=240)
+    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "1000"), check=True,
+                   capture_output=True, timeout=240)
     sig = scan_repository(repo).versions[("ranker", "1")].signature
     good = make_request(universe_for_models([sig], usage_ratio=0.5, seed=1), candidates=4, seed=1)
     leaf_cfg = tmp / "leaf.yaml"
     leaf_cfg.write_text(json.dumps({"repo": str(repo), "max_body_bytes": LEAF_MAX_BODY, "torch_threads": 1,
                                     "batching": {"max_batch_size": 1}}))
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--config", str(leaf_cfg), "--port", str(lport)], lport, "/v2/health/ready", tmp, timeout=180)
+    leaf = start("leaf", ["leaf", "--config", str(leaf_cfg), "--port", str(lport)], lport,
+                 "/v2/health/ready", tmp, timeout=180)
     root = None
     try:
         root_cfg = tmp / "root.yaml"
@@ -56,7 +58,8 @@ def env(tmp_path_factory):
             "models": {"ranker": {"partition": "leaves", "default_version": "1"}, "retrieval": "leaves"},
             "timeouts": {"request_s": 20}, "limits": {"max_body_bytes": ROOT_MAX_BODY}}))
         rport = free_port()
-        root = start("root", ["root", "--config", str(root_cfg), "--port", str(rport)], rport, "/readyz", tmp, timeout=60)
+        root = start("root", ["root", "--config", str(root_cfg), "--port", str(rport)], rport,
+                     "/readyz", tmp, timeout=60)
         files = make_files(tmp, repo)
         yield {"leaf": leaf, "root": root, "good": good, "tmp": tmp, "files": files, "repo": repo}
     finally:
@@ -108,8 +111,11 @@ def make_files(tmp: Path, repo: Path) -> dict[str, Path]:
         p.write_bytes(data)
         out[rname] = tmp / rname
     out["overrides_cfg.yaml"] = tmp / "files" / "overrides_cfg.yaml"
-    out["overrides_cfg.yaml"].write_text(json.dumps({"repositories": [str(repo)], "overrides": str(out["bad_overrides.yaml"]),
-                                                    "admin": {"on_service_port": True}, "partitions": {"p": {"replicas": ["http://127.0.0.1:9"]}}, "models": {"ranker": "p"}}))
+    out["overrides_cfg.yaml"].write_text(json.dumps({"repositories": [str(repo)],
+                                                     "overrides": str(out["bad_overrides.yaml"]),
+                                                    "admin": {"on_service_port": True},
+                                                    "partitions": {"p": {"replicas": ["http://127.0.0.1:9"]}},
+                                                    "models": {"ranker": "p"}}))
     return out
 
 
@@ -177,12 +183,15 @@ CASES: list[Case] = [
     # --- root: body encoding and shape
     Case("root malformed msgpack", "root", 400, "malformed msgpack", R_FAN, b"\xc1\xc1\xc1"),
     Case("root malformed json", "root", 400, "malformed json", R_FAN, b'{"models": [', JS),
-    Case("root truncated msgpack", "root", 400, "truncated", R_FAN, lambda e: good_mp(e, models=[{"name": "ranker"}])[:-7]),
-    Case("root truncated json", "root", 400, "malformed json", R_FAN, lambda e: good_js(e, models=[{"name": "ranker"}])[:-3], JS),
+    Case("root truncated msgpack", "root", 400, "truncated", R_FAN,
+         lambda e: good_mp(e, models=[{"name": "ranker"}])[:-7]),
+    Case("root truncated json", "root", 400, "malformed json", R_FAN,
+         lambda e: good_js(e, models=[{"name": "ranker"}])[:-3], JS),
     Case("root wrong content type", "root", 400, "unsupported content type", R_FAN, lambda e: good_mp(e), "text/plain"),
     Case("root missing content type", "root", 400, "unsupported content type", R_FAN, lambda e: good_mp(e), None),
     Case("root non-map top level", "root", 400, "map", R_FAN, msgspec.msgpack.encode([1, 2, 3])),
-    Case("root non-string top-level keys", "root", 400, "string keys", R_FAN, msgspec.msgpack.encode({1: "x", "models": []})),
+    Case("root non-string top-level keys", "root", 400, "string keys", R_FAN,
+         msgspec.msgpack.encode({1: "x", "models": []})),
     Case("root features wrong type", "root", 400, "features", R_ONE, msgspec.msgpack.encode({"features": [1, 2, 3]})),
     Case("root features non-string keys", "root", 400, "strings", R_ONE, msgspec.msgpack.encode({"features": {1: 2}})),
     Case("root deep nesting msgpack", "root", 400, "nested too deeply", R_FAN, DEEP_MP),
@@ -191,24 +200,32 @@ CASES: list[Case] = [
     Case("root huge declared array", "root", 400, "truncated", R_FAN, HUGE_ARR),
     Case("root huge declared bin", "root", 400, "truncated", R_ONE, HUGE_BIN),
     Case("root oversized body", "root", 413, "too large", R_ONE, b"\x80" + b"\x00" * (ROOT_MAX_BODY + 1)),
-    Case("root gzip bomb", "root", 413, "too large", R_ONE, lambda e: __import__("gzip").compress(b"\x00" * (8 * ROOT_MAX_BODY)),
+    Case("root gzip bomb", "root", 413, "too large", R_ONE,
+         lambda e: __import__("gzip").compress(b"\x00" * (8 * ROOT_MAX_BODY)), headers={"Content-Encoding": "gzip"}),
+    Case("root corrupt gzip", "root", 400, "cannot decompress gzip", R_ONE, b"\x1f\x8b\x08\x00garbage",
          headers={"Content-Encoding": "gzip"}),
-    Case("root corrupt gzip", "root", 400, "cannot decompress gzip", R_ONE, b"\x1f\x8b\x08\x00garbage", headers={"Content-Encoding": "gzip"}),
     Case("root corrupt br", "root", 400, "br", R_ONE, b"\xff" * 32, headers={"Content-Encoding": "br"}),
-    Case("root truncated zstd", "root", 400, "truncated", R_ONE, lambda e: __import__("zstandard").ZstdCompressor().compress(good_mp(e))[:-4],
+    Case("root truncated zstd", "root", 400, "truncated", R_ONE,
+         lambda e: __import__("zstandard").ZstdCompressor().compress(good_mp(e))[:-4],
          headers={"Content-Encoding": "zstd"}),
-    Case("root unknown content-encoding", "root", 415, "content-encoding", R_ONE, lambda e: good_mp(e), headers={"Content-Encoding": "compress"}),
+    Case("root unknown content-encoding", "root", 415, "content-encoding", R_ONE, lambda e: good_mp(e),
+         headers={"Content-Encoding": "compress"}),
     Case("root lying content-length", "root", 400, "truncated", R_ONE, lambda e: good_mp(e), raw_http=True),
-    Case("root lying content-length (fan-out)", "root", 400, "truncated", R_FAN, lambda e: good_mp(e, models=[{"name": "ranker"}]), raw_http=True),
-    Case("root bad deadline header", "root", 400, "x-deadline-ms", R_ONE, lambda e: good_mp(e), headers={"X-Deadline-Ms": "-5"}),
+    Case("root lying content-length (fan-out)", "root", 400, "truncated", R_FAN,
+         lambda e: good_mp(e, models=[{"name": "ranker"}]), raw_http=True),
+    Case("root bad deadline header", "root", 400, "x-deadline-ms", R_ONE, lambda e: good_mp(e),
+         headers={"X-Deadline-Ms": "-5"}),
     # --- root: targets
     Case("root unknown model (shortcut)", "root", 404, "unknown model", "/v1/models/nope/score", lambda e: good_mp(e)),
-    Case("root unknown model (fan-out)", "root", 404, "unknown model", R_FAN, lambda e: good_mp(e, models=[{"name": "nope"}])),
-    Case("root unknown version", "root", 404, "unknown version", "/v1/models/ranker/versions/77/score", lambda e: good_mp(e)),
+    Case("root unknown model (fan-out)", "root", 404, "unknown model", R_FAN,
+         lambda e: good_mp(e, models=[{"name": "nope"}])),
+    Case("root unknown version", "root", 404, "unknown version",
+         "/v1/models/ranker/versions/77/score", lambda e: good_mp(e)),
     Case("root no models key", "root", 400, "no \"models\"", R_FAN, lambda e: good_mp(e)),
     Case("root empty model list", "root", 400, "empty", R_FAN, lambda e: good_mp(e, models=[])),
     Case("root models wrong type", "root", 400, "models", R_FAN, lambda e: good_mp(e, models="ranker")),
-    Case("root model entry unknown key", "root", 400, "models", R_FAN, lambda e: good_mp(e, models=[{"name": "ranker", "x": 1}])),
+    Case("root model entry unknown key", "root", 400, "models", R_FAN,
+         lambda e: good_mp(e, models=[{"name": "ranker", "x": 1}])),
     Case("root empty model name", "root", 400, "non-empty", R_FAN, lambda e: good_mp(e, models=[{"name": ""}])),
     Case("root duplicate targets", "root", 400, "listed twice", R_FAN,
          lambda e: good_mp(e, models=[{"name": "ranker", "version": "1"}, {"name": "ranker", "version": 1}])),
@@ -223,7 +240,8 @@ CASES: list[Case] = [
     Case("leaf wrong content type", "leaf", 415, "unsupported content type", L_ONE, lambda e: good_mp(e), "text/csv"),
     Case("leaf non-map top level", "leaf", 400, "map at the top level", L_ONE, msgspec.msgpack.encode("hello")),
     Case("leaf features wrong type", "leaf", 400, "features", L_ONE, msgspec.msgpack.encode({"features": "abc"})),
-    Case("leaf features non-string keys", "leaf", 400, "non-empty strings", L_ONE, msgspec.msgpack.encode({"features": {7: 1}})),
+    Case("leaf features non-string keys", "leaf", 400, "non-empty strings", L_ONE,
+         msgspec.msgpack.encode({"features": {7: 1}})),
     Case("leaf deep nesting", "leaf", 400, "nested too deeply", L_ONE, DEEP_MP),
     Case("leaf lying content-length", "leaf", 400, "truncated", L_ONE, lambda e: good_mp(e), raw_http=True),
     Case("leaf huge declared bin", "leaf", 400, "truncated", L_ONE, HUGE_BIN),
@@ -231,41 +249,59 @@ CASES: list[Case] = [
          with_feature("cand_ctr", tensor_ext(8, [4], b"\x00" * 12))),
     Case("leaf tensor unknown dtype code", "leaf", 400, "unknown tensor dtype code 42", L_ONE,
          with_feature("cand_ctr", tensor_ext(42, [4], b"\x00" * 16))),
-    Case("leaf tensor too many dims", "leaf", 400, "at most", L_ONE, with_feature("cand_ctr", tensor_ext(8, [1] * 9, b"\x00" * 4))),
+    Case("leaf tensor too many dims", "leaf", 400, "at most", L_ONE,
+         with_feature("cand_ctr", tensor_ext(8, [1] * 9, b"\x00" * 4))),
     Case("leaf tensor huge declared dims", "leaf", 400, "needs", L_ONE,
          with_feature("cand_ctr", tensor_ext(8, [0xFFFFFFFF, 0xFFFFFFFF], b"\x00" * 16))),
-    Case("leaf unknown ext type", "leaf", 400, "ext type 9", L_ONE, with_feature("cand_ctr", msgspec.msgpack.Ext(9, b"x"))),
+    Case("leaf unknown ext type", "leaf", 400, "ext type 9", L_ONE,
+         with_feature("cand_ctr", msgspec.msgpack.Ext(9, b"x"))),
     Case("leaf json tensor unknown dtype", "leaf", 400, "dtype", L_ONE,
-         json.dumps({"features": {"cand_ctr": {"$tensor": {"dtype": "float128", "shape": [1], "data": "AAAAAAAAAAAAAAAAAAAAAA=="}}}}).encode(), JS),
-    Case("leaf tensor wrong shape for model", "leaf", 400, "cand_emb", L_ONE, with_feature("cand_emb", tensor_ext(8, [4, 3], b"\x00" * 48))),
-    Case("leaf missing required feature", "leaf", 400, "missing required", L_ONE, msgspec.msgpack.encode({"features": {"x": 1}})),
+         json.dumps({"features": {"cand_ctr": {"$tensor": {"dtype": "float128", "shape": [1],
+                                                           "data": "AAAAAAAAAAAAAAAAAAAAAA=="}}}}).encode(), JS),
+    Case("leaf tensor wrong shape for model", "leaf", 400, "cand_emb", L_ONE,
+         with_feature("cand_emb", tensor_ext(8, [4, 3], b"\x00" * 48))),
+    Case("leaf missing required feature", "leaf", 400, "missing required", L_ONE,
+         msgspec.msgpack.encode({"features": {"x": 1}})),
     Case("leaf oversized body", "leaf", 413, "too large", L_ONE, b"\x80" + b"\x00" * (LEAF_MAX_BODY + 1)),
     Case("leaf zstd bomb", "leaf", 413, "decompressed body exceeds", L_ONE,
-         lambda e: __import__("zstandard").ZstdCompressor().compress(b"\x00" * (8 * LEAF_MAX_BODY)), headers={"Content-Encoding": "zstd"}),
-    Case("leaf corrupt lz4", "leaf", 400, "lz4", L_ONE, b"\x04\x22\x4d\x18garbage", headers={"Content-Encoding": "lz4"}),
-    Case("leaf unknown content-encoding", "leaf", 415, "content-encoding", L_ONE, lambda e: good_mp(e), headers={"Content-Encoding": "compress"}),
+         lambda e: __import__("zstandard").ZstdCompressor().compress(b"\x00" * (8 * LEAF_MAX_BODY)),
+         headers={"Content-Encoding": "zstd"}),
+    Case("leaf corrupt lz4", "leaf", 400, "lz4", L_ONE, b"\x04\x22\x4d\x18garbage",
+         headers={"Content-Encoding": "lz4"}),
+    Case("leaf unknown content-encoding", "leaf", 415, "content-encoding", L_ONE, lambda e: good_mp(e),
+         headers={"Content-Encoding": "compress"}),
     Case("leaf unknown model", "leaf", 404, "unknown model", "/v1/models/nope/score", lambda e: good_mp(e)),
-    Case("leaf unknown version", "leaf", 404, "unknown version", "/v1/models/ranker/versions/9/score", lambda e: good_mp(e)),
+    Case("leaf unknown version", "leaf", 404, "unknown version",
+         "/v1/models/ranker/versions/9/score", lambda e: good_mp(e)),
     Case("leaf oip bad datatype", "leaf", 400, "unsupported datatype", "/v2/models/ranker/versions/1/infer",
          json.dumps({"inputs": [{"name": "cand_ctr", "shape": [1], "datatype": "FP128", "data": [1]}]}).encode(), JS),
     # --- CLI: archives, bundles, configs
     Case("cli inspect not a zip", "cli", 2, "not a valid zip", argv=lambda e: ["inspect", F("not_zip.pt")(e)]),
-    Case("cli inspect truncated archive", "cli", 2, "not a valid zip", argv=lambda e: ["inspect", F("truncated.pt")(e)]),
+    Case("cli inspect truncated archive", "cli", 2, "not a valid zip",
+         argv=lambda e: ["inspect", F("truncated.pt")(e)]),
     Case("cli inspect zip bomb", "cli", 2, "limit", argv=lambda e: ["inspect", F("bomb.pt")(e)]),
     Case("cli inspect path traversal", "cli", 2, "no <prefix>/extra", argv=lambda e: ["inspect", F("traversal.pt")(e)]),
-    Case("cli inspect absolute path entry", "cli", 2, "no <prefix>/extra", argv=lambda e: ["inspect", F("abs_traversal.pt")(e)]),
+    Case("cli inspect absolute path entry", "cli", 2, "no <prefix>/extra",
+         argv=lambda e: ["inspect", F("abs_traversal.pt")(e)]),
     Case("cli inspect signature not json", "cli", 2, "not valid json", argv=lambda e: ["inspect", F("bad_json.pt")(e)]),
     Case("cli inspect missing file", "cli", 2, "no such", argv=lambda e: ["inspect", str(e["tmp"] / "absent.pt")]),
     Case("cli inspect bad bundle", "cli", 2, "bundle", argv=lambda e: ["inspect", F("bad_bundle.json")(e)]),
-    Case("cli bundle build truncated archive", "cli", 2, "m/1", argv=lambda e: ["bundle", "build", F("repo_truncated")(e), "-o", str(e["tmp"] / "o1.json")]),
-    Case("cli bundle build zip bomb", "cli", 2, "limit", argv=lambda e: ["bundle", "build", F("repo_bomb")(e), "-o", str(e["tmp"] / "o2.json")]),
-    Case("cli bundle build missing repo", "cli", 2, "absent", argv=lambda e: ["bundle", "build", str(e["tmp"] / "absent"), "-o", str(e["tmp"] / "o3.json")]),
+    Case("cli bundle build truncated archive", "cli", 2, "m/1",
+         argv=lambda e: ["bundle", "build", F("repo_truncated")(e), "-o", str(e["tmp"] / "o1.json")]),
+    Case("cli bundle build zip bomb", "cli", 2, "limit",
+         argv=lambda e: ["bundle", "build", F("repo_bomb")(e), "-o", str(e["tmp"] / "o2.json")]),
+    Case("cli bundle build missing repo", "cli", 2, "absent",
+         argv=lambda e: ["bundle", "build", str(e["tmp"] / "absent"), "-o", str(e["tmp"] / "o3.json")]),
     Case("cli root invalid yaml", "cli", 2, "yaml", argv=lambda e: ["root", "--config", F("bad_yaml.yaml")(e)]),
-    Case("cli root unknown config key", "cli", 2, "frobnicate", argv=lambda e: ["root", "--config", F("unknown_key.yaml")(e)]),
-    Case("cli root bad overrides yaml", "cli", 2, "bad_overrides.yaml", argv=lambda e: ["root", "--config", F("overrides_cfg.yaml")(e)]),
-    Case("cli root missing config", "cli", 2, "absent.yaml", argv=lambda e: ["root", "--config", str(e["tmp"] / "absent.yaml")]),
+    Case("cli root unknown config key", "cli", 2, "frobnicate",
+         argv=lambda e: ["root", "--config", F("unknown_key.yaml")(e)]),
+    Case("cli root bad overrides yaml", "cli", 2, "bad_overrides.yaml",
+         argv=lambda e: ["root", "--config", F("overrides_cfg.yaml")(e)]),
+    Case("cli root missing config", "cli", 2, "absent.yaml",
+         argv=lambda e: ["root", "--config", str(e["tmp"] / "absent.yaml")]),
     Case("cli leaf invalid yaml", "cli", 2, "yaml", argv=lambda e: ["leaf", "--config", F("bad_yaml.yaml")(e)]),
-    Case("cli leaf unknown config key", "cli", 2, "frobnicate", argv=lambda e: ["leaf", "--config", F("leaf_unknown_key.yaml")(e)]),
+    Case("cli leaf unknown config key", "cli", 2, "frobnicate",
+         argv=lambda e: ["leaf", "--config", F("leaf_unknown_key.yaml")(e)]),
 ]
 
 
@@ -274,8 +310,8 @@ def _raw_post(url: str, path: str, body: bytes, ctype: str) -> tuple[int, bytes]
     """Declare Content-Length len(body)+1000, send body, half-close: the server sees a truncated body."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body) + 1000}\r\n"
-                "Connection: close\r\n\r\n").encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\nContent-Length: "
+                f"{len(body) + 1000}\r\nConnection: close\r\n\r\n").encode()
         s.sendall(head + body)
         s.shutdown(socket.SHUT_WR)
         data = b""
@@ -338,7 +374,8 @@ def _client_errors(e: dict, target: str) -> float:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(env, case: Case):
     if case.target == "cli":
-        out = subprocess.run(trimmer_cmd(*case.argv(env)), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        out = subprocess.run(trimmer_cmd(*case.argv(env)), capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL)
         lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
         assert out.returncode == case.status, (out.returncode, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-2000:]
@@ -397,7 +434,8 @@ def test_http_fuzz_never_5xx(env, target: str, path: str):
            js=st.booleans(), noise=st.binary(max_size=256))
     def one(kind: int, pos: int, val: int, n: int, js: bool, noise: bytes) -> None:
         body = noise if kind == 3 else _mutate(base_js if js else base, kind, pos, val, n)
-        req = urllib.request.Request(env[target].url + path, data=body, method="POST", headers={"Content-Type": JS if js else MP})
+        req = urllib.request.Request(env[target].url + path, data=body, method="POST",
+                                     headers={"Content-Type": JS if js else MP})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 status, payload, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")

@@ -45,7 +45,8 @@ def _post(url, body, ctype, headers=None):
 def _requests_total(url):
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("trimmer_root_requests_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("trimmer_root_requests_total{"))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,8 @@ def test_captured_requests_are_the_requests_sent_and_replay_against_the_root(sin
         root = _root(tmp, "root2", sink, {"path": str(tmp / "other.capture"), "sample_rate": 0.001})
         before = _requests_total(root.url)
         out = subprocess.run(trimmer_cmd("loadtest", "--target", root.url, "--replay", str(capture), "--count", "20",
-                                         "--concurrency", "2", "--warmup", "0"), capture_output=True, text=True, timeout=120)
+                                         "--concurrency", "2", "--warmup", "0"),
+                                         capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr + out.stdout
         assert "replaying 5 captured request(s)" in out.stderr
         assert _requests_total(root.url) - before >= 20  # every replayed request reached the root's routing
@@ -109,6 +111,6 @@ def test_a_file_that_is_not_a_capture_is_a_one_line_error(tmp_path):
     bad.write_bytes(msgpack.packb({"hello": "world"}))
     with pytest.raises(ConfigError, match="record 1 is not a capture record"):
         read_capture(bad)
-    out = subprocess.run(trimmer_cmd("loadtest", "--target", "http://127.0.0.1:9", "--replay", str(bad)), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(trimmer_cmd("loadtest", "--target", "http://127.0.0.1:9", "--replay", str(bad)),
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "not a capture record" in out.stderr

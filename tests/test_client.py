@@ -17,7 +17,7 @@ import pytest
 
 from loadtest.procs import free_port, start, trimmer_cmd
 from trimmer import codec
-from trimmer.client import AsyncClient, Client, ClientError, encode_features, oip_input
+from trimmer.client import AsyncClient, Client, ClientError, decode_infer, encode_features, oip_input
 from trimmer.errors import TrimmerError
 from trimmer.repository import scan_repository
 from trimmer.tensor import Tensor
@@ -31,18 +31,20 @@ CANDIDATES = 8
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("client")
     repo = tmp / "models"
-    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "3000"), check=True, capture_output=True, timeout=240)
+    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "3000"), check=True,
+                   capture_output=True, timeout=240)
     scan = scan_repository(repo)
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--max-batch-size", "1"], lport, "/v2/health/ready", tmp,
-                 timeout=180)
+    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--max-batch-size", "1"], lport,
+                 "/v2/health/ready", tmp, timeout=180)
     root = None
     try:
         cfg = {"repositories": [str(repo)], "partitions": {"leaves": {"replicas": [leaf.url]}},
                "models": {m: "leaves" for m, _ in scan.versions}, "timeouts": {"request_s": 30}}
         (tmp / "root.yaml").write_text(json.dumps(cfg))
         rport = free_port()
-        root = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(rport)], rport, "/readyz", tmp, timeout=60)
+        root = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(rport)], rport,
+                     "/readyz", tmp, timeout=60)
         yield {"leaf": leaf, "root": root, "scan": scan}
     finally:
         if root is not None:
@@ -64,13 +66,15 @@ def features_for(sig, seed: int) -> dict:
             out[name] = rng.integers(0, 2, shape).astype(np.bool_)
         else:
             out[name] = rng.integers(0, 100, shape).astype(dt)
-    out.update({"unused_str": "red shoes", "unused_list": [1, 2, 3], "unused_scalar": 3.5, "unused_col": np.arange(CANDIDATES, dtype=np.int64)})
+    out.update({"unused_str": "red shoes", "unused_list": [1, 2, 3], "unused_scalar": 3.5,
+                "unused_col": np.arange(CANDIDATES, dtype=np.int64)})
     return out
 
 
 def raw_score(url: str, model: str, version: str, features: dict) -> dict:
     """The oracle: encode without the client (numpy -> Tensor by hand), POST with urllib, decode with the codec."""
-    body = codec.encode_msgpack({"features": {k: Tensor.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in features.items()}})
+    body = codec.encode_msgpack(
+        {"features": {k: Tensor.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in features.items()}})
     req = urllib.request.Request(f"{url}/v1/models/{model}/versions/{version}/score", data=body,
                                  headers={"Content-Type": "application/msgpack"})
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -87,7 +91,8 @@ def same(a: dict, b: dict) -> None:
 
 def test_encode_features_matches_hand_encoding() -> None:
     f = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": 7, "s": "x", "l": [1.5, 2.5], "z": np.float64(2.0)}
-    hand = codec.encode_msgpack({"request_id": "r", "features": {"a": Tensor.from_numpy(f["a"]), "b": 7, "s": "x", "l": [1.5, 2.5],
+    hand = codec.encode_msgpack({"request_id": "r",
+                                 "features": {"a": Tensor.from_numpy(f["a"]), "b": 7, "s": "x", "l": [1.5, 2.5],
                                                                  "z": Tensor.from_numpy(np.asarray(2.0))}})
     assert encode_features(f, request_id="r") == hand
     doc = codec.decode(encode_features(f, "application/json"), "application/json")
@@ -100,14 +105,21 @@ def test_torch_tensors_encode_like_numpy() -> None:
     assert encode_features({"a": t}) == encode_features({"a": t.numpy()})
     bf = torch.tensor([1.0, -2.0], dtype=torch.bfloat16)
     doc = codec.decode(encode_features({"b": bf}), "application/msgpack")
-    assert doc["features"]["b"].dtype == "bfloat16" and bytes(doc["features"]["b"].data) == bf.view(torch.int16).numpy().tobytes()
+    assert doc["features"]["b"].dtype == "bfloat16" and bytes(doc["features"]["b"].data) == bf.view(
+        torch.int16).numpy().tobytes()
 
 
 def test_oip_input_shapes_and_types() -> None:
-    assert oip_input("x", np.array([[1, 2], [3, 4]], dtype=np.int32)) == {"name": "x", "datatype": "INT32", "shape": [2, 2],
-                                                                         "data": [1, 2, 3, 4]}
+    assert oip_input("x", np.array([[1, 2], [3, 4]], dtype=np.int32)) == {"name": "x", "datatype": "INT32",
+                                                                          "shape": [2, 2], "data": [1, 2, 3, 4]}
     assert oip_input("s", ["a", "b"])["datatype"] == "BYTES"
     assert oip_input("f", 2.5) == {"name": "f", "datatype": "FP64", "shape": [], "data": [2.5]}
+
+
+def test_decode_infer_takes_a_datatype_that_is_no_string_as_unknown() -> None:
+    # was a TypeError (an unhashable datatype used as a dict key); an unknown datatype keeps the values as sent
+    body = json.dumps({"outputs": [{"name": "s", "datatype": ["FP32"], "shape": [2], "data": [1.5, 2.5]}]}).encode()
+    assert decode_infer(body).outputs["s"].tolist() == [1.5, 2.5]
 
 
 @pytest.mark.parametrize("target", ["leaf", "root"])

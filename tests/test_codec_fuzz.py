@@ -15,7 +15,9 @@ leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), s
                    st.text(max_size=10), st.binary(max_size=20),
                    st.builds(msgpack.ExtType, st.integers(0, 5), st.binary(max_size=40)))
 trees = st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=5),
-                                                     st.dictionaries(st.one_of(st.text(max_size=5), st.integers(-1000, 1000)), inner, max_size=5)),
+                                                     st.dictionaries(st.one_of(st.text(max_size=5),
+                                                                               st.integers(-1000, 1000)), inner,
+                                                                               max_size=5)),
                      max_leaves=25)
 
 
@@ -48,7 +50,8 @@ def test_random_json_text(text: str) -> None:
 
 
 @pytest.mark.parametrize("payload, message", [
-    (msgpack.ExtType(TENSOR_EXT_CODE, bytes([8, 1]) + (4).to_bytes(4, "little") + b"\x00" * 15), "needs 16 bytes, got 15"),
+    (msgpack.ExtType(TENSOR_EXT_CODE, bytes([8, 1]) + (4).to_bytes(4, "little") + b"\x00" * 15),
+     "needs 16 bytes, got 15"),
     (msgpack.ExtType(TENSOR_EXT_CODE, bytes([42, 0])), "unknown tensor dtype code 42"),
     (msgpack.ExtType(TENSOR_EXT_CODE, bytes([8, 9])), "at most 8"),
     (msgpack.ExtType(TENSOR_EXT_CODE, bytes([8, 2, 1])), "truncated inside its shape header"),

@@ -74,7 +74,8 @@ def test_the_schema_rejects_what_the_loader_rejects():
     schema = json_schema("root")
     good = {"partitions": {"p": {"replicas": ["http://127.0.0.1:1"]}}}
     jsonschema.validate(good, schema)
-    for bad in ({**good, "colour": 1}, {**good, "workers": 0}, {"partitions": {"p": {"replicas": "http://a:1", "protocol": "grpc"}}}):
+    for bad in ({**good, "colour": 1}, {**good, "workers": 0},
+                {"partitions": {"p": {"replicas": "http://a:1", "protocol": "grpc"}}}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
 
@@ -93,7 +94,8 @@ class Outer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 @pytest.mark.parametrize("doc, message", [
-    ({"parts": {"mine": {"replica": 1, "zeta": 2}}}, "f.yaml: parts.mine: unknown key(s) replica, zeta; allowed: mode, size"),
+    ({"parts": {"mine": {"replica": 1, "zeta": 2}}},
+     "f.yaml: parts.mine: unknown key(s) replica, zeta; allowed: mode, size"),
     ({"items": [{}, {"size": "x"}]}, "f.yaml: items[1].size: expected an integer, got 'x'"),
     ({"flag": 1}, "f.yaml: flag: expected true or false, got 1"),
     ({"parts": []}, "f.yaml: parts: expected a mapping, got []"),
@@ -116,9 +118,11 @@ def test_root_errors_keep_their_shape(tmp_path):
 
     with pytest.raises(ConfigError) as exc:
         parse_config({"partitions": {"mine": {"replicas": ["http://a:1"], "replica": 2}}}, "c.yaml", tmp_path)
-    assert str(exc.value) == ("c.yaml: partitions.mine: unknown key(s) replica; allowed: allowlists_from_metadata, balance, compression, "
+    assert str(exc.value) == ("c.yaml: partitions.mine: unknown key(s) replica; allowed: allowlists_from_metadata, "
+                              "balance, compression, "
                               "health_path, max_connections, protocol, replicas, version_policy, versioned_paths")
-    with pytest.raises(ConfigError, match=r"^c\.yaml: partitions\.p\.compression: 'gzip' is not one of none, lz4, zstd$"):
+    with pytest.raises(ConfigError,
+                       match=r"^c\.yaml: partitions\.p\.compression: 'gzip' is not one of none, lz4, zstd$"):
         parse_config({"partitions": {"p": {"replicas": "http://a:1", "compression": "gzip"}}}, "c.yaml", tmp_path)
 
 
@@ -129,7 +133,7 @@ def test_runtime_defaults_are_the_schema_defaults():
     from loadtest.runner import LoadSpec
     from root.config import MetadataAllowlists, MetadataSpec, PartitionConfig, PartitionSpec
 
-    def same(runtime: type, schema: type, skip: set[str] = set()) -> None:
+    def same(runtime: type, schema: type, skip: frozenset[str] = frozenset()) -> None:
         d = defaults(schema)
         for f in fields(runtime):
             if f.name in d and f.name not in skip:
@@ -163,7 +167,8 @@ def test_leaf_listen_and_the_deprecated_flat_host_port(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="leaf"):
         c = load_config(str(cfg))
     assert (c.host, c.port) == ("127.0.0.1", 9101)
-    assert len(caplog.records) == 1 and "deprecated" in caplog.records[0].getMessage() and "listen" in caplog.records[0].getMessage()
+    assert len(caplog.records) == 1 and "deprecated" in caplog.records[0].getMessage() \
+        and "listen" in caplog.records[0].getMessage()
     cfg.write_text("listen: {port: 1}\nport: 2\n")
     with pytest.raises(ConfigError, match="both set"):
         load_config(str(cfg))

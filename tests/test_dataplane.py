@@ -55,7 +55,8 @@ def request(features: dict) -> bytes:
 
 
 def kept(features: dict, names: set[str]) -> bytes:
-    return msgpack.packb({"request_id": "r1", "features": {k: v for k, v in features.items() if k in names}}, use_bin_type=True)
+    return msgpack.packb(
+        {"request_id": "r1", "features": {k: v for k, v in features.items() if k in names}}, use_bin_type=True)
 
 
 async def test_a_plan_resolves_once_and_its_allowlist_decides_the_bytes_sent(state, monkeypatch):
@@ -111,7 +112,8 @@ async def test_an_untrimmable_request_goes_whole_and_says_why(state):
     out = await state.plane.score(plan, Body.of(request(FEATURES)))
     assert out.status == 200 and out.body == request(FEATURES)
     m = state.metrics.registry.get_sample_value("trimmer_root_untrimmed_forwards_total",
-                                                {"model": "echo", "version": "_unlisted", "partition": "main", "reason": "no_allowlist"})
+                                                {"model": "echo", "version": "_unlisted", "partition": "main",
+                                                 "reason": "no_allowlist"})
     assert m == 1.0
 
 
@@ -151,6 +153,7 @@ async def test_upstream_connections_keep_the_replica_prefix_and_are_reused(tmp_p
     finally:
         await part.close()
         await runner.cleanup()
-    assert [(s[0], s[1], s[2], s[3]) for s in seen[:2]] == [("/pre/v1/models/x/score", f"127.0.0.1:{port}", len(data), data)] * 2
+    assert [(s[0], s[1], s[2], s[3]) for s in seen[:2]] == [
+        ("/pre/v1/models/x/score", f"127.0.0.1:{port}", len(data), data)] * 2
     assert seen[2][0] == "/pre/v2/health/ready" and seen[2][2] == 0
     assert len({s[4] for s in seen}) == 1  # one pooled keep-alive connection carried all three

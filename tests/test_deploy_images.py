@@ -52,7 +52,8 @@ def test_hadolint_can_fail(tmp_path: Path) -> None:
     """Negative control: the linter really runs and rejects a careless Dockerfile."""
     exe = _hadolint()
     bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM ubuntu:latest\nRUN apt-get update && apt-get install curl\nRUN cd /tmp && pip install requests\n")
+    bad.write_text(
+        "FROM ubuntu:latest\nRUN apt-get update && apt-get install curl\nRUN cd /tmp && pip install requests\n")
     r = subprocess.run([exe, "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "DL3007" in r.stdout  # `latest` tag
@@ -102,7 +103,8 @@ def test_copy_sources_exist(name: str) -> None:
 def test_make_image_builds_both() -> None:
     if shutil.which("make") is None:
         pytest.skip("make not installed")
-    r = subprocess.run(["make", "-n", "image", "CONTAINER=docker"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["make", "-n", "image", "CONTAINER=docker"], cwd=REPO,
+                       capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     for f in FILES.values():
         assert f"-f deploy/docker/{f.name}" in r.stdout

@@ -111,8 +111,8 @@ def test_dashboard_covers_what_the_issue_asks() -> None:
 def test_alert_rules_well_formed() -> None:
     rules = _alert_rules()
     names = {r["alert"] for r in rules}
-    assert {"TrimmerAuditMismatch", "TrimmerAllowlistMissRateHigh", "TrimmerAllowlistReloadFailing", "TrimmerReplicaDown",
-            "TrimmerRootDown"} <= names
+    assert {"TrimmerAuditMismatch", "TrimmerAllowlistMissRateHigh", "TrimmerAllowlistReloadFailing",
+            "TrimmerReplicaDown", "TrimmerRootDown"} <= names
     for r in rules:
         assert set(r) <= {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}, r["alert"]
         assert r["labels"]["severity"] in ("critical", "warning")
@@ -200,9 +200,11 @@ def test_every_referenced_metric_exists(root_env) -> None:
     missing = {n: sorted(w) for n, w in refs.items() if n not in declared and n not in PROMETHEUS_OWN}
     assert not missing, f"referenced but not exported by the root: {missing}"
     # The series the overview panels and the main alerts read carry samples after two requests.
-    for name in ("trimmer_root_upstream_sent_bytes_total", "trimmer_root_untrimmed_bytes_total", "trimmer_root_model_client_bytes_total",
-                 "trimmer_root_mode_requests_total", "trimmer_root_requests_total", "trimmer_root_allowlist_misses_total",
-                 "trimmer_root_trim_seconds_bucket", "trimmer_root_replica_up", "trimmer_root_allowlist_reload_failures_total",
+    for name in ("trimmer_root_upstream_sent_bytes_total", "trimmer_root_untrimmed_bytes_total",
+                 "trimmer_root_model_client_bytes_total",
+                 "trimmer_root_mode_requests_total", "trimmer_root_requests_total",
+                 "trimmer_root_allowlist_misses_total", "trimmer_root_trim_seconds_bucket", "trimmer_root_replica_up",
+                 "trimmer_root_allowlist_reload_failures_total",
                  "trimmer_root_allowlist_last_reload_timestamp_seconds"):
         assert name in sampled, name
 
@@ -226,6 +228,8 @@ def test_reload_metrics_per_source(root_env) -> None:
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.status == 200
     text, _, _ = _scrape(root_env["metrics"])
-    assert sample(text, "trimmer_root_allowlist_reload_failures_total", "overrides") >= 1  # the watcher may also have seen it
+    # the watcher may also have seen it
+    assert sample(text, "trimmer_root_allowlist_reload_failures_total", "overrides") >= 1
     assert sample(text, "trimmer_root_allowlist_reload_failures_total", "bundle") == 0
-    assert sample(text, "trimmer_root_allowlist_last_reload_timestamp_seconds", "overrides") == last  # last good unchanged
+    # last good unchanged
+    assert sample(text, "trimmer_root_allowlist_last_reload_timestamp_seconds", "overrides") == last

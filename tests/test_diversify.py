@@ -202,7 +202,8 @@ def features(emb, rel, cat=None) -> dict:
 
 
 async def _score(session, url, version, feats):
-    async with session.post(f"{url}/v1/models/diversifier/versions/{version}/score", data=encode_msgpack({"features": feats}),
+    async with session.post(f"{url}/v1/models/diversifier/versions/{version}/score",
+                            data=encode_msgpack({"features": feats}),
                             headers={"Content-Type": "application/msgpack"}) as resp:
         body = await resp.read()
         assert resp.status == 200, body
@@ -222,7 +223,8 @@ async def test_pt_and_pt2_agree_through_the_leaf_and_requests_are_never_mixed(le
         # the category input is optional (default -1 = none)
         emb, rel, cat = cases[0]
         out1, out2 = await asyncio.gather(*(_score(session, leaf, v, features(emb, rel)) for v in ("1", "2")))
-    assert out1["slate"].tolist() == out2["slate"].tolist() == run_ssd(emb, rel, np.full_like(cat, -1), k=dm.SLATE_K)[0].tolist()
+    assert out1["slate"].tolist() == out2["slate"].tolist() == run_ssd(
+        emb, rel, np.full_like(cat, -1), k=dm.SLATE_K)[0].tolist()
     np.testing.assert_allclose(out1["slate_scores"], out2["slate_scores"], rtol=1e-6)
 
 

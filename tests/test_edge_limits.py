@@ -55,9 +55,11 @@ ENCODERS = {
     "zstd": zstandard.ZstdCompressor().compress,
     "br": brotli.compress,
 }
-GARBAGE = {"gzip": b"\x1f\x8b\x08\x00garbage-after-a-gzip-magic" * 4, "x-gzip": b"not gzip at all" * 8, "deflate": b"\xff\xfe garbage" * 9,
+GARBAGE = {"gzip": b"\x1f\x8b\x08\x00garbage-after-a-gzip-magic" * 4, "x-gzip": b"not gzip at all" * 8,
+           "deflate": b"\xff\xfe garbage" * 9,
            "lz4": b"\x04\x22\x4d\x18garbage", "zstd": b"\x28\xb5\x2f\xfdgarbage-after-zstd-magic", "br": b"\xff" * 64}
-# Peak RSS growth of the root while answering one 1 MB gzip of 1 GiB zeros, and four at once, with max_body_bytes 16 MiB:
+# Peak RSS growth of the root while answering one 1 MB gzip of 1 GiB zeros, and four at once, with max_body_bytes 16
+# MiB:
 # the decoded output stops within one 256 KiB piece of the limit, so the bound is concurrency x (limit + input) + slack.
 BOMB_MAX_BODY = 16 * MiB
 BOMB_RSS_BOUND = 4 * (BOMB_MAX_BODY + 2 * MiB) + 24 * MiB
@@ -74,7 +76,8 @@ def write_bundle(path: Path) -> None:
 def start_root(tmp: Path, name: str, sink_url: str, timeouts: dict, limits: dict) -> tuple[ManagedProcess, str]:
     admin_port = free_port()
     cfg = {"watch": False, "bundles": [str(tmp / "bundle.json")], "admin": {"enabled": True, "port": admin_port},
-           "partitions": {"main": {"replicas": [sink_url]}}, "models": {"echo": {"partition": "main", "default_version": "1"}},
+           "partitions": {"main": {"replicas": [sink_url]}},
+           "models": {"echo": {"partition": "main", "default_version": "1"}},
            "timeouts": {"request_s": 10, **timeouts}, "limits": limits}
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(cfg))
@@ -88,7 +91,8 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("edge")
     write_bundle(tmp / "bundle.json")
     sport = free_port()
-    sink = ManagedProcess("sink", [*trimmer_cmd()[:1], "-m", "loadtest.sink", "--port", str(sport), "--echo-model", "echo"],
+    sink = ManagedProcess("sink",
+                          [*trimmer_cmd()[:1], "-m", "loadtest.sink", "--port", str(sport), "--echo-model", "echo"],
                           f"http://127.0.0.1:{sport}", tmp / "logs" / "sink.log")
     sink.start()
     procs = [sink]
@@ -96,12 +100,14 @@ def env(tmp_path_factory):
         sink.wait_ready("/v2/health/ready", timeout=30)
         # fast: short client timeouts, a small body budget (4 bodies of 24 MiB fill it)
         fast, fast_admin = start_root(tmp, "fast", sink.url,
-                                      {"client_header_s": 1, "client_body_s": 1, "client_keepalive_s": 1, "client_body_min_rate": 100},
+                                      {"client_header_s": 1, "client_body_s": 1, "client_keepalive_s": 1,
+                                       "client_body_min_rate": 100},
                                       {"max_body_bytes": 32 * MiB, "max_inflight_body_bytes": 96 * MiB})
         procs.append(fast)
         # big: default timeouts, 8 connections at most, a budget that never binds (bombs must meet the 413)
         big, big_admin = start_root(tmp, "big", sink.url, {},
-                                    {"max_body_bytes": BOMB_MAX_BODY, "max_connections": 8, "max_inflight_body_bytes": 1024 * MiB})
+                                    {"max_body_bytes": BOMB_MAX_BODY, "max_connections": 8,
+                                     "max_inflight_body_bytes": 1024 * MiB})
         procs.append(big)
         yield {"tmp": tmp, "sink": sink, "fast": fast, "fast_admin": fast_admin, "big": big, "big_admin": big_admin}
     finally:
@@ -153,7 +159,8 @@ def peak_rss(proc: ManagedProcess) -> int:
 
 
 async def closed_by_server(reader: asyncio.StreamReader, deadline_s: float) -> bool:
-    """True once the server closed the connection (EOF or reset) before the deadline; data it sends is read and ignored."""
+    """True once the server closed the connection (EOF or reset) before the deadline; data it sends is read and
+    ignored."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         try:
@@ -188,8 +195,10 @@ def head(path: str = "/v1/models/echo/score", length: int | None = None, extra: 
 
 # ---------------------------------------------------------------------- the private attribute the watchdog reads
 def test_aiohttp_still_has_what_the_watchdog_reads():
-    """trimmer/edge.py reads RequestHandler._messages; if aiohttp drops it the header/body timeouts turn off: FAIL here."""
-    assert edge.supported(), "aiohttp's RequestHandler has no _messages slot: trimmer/edge.py header/body timeouts are off"
+    """trimmer/edge.py reads RequestHandler._messages; if aiohttp drops it the header/body timeouts turn off: FAIL
+    here."""
+    assert edge.supported(), ("aiohttp's RequestHandler has no _messages slot: "
+                              "trimmer/edge.py header/body timeouts are off")
 
 
 def test_limits_are_validated(tmp_path):
@@ -198,10 +207,13 @@ def test_limits_are_validated(tmp_path):
 
     base = {"partitions": {"p": {"replicas": ["http://127.0.0.1:1"]}}}
     cfg = parse_config(base, "x.yaml", tmp_path)
-    assert (cfg.timeouts.client_header_s, cfg.timeouts.client_body_s, cfg.timeouts.client_keepalive_s) == (10.0, 30.0, 75.0)
-    assert (cfg.max_connections, cfg.max_inflight_body_bytes, cfg.timeouts.client_body_min_rate) == (4096, 4 * 64 * MiB, 1024)
+    assert (cfg.timeouts.client_header_s, cfg.timeouts.client_body_s,
+            cfg.timeouts.client_keepalive_s) == (10.0, 30.0, 75.0)
+    assert (cfg.max_connections, cfg.max_inflight_body_bytes,
+            cfg.timeouts.client_body_min_rate) == (4096, 4 * 64 * MiB, 1024)
     with pytest.raises(ConfigError, match="max_inflight_body_bytes"):
-        parse_config({**base, "limits": {"max_body_bytes": 10 * MiB, "max_inflight_body_bytes": MiB}}, "x.yaml", tmp_path)
+        parse_config(
+            {**base, "limits": {"max_body_bytes": 10 * MiB, "max_inflight_body_bytes": MiB}}, "x.yaml", tmp_path)
     with pytest.raises(ConfigError, match="client_header_s"):
         parse_config({**base, "timeouts": {"client_header_s": 0}}, "x.yaml", tmp_path)
     with pytest.raises(ConfigError, match="max_connections"):
@@ -223,7 +235,8 @@ def test_decoder_round_trips_in_any_chunking(name):
             out += d.feed(packed[i:i + size])
         out += d.finish()
         assert b"".join(out) == data, size
-    assert decompress(packed + packed, enc, 3 * len(data)) == data + data if enc in ("gzip", "x-gzip", "lz4", "zstd") else True
+    assert decompress(packed + packed, enc, 3 * len(data)) == data + data if enc in (
+        "gzip", "x-gzip", "lz4", "zstd") else True
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
@@ -235,7 +248,8 @@ def test_decoder_stops_a_bomb_near_the_limit_and_rejects_garbage(name):
     with pytest.raises(BodyTooLarge) as info:
         decompress(bomb, enc, MiB)
     assert MiB < info.value.decoded <= MiB + 2 * PIECE + 2 * MiB  # zstd may overshoot by ~2 MiB (module docstring)
-    for bad in (GARBAGE.get(enc, b"\xff" * 40), ENCODERS[name](PLAIN)[:-3], b"", ENCODERS[name](PLAIN) + b"trailing garbage"):
+    for bad in (GARBAGE.get(enc, b"\xff" * 40), ENCODERS[name](PLAIN)[:-3], b"",
+                ENCODERS[name](PLAIN) + b"trailing garbage"):
         with pytest.raises(DecompressError):
             decompress(bad, enc, MiB)
 
@@ -272,7 +286,8 @@ async def test_gzip_bomb_413_with_bounded_rss(env, gzip_bomb):
 @pytest.mark.parametrize("encoding", sorted(GARBAGE))
 async def test_garbage_compressed_body_is_a_json_400(env, encoding):
     fast = env["fast"]
-    status, body, headers = await post(fast.url + "/v1/models/echo/score", GARBAGE[encoding], {"Content-Encoding": encoding})
+    status, body, headers = await post(fast.url + "/v1/models/echo/score", GARBAGE[encoding],
+                                       {"Content-Encoding": encoding})
     assert status == 400, body
     assert headers["Content-Type"].startswith("application/json")
     err = json.loads(body)["error"]
@@ -286,10 +301,12 @@ async def test_garbage_compressed_body_is_a_json_400(env, encoding):
 
 
 async def test_unknown_encoding_is_a_json_415(env):
-    status, body, headers = await post(env["fast"].url + "/v1/models/echo/score", PLAIN, {"Content-Encoding": "compress"})
+    status, body, headers = await post(env["fast"].url + "/v1/models/echo/score", PLAIN,
+                                       {"Content-Encoding": "compress"})
     assert status == 415 and headers["Content-Type"].startswith("application/json")
     assert "Content-Encoding" in json.loads(body)["error"]
-    assert metric(await scrape(env["fast_admin"]), "trimmer_root_decoded_bodies_total", encoding="other", outcome="unsupported") >= 1
+    assert metric(await scrape(env["fast_admin"]), "trimmer_root_decoded_bodies_total",
+                  encoding="other", outcome="unsupported") >= 1
 
 
 @pytest.mark.parametrize("encoding", sorted(ENCODERS))
@@ -305,7 +322,8 @@ async def test_compressed_body_is_trimmed_like_the_plain_one(env, encoding):
 async def test_compressed_fanout_and_chunked_body(env):
     fast = env["fast"]
     doc = {**DOC, "models": [{"name": "echo"}]}
-    status, body, _ = await post(fast.url + "/v1/score", gzip.compress(msgpack.packb(doc)), {"Content-Encoding": "gzip"})
+    status, body, _ = await post(fast.url + "/v1/score", gzip.compress(msgpack.packb(doc)),
+                                 {"Content-Encoding": "gzip"})
     assert status == 200, body
     assert msgpack.unpackb(body)["results"]["echo"] == msgpack.unpackb(ORACLE)
 
@@ -315,7 +333,8 @@ async def test_compressed_fanout_and_chunked_body(env):
             yield data[i:i + 50]
 
     async with aiohttp.ClientSession() as s:  # chunked transfer (no Content-Length) of a zstd body
-        async with s.post(fast.url + "/v1/models/echo/score", data=chunks(), headers={**MP, "Content-Encoding": "zstd"}) as r:
+        async with s.post(fast.url + "/v1/models/echo/score", data=chunks(),
+                          headers={**MP, "Content-Encoding": "zstd"}) as r:
             assert r.status == 200
             assert await r.read() == ORACLE
     text = await scrape(env["fast_admin"])
@@ -362,7 +381,8 @@ async def test_silent_socket_dribbled_headers_and_idle_keepalive_are_closed(env)
     after = await scrape(env["fast_admin"])
     # >= 1, not 2: once, under a fully loaded machine, one of the two closes was not counted in this window
     # (noted for a follow-up); the closes themselves are asserted above.
-    assert metric(after, "trimmer_root_connections_timed_out_total", phase="header") - metric(before, "trimmer_root_connections_timed_out_total", phase="header") >= 1
+    assert metric(after, "trimmer_root_connections_timed_out_total", phase="header") - metric(
+        before, "trimmer_root_connections_timed_out_total", phase="header") >= 1
 
 
 async def test_dribbled_and_stalled_bodies_are_closed(env):
@@ -401,12 +421,14 @@ async def test_dribbled_and_stalled_bodies_are_closed(env):
         w2.close()
     assert closed == [True, True]
     after = await scrape(env["fast_admin"])
-    assert metric(after, "trimmer_root_connections_timed_out_total", phase="body") - metric(before, "trimmer_root_connections_timed_out_total", phase="body") >= 2
+    assert metric(after, "trimmer_root_connections_timed_out_total", phase="body") - metric(
+        before, "trimmer_root_connections_timed_out_total", phase="body") >= 2
     no_traceback(fast)
 
 
 async def test_body_budget_503_and_memory_returns_after_slow_clients(env):
-    """4 clients pin 20 MiB each of 24 MiB bodies and stall; the 5th is refused (503); RSS comes back once they are gone."""
+    """4 clients pin 20 MiB each of 24 MiB bodies and stall; the 5th is refused (503); RSS comes back once they are
+    gone."""
     fast = env["fast"]
     port = port_of(fast)
     for _ in range(3):  # warm pools and buffers before the baseline
@@ -446,7 +468,8 @@ async def test_body_budget_503_and_memory_returns_after_slow_clients(env):
     async def returned() -> bool:
         return rss(fast) - base < RSS_RETURN_BOUND
 
-    assert await wait_for(returned, 15), f"RSS still {(rss(fast) - base) / MiB:.0f} MiB over the baseline after the clients left"
+    assert await wait_for(
+        returned, 15), f"RSS still {(rss(fast) - base) / MiB:.0f} MiB over the baseline after the clients left"
     text = await scrape(env["fast_admin"])
     assert metric(text, "trimmer_root_body_bytes_inflight") == 0
     assert metric(text, "trimmer_root_memory_releases_total") >= 1
@@ -492,20 +515,26 @@ async def test_connections_over_the_cap_are_refused_and_counted(env):
 def leaf_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("edgeleaf")
     repo = tmp / "models"
-    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "1000"), check=True, capture_output=True, timeout=240)
+    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "1000"), check=True,
+                   capture_output=True, timeout=240)
     cfg = tmp / "leaf.yaml"
-    cfg.write_text(json.dumps({"repo": str(repo), "max_body_bytes": 4 * MiB, "torch_threads": 1, "batching": {"max_batch_size": 1},
-                               "header_timeout_s": 1, "body_timeout_s": 1, "body_min_rate": 100, "keepalive_timeout_s": 1,
-                               "max_connections": 6}))
+    cfg.write_text(json.dumps({"repo": str(repo), "max_body_bytes": 4 * MiB, "torch_threads": 1,
+                               "batching": {"max_batch_size": 1},
+                               "header_timeout_s": 1, "body_timeout_s": 1, "body_min_rate": 100,
+                               "keepalive_timeout_s": 1, "max_connections": 6}))
     port = free_port()
-    leaf = start("leaf", ["leaf", "--config", str(cfg), "--port", str(port)], port, "/v2/health/ready", tmp, timeout=180)
+    leaf = start("leaf", ["leaf", "--config", str(cfg), "--port", str(port)], port,
+                 "/v2/health/ready", tmp, timeout=180)
     root = None
     try:
         root_cfg = tmp / "root.yaml"
-        root_cfg.write_text(json.dumps({"repositories": [str(repo)], "watch": False, "partitions": {"leaves": {"replicas": [leaf.url]}},
-                                        "models": {"ranker": {"partition": "leaves", "default_version": "1"}}, "timeouts": {"request_s": 20}}))
+        root_cfg.write_text(json.dumps({"repositories": [str(repo)], "watch": False,
+                                        "partitions": {"leaves": {"replicas": [leaf.url]}},
+                                        "models": {"ranker": {"partition": "leaves", "default_version": "1"}},
+                                        "timeouts": {"request_s": 20}}))
         rport = free_port()
-        root = start("root", ["root", "--config", str(root_cfg), "--port", str(rport)], rport, "/readyz", tmp, timeout=60)
+        root = start("root", ["root", "--config", str(root_cfg), "--port", str(rport)], rport,
+                     "/readyz", tmp, timeout=60)
         yield {"leaf": leaf, "root": root, "repo": repo}
     finally:
         if root is not None:
@@ -524,7 +553,8 @@ async def test_root_in_front_of_the_leaf_decodes_then_trims(leaf_env):
     status, direct, _ = await post(leaf_env["leaf"].url + "/v1/models/ranker/versions/1/score", good)
     assert status == 200, direct
     for name, enc in ENCODERS.items():
-        status, got, _ = await post(leaf_env["root"].url + "/v1/models/ranker/score", enc(good), {"Content-Encoding": name.split("-raw")[0]})
+        status, got, _ = await post(leaf_env["root"].url + "/v1/models/ranker/score", enc(good),
+                                    {"Content-Encoding": name.split("-raw")[0]})
         assert status == 200, (name, got)
         assert got == direct, name
 

@@ -1,4 +1,5 @@
-"""trimmer.errors.decode_errors: one wording for every way a msgspec decode of untrusted bytes fails, each a PayloadError."""
+"""trimmer.errors.decode_errors: one wording for every way a msgspec decode of untrusted bytes fails, each a
+PayloadError."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ SHAPE = "request must be a map with string keys"
     (msgspec.msgpack.decode, b"\xc1", "malformed msgpack body: "),  # not msgpack (DecodeError)
     (msgspec.json.decode, b'"\xff"', "malformed msgpack body: "),  # invalid UTF-8 in a string
     (msgspec.json.decode, b"[" * 100_000 + b"]" * 100_000, "malformed msgpack body: "),  # deeper than msgspec allows
-    (lambda b: msgspec.msgpack.decode(b, type=dict[str, int]), msgspec.msgpack.encode({1: 1}), SHAPE + " ("),  # wrong shape
+    (lambda b: msgspec.msgpack.decode(b, type=dict[str, int]),
+     msgspec.msgpack.encode({1: 1}), SHAPE + " ("),  # wrong shape
 ])
 def test_every_decode_failure_is_one_payload_error(decode, data, message):
     with pytest.raises(PayloadError) as exc:

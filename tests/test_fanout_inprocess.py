@@ -87,7 +87,8 @@ async def post(url: str, data: bytes, headers=MP) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as s:
         async with s.post(url, data=data, headers=headers) as r:
             raw = await r.read()
-            return r.status, (msgspec.msgpack.decode(raw) if "msgpack" in r.headers.get("Content-Type", "") else json.loads(raw))
+            return r.status, (
+                msgspec.msgpack.decode(raw) if "msgpack" in r.headers.get("Content-Type", "") else json.loads(raw))
 
 
 def sample(state, name: str, **labels: str) -> float:
@@ -109,7 +110,8 @@ async def test_fanout_sends_each_target_exactly_its_allowlist(root):
     assert res["a/default"]["body_sha256"] == sha(packed(doc, ALLOW[("a", "1")]))
     assert res["a/default"]["version"] == "1"  # the configured default, pinned on the path
     assert res["a/2"]["body_sha256"] == sha(packed(doc, ALLOW[("a", "2")])) and res["a/2"]["version"] == "2"
-    assert res["b"]["body_sha256"] == sha(packed(doc, ALLOW[("b", "1")])) and res["b"]["version"] == "1"  # an int version named
+    # an int version named
+    assert res["b"]["body_sha256"] == sha(packed(doc, ALLOW[("b", "1")])) and res["b"]["version"] == "1"
     st = root["state"]
     assert sample(st, "trimmer_root_features_dropped_total", model="a") == (7 - 2) + (7 - 3)
     assert sample(st, "trimmer_root_features_dropped_total", model="b") == 7 - 2
@@ -134,13 +136,15 @@ async def test_native_json_and_oip_routes_trim_exactly(root):
     status, out = await post(root["url"] + "/v1/models/a/versions/2/score", msgpack.packb(doc))
     assert status == 200 and out["body_sha256"] == sha(packed(doc, ALLOW[("a", "2")]))
     jdoc = {"features": {"f3": 1, "f9": [1, 2]}, "id": "j"}
-    status, out = await post(root["url"] + "/v1/models/b/score", json.dumps(jdoc).encode(), {"Content-Type": "application/json"})
+    status, out = await post(root["url"] + "/v1/models/b/score", json.dumps(jdoc).encode(),
+                             {"Content-Type": "application/json"})
     assert status == 200 and out["features"] == ["f3"] and out["keys"] == ["features", "id"]
     assert out["body_sha256"] == sha(msgspec.json.encode({"features": {"f3": 1}, "id": "j"}))
     oip = {"id": "o", "inputs": [{"name": "x1", "datatype": "FP32", "shape": [1], "data": [1.0]},
                                  {"name": "x2", "datatype": "FP32", "shape": [1], "data": [2.0]}]}
     async with aiohttp.ClientSession() as s:
-        async with s.post(root["url"] + "/v2/models/oipm/infer", data=json.dumps(oip).encode(), headers={"Content-Type": "application/json"}) as r:
+        async with s.post(root["url"] + "/v2/models/oipm/infer", data=json.dumps(oip).encode(),
+                          headers={"Content-Type": "application/json"}) as r:
             assert r.status == 200
             got = await r.json()
     received = next(o for o in got["outputs"] if o["name"] == "received")["data"]

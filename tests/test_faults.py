@@ -47,13 +47,15 @@ def bundle_doc(swap: tuple[str, ...]) -> dict:
     models = {"swap": {"1": list(swap)}, "fixed": {"1": list(FIXED)}, "pairm": {"1": ["f1"]}, "solom": {"1": ["f1"]},
               "sleepy": {"1": ["f1"]}, "gamma": {"1": ["f1"]}, "junk": {"1": ["f1"]}}
     return {"kind": BUNDLE_KIND, "format": BUNDLE_FORMAT, "models": {
-        m: {"versions": {v: {"input_names": names, "output_names": ["score"]} for v, names in vs.items()}} for m, vs in models.items()}}
+        m: {"versions": {v: {"input_names": names, "output_names": ["score"]} for v, names in vs.items()}}
+        for m, vs in models.items()}}
 
 
 def kept_sha(names: tuple[str, ...]) -> str:
     """sha256 of the body the upstream must receive for BODY trimmed to `names`: msgpack-python's encoding of
     the request with only those features (independent of the trim), so value bytes are checked too."""
-    return hashlib.sha256(msgpack.packb({"request_id": "r", "features": {k: v for k, v in FEATURES.items() if k in names}})).hexdigest()
+    return hashlib.sha256(
+        msgpack.packb({"request_id": "r", "features": {k: v for k, v in FEATURES.items() if k in names}})).hexdigest()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -66,15 +68,16 @@ def fake_archive(inputs: tuple[str, ...]) -> bytes:
     """What the root reads of a model archive: a zip with <prefix>/extra/module_info.json (no weights needed)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("model/extra/module_info.json", json.dumps({"input_names": list(inputs), "output_names": ["score"]}))
+        zf.writestr("model/extra/module_info.json",
+                    json.dumps({"input_names": list(inputs), "output_names": ["score"]}))
         zf.writestr("model/data.pkl", b"\x80\x04N." * 256)
     return buf.getvalue()
 
 
 def start_sink(tmp: Path, name: str, *extra: str, port: int | None = None) -> ManagedProcess:
     port = port or free_port()
-    mp = ManagedProcess(name, [sys.executable, "-m", "loadtest.sink", "--port", str(port), *extra], f"http://127.0.0.1:{port}",
-                        tmp / f"{name}.log")
+    mp = ManagedProcess(name, [sys.executable, "-m", "loadtest.sink", "--port", str(port), *extra],
+                        f"http://127.0.0.1:{port}", tmp / f"{name}.log")
     mp.start()
     mp.wait_ready("/v2/health/ready", timeout=30)
     return mp
@@ -155,7 +158,8 @@ async def run_load(url: str, stop: asyncio.Event, clients: int = 4, max_requests
                 continue
             dt = time.monotonic() - t0
             doc = msgspec.msgpack.decode(raw) if status == 200 else {}
-            load.results.append((status, dt, tuple(doc.get("features", ())) if status == 200 else None, raw[:300], doc.get("body_sha256")))
+            load.results.append((status, dt, tuple(doc.get("features", ())) if status == 200 else None,
+                                 raw[:300], doc.get("body_sha256")))
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
         await asyncio.gather(*(client(s) for _ in range(clients)))
@@ -177,7 +181,8 @@ async def metrics(url: str) -> str:
 def metric(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(
+            f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -275,8 +280,10 @@ async def test_upstream_500_and_garbage_are_clear_errors_and_counted(env):
     before = await metrics(root.url)
     async with aiohttp.ClientSession() as s:
         async with s.post(root.url + "/v1/models/gamma/score", data=BODY, headers=MP) as r:
-            assert r.status == 500 and "failed on purpose" in (await r.json())["error"]  # the upstream's own answer, relayed
-        fan = msgspec.msgpack.encode({"models": [{"name": "gamma"}, {"name": "junk"}, {"name": "fixed"}], "features": FEATURES})
+            assert r.status == 500 and "failed on purpose" in (
+                await r.json())["error"]  # the upstream's own answer, relayed
+        fan = msgspec.msgpack.encode(
+            {"models": [{"name": "gamma"}, {"name": "junk"}, {"name": "fixed"}], "features": FEATURES})
         async with s.post(root.url + "/v1/score", data=fan, headers=MP) as r:
             raw = await r.read()
             assert r.status == 200
@@ -285,7 +292,8 @@ async def test_upstream_500_and_garbage_are_clear_errors_and_counted(env):
     assert doc["errors"]["gamma"]["status"] == 500 and "failed on purpose" in doc["errors"]["gamma"]["error"]
     assert doc["errors"]["junk"]["status"] == 502 and "undecodable" in doc["errors"]["junk"]["error"]
     after = await metrics(root.url)
-    d = lambda **lb: metric(after, "trimmer_root_errors_total", **lb) - metric(before, "trimmer_root_errors_total", **lb)  # noqa: E731
+    def d(**lb: str) -> float:
+        return metric(after, "trimmer_root_errors_total", **lb) - metric(before, "trimmer_root_errors_total", **lb)
     assert d(model="gamma", kind="upstream_5xx") == 2
     assert d(model="junk", kind="bad_upstream_body") == 1
 
@@ -299,7 +307,8 @@ async def test_corrupt_bundle_mid_load_keeps_last_good_allowlists(env):
     task = asyncio.create_task(run_load(url, stop, clients=3, max_s=60, load=load))
     try:
         await results_reach(load, 10)
-        atomic_write(bundle, b'{"kind": "feature-trimmer-bundle", "models": {"trunc')  # corrupt JSON, atomically in place
+        # corrupt JSON, atomically in place
+        atomic_write(bundle, b'{"kind": "feature-trimmer-bundle", "models": {"trunc')
 
         async def error_seen() -> bool:
             return source(await get_json(root.url + "/admin/allowlists"), "bundle")["last_error"] is not None
@@ -373,7 +382,8 @@ async def test_twenty_bundle_swaps_under_load_never_mix_allowlists(env):
             atomic_write(bundle, docs[want])
             # the next swap only once this one is served (so none is coalesced away): polling, generous deadline
             deadline = time.monotonic() + 20
-            while not (load.results and load.results[-1][2] == want) and time.monotonic() < deadline and not load.failed:
+            while not (
+                    load.results and load.results[-1][2] == want) and time.monotonic() < deadline and not load.failed:
                 await asyncio.sleep(0.02)
             assert load.results[-1][2] == want, (i, load.results[-1][:3], load.failed[:3])
     finally:
@@ -405,16 +415,19 @@ def leaves(tmp_path_factory):
     try:
         for name in ("leaf-a", "leaf-b"):
             port = free_port()
-            procs.append(start(name, ["leaf", "--repo", str(repo), "--port", str(port)], port, "/v2/health/ready", tmp, timeout=120))
+            procs.append(start(name, ["leaf", "--repo", str(repo), "--port", str(port)], port,
+                               "/v2/health/ready", tmp, timeout=120))
         cfg = tmp / "root.yaml"
         cfg.write_text(json.dumps({
             "repositories": [str(repo)], "watch": False,
-            "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [p.url for p in procs], "health_path": "/v2/health/ready"}},
+            "admin": {"on_service_port": True},
+            "partitions": {"leaves": {"replicas": [p.url for p in procs], "health_path": "/v2/health/ready"}},
             "models": {"ranker": {"partition": "leaves", "default_version": "1"}},
             "timeouts": {"connect_s": 0.5, "request_s": 5.0, "health_interval_s": 0.5},
         }))
         rport = free_port()
-        procs.append(start("root-real", ["root", "--config", str(cfg), "--port", str(rport)], rport, "/readyz", tmp, timeout=60))
+        procs.append(
+            start("root-real", ["root", "--config", str(cfg), "--port", str(rport)], rport, "/readyz", tmp, timeout=60))
         signatures = [mv.signature for (m, _), mv in scan_repository(repo).versions.items() if m == "ranker"]
         yield {"tmp": tmp, "leaves": procs[:2], "root": procs[2], "signatures": signatures}
     finally:

@@ -25,7 +25,8 @@ def front(tmp_path_factory):
     write_bundle(bundle, {"alpha": {"1": ["f1", "f2"]}})
     sink = start_sink(tmp, "sink")
     root = start_root(tmp, "root", {"bundles": [str(bundle)], "watch": False, "admin": {"on_service_port": True},
-                                    "limits": {"max_body_bytes": LIMIT}, "partitions": {"main": {"replicas": [sink.url]}},
+                                    "limits": {"max_body_bytes": LIMIT},
+                                    "partitions": {"main": {"replicas": [sink.url]}},
                                     "models": {"alpha": {"partition": "main", "default_version": "1"}}})
     host, port = root.url.split("://", 1)[1].rsplit(":", 1)
     yield host, int(port)
@@ -81,7 +82,8 @@ async def test_an_oversized_body_is_answered_413_before_it_is_read_and_the_clien
     host, _ = front
     pieces = [score_head(host, 8 * LIMIT)] + [b"z" * 65536] * 32  # 2 MiB of the announced 8 MiB
     status, headers, out = await exchange(front, pieces)
-    assert status == 413 and "limits.max_body_bytes" in json.loads(out)["error"] and headers.get("connection") == "close"
+    assert status == 413 and "limits.max_body_bytes" in json.loads(out)["error"] and headers.get(
+        "connection") == "close"
 
 
 async def test_http_1_0_and_encoded_names_go_to_aiohttp_with_the_same_answers(front):
@@ -94,5 +96,6 @@ async def test_http_1_0_and_encoded_names_go_to_aiohttp_with_the_same_answers(fr
     encoded = score_head(host, len(data)).replace(b"/alpha/", b"/%61lpha/", 1) + data  # aiohttp decodes %61 to a
     status, _, out = await exchange(front, [encoded])
     assert status == 200 and msgpack.unpackb(out)["body_sha256"] == expected
-    status, _, out = await exchange(front, [score_head(host, 4).replace(b"/alpha/", b"/%2e%2e/", 1) + b"\x80\x80\x80\x80"])
+    status, _, out = await exchange(front,
+                                    [score_head(host, 4).replace(b"/alpha/", b"/%2e%2e/", 1) + b"\x80\x80\x80\x80"])
     assert status == 400, out  # `..` is no model name, on either listener

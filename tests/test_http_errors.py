@@ -62,7 +62,8 @@ async def client_for(**kw) -> TestClient:
 async def _get(client: TestClient, path: str, **kw) -> tuple[int, dict, CIMultiDict]:
     async with client.request(kw.pop("method", "GET"), path, allow_redirects=False, **kw) as r:
         text = await r.text()
-        return r.status, (json.loads(text) if r.content_type == "application/json" else {"text": text}), CIMultiDict(r.headers)
+        return r.status, (json.loads(text) if r.content_type == "application/json" else {"text": text}), CIMultiDict(
+            r.headers)
 
 
 async def test_each_failure_kind_is_one_line_json_with_its_status(caplog):
@@ -72,7 +73,8 @@ async def test_each_failure_kind_is_one_line_json_with_its_status(caplog):
         assert (await _get(client, "/deliberate"))[2]["Retry-After"] == "1"
         assert (await _get(client, "/payload"))[:2] == (400, {"error": "feature 'x': not a tensor"})
         status, body, headers = await _get(client, "/busy")
-        assert (status, body, headers["Retry-After"]) == (503, {"error": "Service Unavailable"}, "2") and "X-Other" not in headers
+        assert (status, body, headers["Retry-After"]) == (
+            503, {"error": "Service Unavailable"}, "2") and "X-Other" not in headers
         assert (await _get(client, "/nowhere"))[:2] == (404, {"error": "Not Found"})
         status, body, _ = await _get(client, "/read", method="POST", data=b"x" * 100)
         assert status == 413 and body["error"].startswith("request body too large (") and "\n" not in body["error"]
@@ -91,13 +93,16 @@ async def test_options_the_leaf_and_the_root_use():
     def count(request: web.Request, status: int) -> None:
         counted.append((request.match_info.route.name or "other", status))
 
-    client = await client_for(internal_detail=True, too_large_hint=lambda req: "limits.max_body_bytes is 10", count=count,
+    client = await client_for(internal_detail=True, too_large_hint=lambda req: "limits.max_body_bytes is 10",
+                              count=count,
                               request_ids=lambda h: h.get("X-Request-Id") or "generated", request_id_var=rid_var)
     try:
         assert (await _get(client, "/bug"))[1] == {"error": "internal error: ValueError: first line"}
-        assert (await _get(client, "/read", method="POST", data=b"x" * 100))[1]["error"].endswith("; limits.max_body_bytes is 10")
+        assert (await _get(client, "/read", method="POST", data=b"x" * 100))[1]["error"].endswith(
+            "; limits.max_body_bytes is 10")
         status, body, headers = await _get(client, "/ok", headers={"X-Request-Id": "req-7"})
-        assert (status, body, headers["X-Request-Id"]) == (200, {"rid": "req-7"}, "req-7")  # set for the handler, echoed
+        # set for the handler, echoed
+        assert (status, body, headers["X-Request-Id"]) == (200, {"rid": "req-7"}, "req-7")
         assert (await _get(client, "/payload"))[2]["X-Request-Id"] == "generated"  # error answers carry it too
         await _get(client, "/nowhere")
         assert counted == [("bug", 500), ("read", 413), ("ok", 200), ("payload", 400), ("other", 404)]
@@ -108,7 +113,8 @@ async def test_options_the_leaf_and_the_root_use():
 async def test_the_roots_request_ids_plug_in():
     from root.logs import REQUEST_ID_HEADER, request_id, request_id_for
 
-    client = await client_for(request_ids=request_id_for, request_id_var=request_id, request_id_header=REQUEST_ID_HEADER)
+    client = await client_for(request_ids=request_id_for, request_id_var=request_id,
+                              request_id_header=REQUEST_ID_HEADER)
     try:
         sane = (await _get(client, "/ok", headers={"X-Request-Id": "abc-1"}))[2][REQUEST_ID_HEADER]
         fresh = (await _get(client, "/ok", headers={"X-Request-Id": "x" * 500}))[2][REQUEST_ID_HEADER]
@@ -129,7 +135,8 @@ def test_is_msgpack(ctype, expected):
 
 @pytest.mark.parametrize("ctype, expected", [
     ("application/json", True), ("Application/JSON; charset=utf-8", True), ("application/problem+json", True),
-    ("application/msgpack", False), ("text/json-ish", False), ("", False), (None, False), ("application/octet-stream", False),
+    ("application/msgpack", False), ("text/json-ish", False), ("", False), (None, False),
+    ("application/octet-stream", False),
 ])
 def test_is_json(ctype, expected):
     assert is_json(ctype) is expected

@@ -45,7 +45,8 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, s
             else:
                 name = node.module or ""
             out.append((node.lineno, name))
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(
+            node.args[0].value, str):
             f = node.func
             fname = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
             if fname in ("import_module", "__import__"):
@@ -123,14 +124,16 @@ def _probe(*packages: str) -> dict:
 
 def test_root_and_trimmer_never_import_torch() -> None:
     out = _probe("trimmer", "root")
-    assert {"trimmer.trim", "trimmer.cli", "root.app", "root.dataplane", "root.front", "root.cli"} <= set(out["modules"])
+    assert {"trimmer.trim", "trimmer.cli", "root.app", "root.dataplane",
+            "root.front", "root.cli"} <= set(out["modules"])
     assert out["torch"] is False
     # The control: the probe does see torch once a package that needs it is imported.
     assert _probe("trimmer", "root", "leaf")["torch"] is True
 
 
 def test_every_command_is_still_wired() -> None:
-    """The dispatcher names no service, so each package must bring its own commands: all of them, where users know them."""
+    """The dispatcher names no service, so each package must bring its own commands: all of them, where users know
+    them."""
     import argparse
 
     from trimmer.cli import build_parser

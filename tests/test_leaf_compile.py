@@ -50,9 +50,10 @@ def repo(tmp_path_factory):
 
 def ranker_args(rows: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(rows, 16, generator=g), 18 + 50 * torch.rand(rows, generator=g), torch.randint(0, 8, (rows,), generator=g),
-            torch.randint(0, 10**6, (rows,), generator=g), torch.randn(rows, 16, generator=g), torch.randn(rows, generator=g),
-            100 * torch.rand(rows, generator=g), torch.rand(rows, generator=g)]
+    return [torch.randn(rows, 16, generator=g), 18 + 50 * torch.rand(rows, generator=g),
+            torch.randint(0, 8, (rows,), generator=g),
+            torch.randint(0, 10**6, (rows,), generator=g), torch.randn(rows, 16, generator=g),
+            torch.randn(rows, generator=g), 100 * torch.rand(rows, generator=g), torch.rand(rows, generator=g)]
 
 
 @needs_compile
@@ -85,7 +86,8 @@ def test_torchscript_and_broken_modules_fall_back_to_eager(repo):
 
 def test_compile_config_per_model(tmp_path):
     cfg = tmp_path / "leaf.yaml"
-    cfg.write_text("compile: false\nmodels:\n  ranker:\n    compile: true\n    max_batch_size: 8\n  retrieval:\n    max_batch_size: 4\n")
+    cfg.write_text("compile: false\nmodels:\n  ranker:\n    compile: true\n    max_batch_size: 8\n  retrieval:\n    "
+                   "max_batch_size: 4\n")
     c = load_config(str(cfg))
     assert c.compile_for("ranker") and not c.compile_for("retrieval") and not c.compile_for("other")
     assert c.batching_for("ranker").max_batch_size == 8
@@ -105,10 +107,12 @@ def test_leaf_with_compile_serves_compiled_pt2_and_eager_pt_alike(repo, tmp_path
         args = ranker_args(64, 9)
         feats = {n: Tensor.from_numpy(t.numpy()) for n, t in zip(dm.RANKER_INPUTS, args)}
         # user features are one value per request (the leaf repeats them per candidate row)
-        feats.update(user_dense=Tensor.from_numpy(args[0][0].numpy()), user_age=float(args[1][0]), user_country=int(args[2][0]))
+        feats.update(user_dense=Tensor.from_numpy(args[0][0].numpy()), user_age=float(args[1][0]),
+                     user_country=int(args[2][0]))
         outs = {}
         for v in ("1", "2"):
-            req = urllib.request.Request(f"{proc.url}/v1/models/ranker/versions/{v}/score", data=encode_msgpack({"features": feats}),
+            req = urllib.request.Request(f"{proc.url}/v1/models/ranker/versions/{v}/score",
+                                         data=encode_msgpack({"features": feats}),
                                          headers={"Content-Type": "application/msgpack"})
             with urllib.request.urlopen(req, timeout=60) as resp:
                 outs[v] = {k: t.to_numpy() for k, t in decode_msgpack(resp.read())["outputs"].items()}

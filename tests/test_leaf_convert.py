@@ -54,7 +54,8 @@ def test_defaults_fill_declared_shapes_and_are_reported():
 
 
 def test_one_element_value_for_a_scalar_input():
-    feats = received({"user_age": Tensor.from_numpy(np.array([41.0], np.float32)), "cand_ctr": [1.0], "cand_emb": [[1.0, 1.0]]})
+    feats = received(
+        {"user_age": Tensor.from_numpy(np.array([41.0], np.float32)), "cand_ctr": [1.0], "cand_emb": [[1.0, 1.0]]})
     assert Converter(SIG).convert(feats).tensors[1].shape == ()
 
 
@@ -64,7 +65,8 @@ def test_one_element_value_for_a_scalar_input():
     ({"cand_ctr": [1.0], "cand_emb": [[1.0, 1.0]], "cand_price": [2**40]}, "out of range for int32"),
     ({"cand_ctr": [1.0, 2.0], "cand_emb": [[1.0, 1.0]]}, "disagree"),
     ({"cand_ctr": [1.0], "cand_emb": [1.0, 1.0]}, "[C, 2]"),
-    ({"cand_ctr": [1.0], "cand_emb": [[1.0, 1.0]], "user_dense": Tensor.from_numpy(np.zeros(4, np.float64))}, "float64"),
+    ({"cand_ctr": [1.0], "cand_emb": [[1.0, 1.0]],
+      "user_dense": Tensor.from_numpy(np.zeros(4, np.float64))}, "float64"),
     ({"cand_ctr": [True], "cand_emb": [[1.0, 1.0]], "user_dense": {"a": 1}}, "a map"),
 ])
 def test_bad_values_raise_payload_errors(features, needle):
@@ -88,11 +90,15 @@ def test_batch_assembly_from_raw_parts_equals_per_request_tensors():
 
     conv = Converter(SIG)
     reqs = [
-        {"cand_ctr": Tensor.from_numpy(np.arange(3, dtype=np.float32)), "cand_emb": Tensor.from_numpy(np.ones((3, 2), np.float32)),
-         "user_dense": Tensor.from_numpy(np.arange(4, dtype=np.float32)), "user_age": Tensor.from_numpy(np.array([41.0], np.float32))},
+        {"cand_ctr": Tensor.from_numpy(np.arange(3, dtype=np.float32)),
+         "cand_emb": Tensor.from_numpy(np.ones((3, 2), np.float32)),
+         "user_dense": Tensor.from_numpy(np.arange(4, dtype=np.float32)),
+         "user_age": Tensor.from_numpy(np.array([41.0], np.float32))},
         {"cand_ctr": [0.5], "cand_emb": [[1.0, 2.0]], "cand_price": [3], "unused": 1},
-        {"cand_ctr": Tensor.from_numpy(np.full(2, 7, np.float32)), "cand_emb": Tensor.from_numpy(np.zeros((2, 2), np.float32)),
-         "cand_price": Tensor.from_numpy(np.array([1, 2], np.int32)), "other": Tensor.from_numpy(np.zeros(5, np.int64))},
+        {"cand_ctr": Tensor.from_numpy(np.full(2, 7, np.float32)),
+         "cand_emb": Tensor.from_numpy(np.zeros((2, 2), np.float32)),
+         "cand_price": Tensor.from_numpy(np.array([1, 2], np.int32)),
+         "other": Tensor.from_numpy(np.zeros(5, np.int64))},
     ]
     convs = [conv.convert(received(f)) for f in reqs]
     assert [c.rows for c in convs] == [3, 1, 2]
@@ -153,7 +159,8 @@ def test_settle_gc_freezes_loaded_objects_and_reclaims_dropped_cycles():
 def test_typed_tensor_of_the_wrong_shape_is_refused_naming_the_feature(name, array):
     """The fast path must not accept a typed tensor whose rank or fixed dimensions differ from the signature."""
     conv = Converter(parse_signature(json.dumps({"input_names": ["a", "b"], "output_names": ["s"],
-                                      "inputs": {"a": {"dtype": "float32", "shape": [-1, 4]}, "b": {"dtype": "float32", "shape": [-1]}}}).encode()))
+                                      "inputs": {"a": {"dtype": "float32", "shape": [-1, 4]},
+                                                 "b": {"dtype": "float32", "shape": [-1]}}}).encode()))
     good = {"a": Tensor.from_numpy(np.zeros((3, 4), np.float32)), "b": Tensor.from_numpy(np.zeros(3, np.float32))}
     ok = conv.convert(good)
     assert ok.rows == 3 and ok.shapes == [(3, 4), (3,)]

@@ -37,7 +37,8 @@ def test_other_failures_stay_model_errors(text, declared):
 
 
 def test_torchscript_errors_are_reduced_to_the_raised_error():
-    text = ("The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent call last):\n"
-            "  File \"code/__torch__.py\", line 9, in forward\n    ops.prim.RaiseException(\"boom\")\nbuiltins.ValueError: boom\n")
+    text = ("The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent "
+            "call last):\n  File \"code/__torch__.py\", line 9, in forward\n    "
+            "ops.prim.RaiseException(\"boom\")\nbuiltins.ValueError: boom\n")
     assert first_line(RuntimeError(text)) == "ValueError: boom"
     assert first_line(RuntimeError("")) == "RuntimeError"

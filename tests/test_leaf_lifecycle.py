@@ -84,7 +84,8 @@ def write_model(path: Path, inputs: tuple[str, ...] = ("a", "b"), scale: float =
         torch.jit.save(torch.jit.script(module), str(tmp), _extra_files={"module_info.json": info})
     else:
         rows = torch.export.Dim("rows", min=1, max=1 << 16)
-        ep = torch.export.export(module, tuple(torch.zeros(3) for _ in inputs), dynamic_shapes=tuple({0: rows} for _ in inputs))
+        ep = torch.export.export(module, tuple(torch.zeros(3) for _ in inputs),
+                                 dynamic_shapes=tuple({0: rows} for _ in inputs))
         torch.export.save(ep, str(tmp), extra_files={"module_info.json": info})
     os.replace(tmp, path)
     return path
@@ -174,7 +175,8 @@ class Load:
             feats, a, b = features(i * 1_000_003 + n, rows=1 + (n % 5))
             n += 1
             try:
-                async with session.post(self.url + self.path, data=encode_msgpack({"features": feats}), headers=MSGPACK) as r:
+                async with session.post(self.url + self.path,
+                                        data=encode_msgpack({"features": feats}), headers=MSGPACK) as r:
                     body = await r.read()
                     if r.status != 200:
                         self.outcomes.append(("status", r.status, body[:300]))
@@ -248,7 +250,7 @@ async def test_reload_under_load_answers_every_request(tmp_path):
         for i in range(3):  # `touch` = a changed fingerprint: a full reload while 16 clients keep sending
             before = loads(leaf.url, "m", "1")
             touch(archive)
-            await poll(lambda: loads(leaf.url, "m", "1") > before, f"reload {i + 1}", proc=leaf)
+            await poll(lambda: loads(leaf.url, "m", "1") > before, f"reload {i + 1}", proc=leaf)  # noqa: B023
             await load.wait_ok(50)  # the new version serves
         load.stop.set()
         await asyncio.wait_for(runner, REQUEST_TIMEOUT_S * 3)
@@ -311,7 +313,8 @@ async def test_corrupt_archive_keeps_old_model_serving_and_reports(tmp_path):
         status, ready = get(leaf.url + "/v2/models/m/ready")
         assert status == 200 and ready["ready"] is True and ready["state"] == "READY", ready
         status, meta = get(leaf.url + "/v2/models/m")
-        assert status == 200 and meta["reload_error"] == ready["reload_error"] and "m/1/model.pt" in meta["reload_error"]
+        assert status == 200 and meta["reload_error"] == ready["reload_error"] \
+            and "m/1/model.pt" in meta["reload_error"]
         assert str(tmp_path) not in meta["reload_error"]  # repository-relative: no absolute paths in public output
         assert get(leaf.url + "/v2/health/ready")[1]["reload_errors"] == {"m/1": ready["reload_error"]}
         assert metric(leaf.url, "trimmer_leaf_load_failures_total", model="m", version="1") == 1
@@ -345,9 +348,11 @@ async def test_corrupt_archive_keeps_old_model_serving_and_reports(tmp_path):
         await poll(lambda: get(leaf.url + "/v2/models/m")[1]["parameters"]["trimmer_signature"] == oracle_digest(["a"]),
                    "the swap to inputs [a]", proc=leaf)
         body, headers = _score_req("", [1.0], [1.0])
-        st, resp_headers, _ = post(leaf.url + "/v1/models/m/score", body, {**headers, "X-Trimmer-Signature": old_digest})
+        st, resp_headers, _ = post(leaf.url + "/v1/models/m/score", body,
+                                   {**headers, "X-Trimmer-Signature": old_digest})
         assert st == 412 and resp_headers.get("X-Trimmer-Mismatch") == "allowlist"
-        st, _, out = post(leaf.url + "/v1/models/m/score", body, {**headers, "X-Trimmer-Signature": oracle_digest(["a"])})
+        st, _, out = post(leaf.url + "/v1/models/m/score", body,
+                          {**headers, "X-Trimmer-Signature": oracle_digest(["a"])})
         assert st == 200 and decode_msgpack(out)["outputs"]["score"].to_numpy().tolist() == [11.0]
     finally:
         leaf.stop()
@@ -400,7 +405,8 @@ def test_not_ready_and_503_not_404_during_initial_load(tmp_path):
             if st != 200:
                 loading_bodies.append((st, headers.get("Retry-After"), json.loads(out)))
             st, _, out = post(leaf.url + "/v2/models/m/versions/1/infer",
-                              json.dumps({"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1.0]}]}).encode(),
+                              json.dumps({"inputs": [{"name": "a", "shape": [1],
+                                                      "datatype": "FP32", "data": [1.0]}]}).encode(),
                               {"Content-Type": "application/json"})
             results["infer"] = st
             if st != 200:
@@ -415,7 +421,7 @@ def test_not_ready_and_503_not_404_during_initial_load(tmp_path):
         assert 503 in seen["readyz"], "the initial load was never observed in progress"
         for k, codes in seen.items():
             assert set(codes) <= {200, 503}, (k, codes)  # never a 404 "unknown model"
-        for st, retry, out in loading_bodies:
+        for st, _retry, out in loading_bodies:
             assert st == 503 and out["code"] == "loading", out
         assert any(retry == "1" for _, retry, _ in loading_bodies)
         # once ready, everything is
@@ -515,13 +521,15 @@ def test_handshake_match_mismatch_and_absent(shared_leaf, path, names, a, b, exp
         assert err["code"] == "allowlist_mismatch" and err["error"], err
         assert resp_headers.get("X-Trimmer-Mismatch") == "allowlist"
     assert batches() == ran_before  # the model did not run
-    assert metric(url, "trimmer_leaf_allowlist_mismatches_total", model=model, version=version) == mismatches_before + len(wrong)
+    assert metric(url, "trimmer_leaf_allowlist_mismatches_total",
+                  model=model, version=version) == mismatches_before + len(wrong)
 
 
 def test_mismatch_warning_is_rate_limited(shared_leaf):
     body, headers = _score_req("", [1.0], [1.0])
     for _ in range(30):
-        st, _, _ = post(shared_leaf.url + "/v1/models/m/versions/1/score", body, {**headers, "X-Trimmer-Signature": "0" * 16})
+        st, _, _ = post(shared_leaf.url + "/v1/models/m/versions/1/score", body,
+                        {**headers, "X-Trimmer-Signature": "0" * 16})
         assert st == 412
     lines = [ln for ln in shared_leaf.log_path.read_text().splitlines() if "allowlist mismatch on m/1" in ln]
     assert 1 <= len(lines) < 30 and all("WARNING" in ln for ln in lines)

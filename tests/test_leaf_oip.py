@@ -78,7 +78,8 @@ def body(inputs: list, **top) -> bytes:
 
 
 def test_nested_data_is_row_major():
-    req, got = oip.parse_request(body([{"name": "a", "shape": [2, 2], "datatype": "INT32", "data": [[1, 2], [3, 4]]}]), None)
+    req, got = oip.parse_request(
+        body([{"name": "a", "shape": [2, 2], "datatype": "INT32", "data": [[1, 2], [3, 4]]}]), None)
     assert got["a"].to_numpy().tolist() == [[1, 2], [3, 4]]
 
 
@@ -94,11 +95,13 @@ BAD = [
     ("inputs not a list", b'{"inputs": 3}', None, "bad inference request"),
     ("no shape", body([{"name": "a", "datatype": "FP32", "data": [1]}]), None, "shape"),
     ("negative dim", body([{"name": "a", "shape": [-1], "datatype": "FP32", "data": [1]}]), None, "non-negative"),
-    ("bad datatype", body([{"name": "a", "shape": [1], "datatype": "FP128", "data": [1]}]), None, "unsupported datatype"),
+    ("bad datatype", body([{"name": "a", "shape": [1], "datatype": "FP128", "data": [1]}]),
+     None, "unsupported datatype"),
     ("count", body([{"name": "a", "shape": [3], "datatype": "FP32", "data": [1, 2]}]), None, "needs 3"),
     ("floats for ints", body([{"name": "a", "shape": [2], "datatype": "INT64", "data": [1, 2.5]}]), None, "integers"),
     ("bools for floats", body([{"name": "a", "shape": [2], "datatype": "FP32", "data": [1.0, True]}]), None, "numbers"),
-    ("nested bools for floats", body([{"name": "a", "shape": [2, 1], "datatype": "FP32", "data": [[1.0], [True]]}]), None, "numbers"),
+    ("nested bools for floats",
+     body([{"name": "a", "shape": [2, 1], "datatype": "FP32", "data": [[1.0], [True]]}]), None, "numbers"),
     ("ints for bools", body([{"name": "a", "shape": [2], "datatype": "BOOL", "data": [1, 0]}]), None, "booleans"),
     ("ragged", body([{"name": "a", "shape": [3], "datatype": "INT32", "data": [[1, 2], [3]]}]), None, "row-major"),
     ("strings", body([{"name": "a", "shape": [1], "datatype": "FP32", "data": ["1"]}]), None, "numbers"),
@@ -106,7 +109,8 @@ BAD = [
     ("int64 range", body([{"name": "a", "shape": [1], "datatype": "INT64", "data": [2**64]}]), None, "INT64"),
     ("duplicate", body([{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}] * 2), None, "more than once"),
     ("no data", body([{"name": "a", "shape": [1], "datatype": "FP32"}]), None, "neither"),
-    ("binary size without header", body([{"name": "a", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]),
+    ("binary size without header",
+     body([{"name": "a", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]),
      None, "Inference-Header-Content-Length"),
 ]
 
@@ -119,11 +123,13 @@ def test_malformed_bodies_are_payload_errors(case, raw, header, words):
 
 
 def test_unknown_output_and_selection():
-    req, _ = oip.parse_request(body([{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}], outputs=[{"name": "zz"}]), None)
+    req, _ = oip.parse_request(
+        body([{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}], outputs=[{"name": "zz"}]), None)
     with pytest.raises(PayloadError, match="unknown output 'zz'"):
         oip.check_outputs(req, ("score",))
     outs = [Tensor.from_numpy(np.array([1.0, 2.0], dtype=np.float32)), Tensor.from_numpy(np.array([7], dtype=np.int64))]
-    req, _ = oip.parse_request(body([{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}], outputs=[{"name": "b"}]), None)
+    req, _ = oip.parse_request(
+        body([{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}], outputs=[{"name": "b"}]), None)
     data, headers = oip.encode_response("m", "1", ("a", "b"), outs, req)
     assert headers == {"Content-Type": "application/json"}
     assert json.loads(data)["outputs"] == [{"name": "b", "datatype": "INT64", "shape": [1], "data": [7]}]
@@ -133,8 +139,10 @@ def test_json_numbers_parse_to_the_same_bits_on_both_paths(json_path):
     """Tricky values: the shortest repr of float32s, subnormals, extremes, -0.0, ints at the int64 limits; each must
     come out as numpy's own cast of the correctly rounded double (the oracle)."""
     rng = np.random.default_rng(5)
-    f32 = np.concatenate([rng.standard_normal(200).astype(np.float32), np.array([0.1, -0.0, 1e-45, 3.4028235e38, -3.4028235e38,
-                                                                                    1.17549435e-38, 16777217], dtype=np.float32)])
+    f32 = np.concatenate([rng.standard_normal(200).astype(np.float32),
+                          np.array([0.1, -0.0, 1e-45, 3.4028235e38, -3.4028235e38,
+                                                                                    1.17549435e-38, 16777217],
+                                                                                    dtype=np.float32)])
     f64 = [0.1, 1e-320, 1.7976931348623157e308, 2.5e-308, 123456789.123456789, -0.0]
     ints = [-(2**63), 2**63 - 1, 0, -1, 12345678901234]
     text = ("{\"inputs\": [{\"name\": \"a\", \"shape\": [%d], \"datatype\": \"FP32\", \"data\": %s},"
@@ -144,7 +152,8 @@ def test_json_numbers_parse_to_the_same_bits_on_both_paths(json_path):
             " {\"name\": \"e\", \"shape\": [2], \"datatype\": \"UINT8\", \"data\": [0, 255]}]}") % (
         f32.size, json.dumps(f32.astype(float).tolist()), len(f64), json.dumps(f64), len(ints), json.dumps(ints))
     _, got = oip.parse_request(text.encode(), None)
-    assert bytes(got["a"].data) == np.array(json.loads(json.dumps(f32.astype(float).tolist())), dtype=np.float32).tobytes()
+    assert bytes(got["a"].data) == np.array(
+        json.loads(json.dumps(f32.astype(float).tolist())), dtype=np.float32).tobytes()
     assert bytes(got["b"].data) == np.array(f64, dtype=np.float64).tobytes()
     assert bytes(got["c"].data) == np.array(ints, dtype=np.int64).tobytes()
     assert bytes(got["d"].data) == np.array([1.0009765625, 65504.0], dtype=np.float16).tobytes()

@@ -42,7 +42,8 @@ def repo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def leaf(repo, tmp_path_factory):
     port = free_port()
-    # concurrent requests may share batches here; test_batched_results_equal_one_by_one uses its own leaf for exact batching
+    # concurrent requests may share batches here; test_batched_results_equal_one_by_one uses its own leaf for exact
+    # batching
     proc = start("leaf", ["leaf", "--repo", str(repo), "--port", str(port), "--max-queue-delay-ms", "30",
                           "--torch-threads", "1"], port, "/v2/health/ready", tmp_path_factory.mktemp("logs"))
     yield proc.url
@@ -146,7 +147,8 @@ def test_bloom_filter_never_excludes_an_eligible_item(repo):
                 if k >= 0:
                     q = q | masks[dm.N_COUNTRIES + dm.N_LANGUAGES + k]
                 passed = ((bits & q) == q).all(axis=1)
-                eligible = cat["countries"][:, c] & cat["languages"][:, lang] & ((cat["classes"] == k) if k >= 0 else True)
+                eligible = cat["countries"][:, c] & cat["languages"][:, lang] & (
+                    (cat["classes"] == k) if k >= 0 else True)
                 assert passed[eligible].all(), (c, lang, k)
                 assert passed.sum() <= eligible.sum() * 1.05  # and it does filter
 
@@ -197,9 +199,11 @@ async def test_batched_results_equal_one_by_one(leaf, repo, tmp_path):
     jobs += [("retrieval", retrieval_features(users, i)) for i in range(12)]
     alone = [score(leaf, m, f) for m, f in jobs]
     cfg = tmp_path / "leaf.yaml"
-    cfg.write_text(json.dumps({"models": {m: {"max_batch_size": 12, "max_queue_delay_ms": 120000} for m in ("ranker", "retrieval")}}))
+    cfg.write_text(json.dumps({"models": {m: {"max_batch_size": 12, "max_queue_delay_ms": 120000}
+                                          for m in ("ranker", "retrieval")}}))
     port = free_port()
-    batching = start("leaf-batch12", ["leaf", "--config", str(cfg), "--repo", str(repo), "--port", str(port), "--torch-threads", "1"],
+    batching = start("leaf-batch12",
+                     ["leaf", "--config", str(cfg), "--repo", str(repo), "--port", str(port), "--torch-threads", "1"],
                      port, "/v2/health/ready", tmp_path)
     try:
         together = await _together(batching.url, jobs)
@@ -215,7 +219,8 @@ async def _together(leaf: str, jobs: list) -> tuple[list, dict]:
     before = {m: _batch_stats(leaf, m) for m in ("ranker", "retrieval")}
 
     async def one(session: aiohttp.ClientSession, model: str, features: dict) -> dict:
-        async with session.post(f"{leaf}/v1/models/{model}/score", data=encode_msgpack({"features": features}), headers=MSGPACK) as r:
+        async with session.post(f"{leaf}/v1/models/{model}/score",
+                                data=encode_msgpack({"features": features}), headers=MSGPACK) as r:
             assert r.status == 200, await r.text()
             return {k: v.to_numpy() for k, v in decode_msgpack(await r.read())["outputs"].items()}
 
@@ -247,7 +252,8 @@ def test_compressed_requests_and_json(leaf):
         status, out = post(leaf + "/v1/models/ranker/score", data, {**MSGPACK, "Content-Encoding": enc})
         assert status == 200, out
         np.testing.assert_array_equal(decode_msgpack(out)["outputs"]["score"].to_numpy(), plain["score"])
-    status, out = post(leaf + "/v1/models/ranker/score", encode_json({"request_id": "r9", "features": f}), {"Content-Type": "application/json"})
+    status, out = post(leaf + "/v1/models/ranker/score", encode_json({"request_id": "r9", "features": f}),
+                       {"Content-Type": "application/json"})
     assert status == 200
     obj = json.loads(out)
     assert obj["request_id"] == "r9" and obj["outputs"]["score"]["$tensor"]["shape"] == [9]
@@ -281,7 +287,8 @@ def test_unused_and_defaulted_features_are_counted_per_feature(leaf):
     f["drift_probe_feature"] = 1.0
     score(leaf, "ranker", f, version="1")
     unused = _metric_lines(leaf, "trimmer_leaf_features_unused_by_feature_total")
-    assert any('feature="drift_probe_feature"' in ln and 'model="ranker"' in ln and 'version="1"' in ln for ln in unused)
+    assert any(
+        'feature="drift_probe_feature"' in ln and 'model="ranker"' in ln and 'version="1"' in ln for ln in unused)
     defaulted = _metric_lines(leaf, "trimmer_leaf_inputs_defaulted_by_feature_total")
     assert any('feature="cand_price"' in ln and 'version="1"' in ln for ln in defaulted)
     assert any('feature="user_age"' in ln for ln in defaulted)
@@ -295,11 +302,13 @@ def test_audit_copies_stay_out_of_drift_counters(leaf):
     path = leaf + "/v1/models/ranker/versions/1/score"
     status, _ = post(path, encode_msgpack({"features": f}), {**MSGPACK, "X-Trimmer-Audit": "1"})
     assert status == 200
-    assert not any("audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_features_unused_by_feature_total"))
+    assert not any(
+        "audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_features_unused_by_feature_total"))
     # the same request without the header is counted: the check above can fail
     status, _ = post(path, encode_msgpack({"features": f}))
     assert status == 200
-    assert any("audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_features_unused_by_feature_total"))
+    assert any(
+        "audit_only_probe_feature" in ln for ln in _metric_lines(leaf, "trimmer_leaf_features_unused_by_feature_total"))
 
 
 def test_payload_generator_requests_are_served(leaf, repo):
@@ -316,14 +325,19 @@ def _good() -> dict:
 
 
 BAD = [
-    ("missing every required feature is named", lambda f: {k: v for k, v in f.items() if k not in ("cand_emb", "cand_item_id")},
+    ("missing every required feature is named",
+     lambda f: {k: v for k, v in f.items() if k not in ("cand_emb", "cand_item_id")},
      400, ["cand_item_id", "cand_emb"]),
-    ("wrong dtype", lambda f: {**f, "cand_ctr": Tensor.from_numpy(np.zeros(4, np.float64))}, 400, ["cand_ctr", "float32"]),
-    ("wrong shape", lambda f: {**f, "cand_emb": Tensor.from_numpy(np.zeros((4, 8), np.float32))}, 400, ["cand_emb", "[C, 16]"]),
+    ("wrong dtype", lambda f: {**f, "cand_ctr": Tensor.from_numpy(np.zeros(4, np.float64))},
+     400, ["cand_ctr", "float32"]),
+    ("wrong shape", lambda f: {**f, "cand_emb": Tensor.from_numpy(np.zeros((4, 8), np.float32))},
+     400, ["cand_emb", "[C, 16]"]),
     ("string for a tensor", lambda f: {**f, "user_dense": "abc"}, 400, ["user_dense", "string"]),
-    ("float list for int ids", lambda f: {**f, "cand_item_id": [1.5, 2.0, 3.0, 4.0]}, 400, ["cand_item_id", "floating"]),
+    ("float list for int ids", lambda f: {**f, "cand_item_id": [1.5, 2.0, 3.0, 4.0]}, 400,
+     ["cand_item_id", "floating"]),
     ("ragged list", lambda f: {**f, "user_dense": [[1.0], [1.0, 2.0]]}, 400, ["user_dense"]),
-    ("candidate counts disagree", lambda f: {**f, "cand_ctr": Tensor.from_numpy(np.zeros(5, np.float32))}, 400, ["cand_ctr", "5"]),
+    ("candidate counts disagree",
+     lambda f: {**f, "cand_ctr": Tensor.from_numpy(np.zeros(5, np.float32))}, 400, ["cand_ctr", "5"]),
     ("out of range int", lambda f: {**f, "user_country": 2**63 + 5}, 400, ["user_country"]),
     ("zero candidates", lambda f: {**{k: v for k, v in f.items() if not k.startswith("cand_")},
                                    "cand_item_id": Tensor.from_numpy(np.zeros(0, np.int64)),
@@ -382,14 +396,16 @@ def test_hot_pickup_and_failed_version_reported(repo, tmp_path):
         status, body = get(proc.url + "/v2/models/broken/ready")
         assert status == 503 and "not a valid zip" in body["error"]
         assert post(proc.url + "/v1/models/broken/score", encode_msgpack({"features": {}}))[0] == 503
-        assert any('model="broken"' in ln and ln.endswith(" 0.0") for ln in _metric_lines(proc.url, "trimmer_leaf_model_ready"))
+        assert any('model="broken"' in ln and ln.endswith(" 0.0")
+                   for ln in _metric_lines(proc.url, "trimmer_leaf_model_ready"))
         (private / "ranker" / "3").mkdir()
         shutil.copy(repo / "ranker" / "1" / "model.pt", private / "ranker" / "3" / "model.pt")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and get(proc.url + "/v2/models/ranker/versions/3/ready")[0] != 200:
             time.sleep(0.2)
         assert get(proc.url + "/v2/models/ranker/versions/3/ready")[0] == 200
-        out = decode_msgpack(post(proc.url + "/v1/models/ranker/score", encode_msgpack({"features": ranker_features(2, 3)}))[1])
+        out = decode_msgpack(
+            post(proc.url + "/v1/models/ranker/score", encode_msgpack({"features": ranker_features(2, 3)}))[1])
         assert out["version"] == "3"  # no version -> highest
     finally:
         proc.stop()

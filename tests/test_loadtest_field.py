@@ -1,4 +1,5 @@
-"""`trimmer loadtest --target URL` against a running root (real process, loadtest.sink upstream); it starts nothing itself.
+"""`trimmer loadtest --target URL` against a running root (real process, loadtest.sink upstream); it starts nothing
+itself.
 
 Oracle: the root's own counters. Every request the load test reports as answered must have
 reached the root (trimmer_root_requests_total per model), and the root must have trimmed them
@@ -30,10 +31,12 @@ def root(tmp_path_factory):
     admin = free_port()
     cfg = {"bundles": [str(tmp / "bundle.json")], "admin": {"host": "127.0.0.1", "port": admin},
            "partitions": {"p": {"replicas": [sink.url]}},
-           "models": {"alpha": {"partition": "p", "default_version": "1"}, "beta": {"partition": "p", "default_version": "1"}}}
+           "models": {"alpha": {"partition": "p", "default_version": "1"},
+                      "beta": {"partition": "p", "default_version": "1"}}}
     (tmp / "root.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
-    r = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(port)], port, "/readyz", tmp, timeout=30)
+    r = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(port)], port,
+              "/readyz", tmp, timeout=30)
     try:
         yield {"url": r.url, "metrics": f"http://127.0.0.1:{admin}/metrics", "tmp": tmp}
     finally:
@@ -42,7 +45,8 @@ def root(tmp_path_factory):
 
 
 def _loadtest(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(trimmer_cmd("loadtest", *args), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return subprocess.run(trimmer_cmd("loadtest", *args), capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
 
 
 def _metrics(url: str) -> str:
@@ -64,10 +68,13 @@ def test_target_mode_loads_the_running_root(root, models: str, tmp_path: Path) -
     assert 0 < doc["payload"]["min_bytes"] < doc["payload"]["body_bytes"]
     after = _metrics(root["metrics"])
     for m in models.split(","):
-        reached = metric(after, "trimmer_root_requests_total", model=m) - metric(before, "trimmer_root_requests_total", model=m)
+        reached = metric(after, "trimmer_root_requests_total", model=m) - metric(
+            before, "trimmer_root_requests_total", model=m)
         assert reached >= doc["sent"] >= doc["measured"]
-        sent = metric(after, "trimmer_root_upstream_sent_bytes_total", model=m) - metric(before, "trimmer_root_upstream_sent_bytes_total", model=m)
-        full = metric(after, "trimmer_root_untrimmed_bytes_total", model=m) - metric(before, "trimmer_root_untrimmed_bytes_total", model=m)
+        sent = metric(after, "trimmer_root_upstream_sent_bytes_total", model=m) - metric(
+            before, "trimmer_root_upstream_sent_bytes_total", model=m)
+        full = metric(after, "trimmer_root_untrimmed_bytes_total", model=m) - metric(
+            before, "trimmer_root_untrimmed_bytes_total", model=m)
         assert 0 < sent < full
 
 
@@ -94,3 +101,6 @@ def test_parse_models_and_metadata() -> None:
     assert sig.inputs["x"].dtype == "float32" and sig.inputs["x"].shape == (-1, 4) and sig.inputs["y"].has_default
     with pytest.raises(TrimmerError, match="no inputs"):
         signature_from_metadata({"inputs": []}, "meta")
+    # a datatype that is no string (was a TypeError when unhashable) is an unknown one: the input goes untyped
+    odd = signature_from_metadata({"inputs": [{"name": "x", "datatype": ["FP32"], "shape": [2]}]}, "meta")
+    assert odd.input_names == ("x",) and odd.inputs["x"].dtype is None and odd.inputs["x"].shape is None

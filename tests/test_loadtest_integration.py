@@ -23,7 +23,8 @@ from loadtest.runner import LoadSpec
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "models"
-    r = subprocess.run([sys.executable, "-m", "trimmer", "leaf", "build-demo", "--out", str(out)], capture_output=True, text=True, timeout=280)
+    r = subprocess.run([sys.executable, "-m", "trimmer", "leaf", "build-demo", "--out", str(out)],
+                       capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return out
 
@@ -71,6 +72,7 @@ def test_short_real_matrix_trimmed_bytes_match_minimum(tmp_path: Path, demo_repo
 def test_loadtest_cli_rejects_bad_config_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "lt.yaml"
     bad.write_text("scenarios: [turbo]\n")
-    r = subprocess.run([sys.executable, "-m", "trimmer", "loadtest", "--config", str(bad)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "trimmer", "loadtest", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "unknown scenario 'turbo'" in r.stderr

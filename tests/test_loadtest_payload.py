@@ -20,7 +20,8 @@ SIG_A = parse_signature(json.dumps({
     "inputs": {"user_dense": {"dtype": "float32", "shape": [16]}, "cand_ctr": {"dtype": "float32", "shape": [-1]},
                "cand_emb": {"dtype": "float32", "shape": [-1, 8]}, "user_country": {"dtype": "int64", "shape": []}},
 }).encode(), "a")
-SIG_B = parse_signature(json.dumps({"input_names": ["user_dense", "user_recent_items"], "output_names": ["ids"]}).encode(), "b")
+SIG_B = parse_signature(
+    json.dumps({"input_names": ["user_dense", "user_recent_items"], "output_names": ["ids"]}).encode(), "b")
 
 
 def test_generator_is_deterministic_per_seed() -> None:
@@ -32,7 +33,8 @@ def test_generator_is_deterministic_per_seed() -> None:
     assert b1 == b2
     assert encode_msgpack(make_request(u1, 64, seed=8)) != b1
     assert [f.name for f in universe_for_models([SIG_A, SIG_B], 0.2, seed=4).features] != [f.name for f in u1.features]
-    assert reference_payload(seed=1, n_features=200, candidates=16) == reference_payload(seed=1, n_features=200, candidates=16)
+    assert reference_payload(seed=1,
+                             n_features=200, candidates=16) == reference_payload(seed=1, n_features=200, candidates=16)
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5, 1.0])
@@ -68,7 +70,8 @@ def test_minimum_is_the_request_with_only_kept_features() -> None:
 
 
 def test_config_validation_one_line_errors(tmp_path: Path) -> None:
-    cfg = parse_loadtest_config({"models": ["ranker", {"name": "retrieval", "version": 1}], "scenarios": ["trim", "passthrough"],
+    cfg = parse_loadtest_config({"models": ["ranker", {"name": "retrieval", "version": 1}],
+                                 "scenarios": ["trim", "passthrough"],
                                  "load": {"mode": "closed", "concurrency": 4, "duration_s": 3}}, "t.yaml", tmp_path)
     assert [m.name for m in cfg.models] == ["ranker", "retrieval"] and cfg.models[1].version == "1"
     assert cfg.load.mode == "closed" and cfg.scenarios == ("trim", "passthrough")
@@ -91,14 +94,15 @@ def test_config_validation_one_line_errors(tmp_path: Path) -> None:
 
 def _row(name: str, wire: float, link: str | None = None) -> dict:
     return {"scenario": name, "link_rate": link, "wire_bytes_per_request": wire, "ratio_to_min": wire / 100,
-            "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.9": 4.0}, "achieved_rate": 50.0, "root_cpu_s_per_1k": 1.5,
-            "errors": {}, "crosscheck": {"agreement_pct": 0.0, "ok": True}}
+            "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0, "p99.9": 4.0}, "achieved_rate": 50.0,
+            "root_cpu_s_per_1k": 1.5, "errors": {}, "crosscheck": {"agreement_pct": 0.0, "ok": True}}
 
 
 def test_report_files_and_saved_percent(tmp_path: Path) -> None:
-    rows = [_row("passthrough", 1000), _row("trim", 250), _row("passthrough", 1000, "1gbit"), _row("trim", 500, "1gbit")]
-    report = {"generated": "now", "config": "x", "models": ["ranker/1"], "payload": {"min_bytes": 100}, "load": {"mode": "open", "rate": 10},
-              "scenarios": rows}
+    rows = [_row("passthrough", 1000), _row("trim", 250), _row("passthrough", 1000, "1gbit"),
+            _row("trim", 500, "1gbit")]
+    report = {"generated": "now", "config": "x", "models": ["ranker/1"], "payload": {"min_bytes": 100},
+              "load": {"mode": "open", "rate": 10}, "scenarios": rows}
     files = write_report(report, tmp_path)
     assert [r["saved_pct"] for r in rows] == [0.0, 75.0, 0.0, 50.0]
     data = json.loads((tmp_path / "report.json").read_text())

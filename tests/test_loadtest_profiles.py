@@ -34,7 +34,8 @@ def test_same_features_and_shapes_in_both_profiles() -> None:
             assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape), k
         if isinstance(a[k], list):
             assert len(a[k]) == len(b[k])
-    assert encode_msgpack(make_request(u, 64, seed=3, profile="realistic")) == encode_msgpack(make_request(u, 64, seed=3, profile="realistic"))
+    assert encode_msgpack(make_request(u, 64, seed=3, profile="realistic")) == encode_msgpack(
+        make_request(u, 64, seed=3, profile="realistic"))
 
 
 def test_realistic_values_compress_random_ones_do_not() -> None:
@@ -65,7 +66,8 @@ def test_realistic_distributions() -> None:
 
 
 def test_model_inputs_stay_valid_for_embeddings() -> None:
-    sig = Signature(("item", "price"), ("y",), {"item": InputSpec("int64", (-1,)), "price": InputSpec("float32", (-1,))})
+    sig = Signature(("item", "price"), ("y",),
+                    {"item": InputSpec("int64", (-1,)), "price": InputSpec("float32", (-1,))})
     u = universe_for_models([sig], usage_ratio=0.5, seed=0)
     for seed in range(5):
         f = make_request(u, 128, seed=seed, profile="realistic")["features"]
@@ -76,7 +78,8 @@ def test_model_inputs_stay_valid_for_embeddings() -> None:
 def test_profile_in_loadtest_config(tmp_path) -> None:
     base = {"models": [{"name": "ranker"}], "out": str(tmp_path)}
     assert parse_loadtest_config(base, "x.yaml", tmp_path).payload.profile == "random"
-    assert parse_loadtest_config({**base, "payload": {"profile": "realistic"}}, "x.yaml", tmp_path).payload.profile == "realistic"
+    assert parse_loadtest_config(
+        {**base, "payload": {"profile": "realistic"}}, "x.yaml", tmp_path).payload.profile == "realistic"
     with pytest.raises(ConfigError, match="payload.profile"):
         parse_loadtest_config({**base, "payload": {"profile": "lifelike"}}, "x.yaml", tmp_path)
     with pytest.raises(ValueError):

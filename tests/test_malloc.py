@@ -15,7 +15,8 @@ def _run(env_value: str | None) -> str:
     env = {"PATH": "/usr/bin:/bin"}
     if env_value is not None:
         env["TRIMMER_MALLOC_TUNING"] = env_value
-    return subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=60).stdout.strip()
+    return subprocess.run([sys.executable, "-c", CODE], capture_output=True,
+                          text=True, env=env, timeout=60).stdout.strip()
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")

@@ -27,7 +27,8 @@ def _documented() -> set[str]:
 
 
 def _renamed() -> dict[str, str]:
-    return dict(re.findall(r"^\| `(trimmer_leaf_[a-z_]+)` \| `(trimmer_leaf_[a-z_]+)` \|", _section("## Renamed", "\n# "), re.M))
+    return dict(re.findall(r"^\| `(trimmer_leaf_[a-z_]+)` \| `(trimmer_leaf_[a-z_]+)` \|",
+                           _section("## Renamed", "\n# "), re.M))
 
 
 def _exposed(text: str) -> set[str]:
@@ -56,7 +57,8 @@ def leaf(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("names")
     repo = make_repo(tmp / "repo", {"m": {"1": ["x", "y"]}})
     port = free_port()
-    proc = start("leaf", ["leaf", "--repo", str(repo), "--port", str(port), "--torch-threads", "1"], port, "/v2/health/ready", tmp)
+    proc = start("leaf", ["leaf", "--repo", str(repo), "--port", str(port), "--torch-threads", "1"],
+                 port, "/v2/health/ready", tmp)
     yield proc.url
     proc.stop()
 
@@ -85,7 +87,8 @@ def test_renamed_series_are_gone_and_their_new_names_exist(leaf):
 
 def test_counts_per_feature_add_up_to_the_aggregate_and_bytes_are_counted(leaf):
     body = msgspec.msgpack.encode({"features": {"x": [1.0, 2.0], "y": [3.0, 4.0], "unused_a": 1, "unused_b": [5]}})
-    req = urllib.request.Request(leaf + "/v1/models/m/versions/1/score", data=body, headers={"Content-Type": "application/msgpack"})
+    req = urllib.request.Request(leaf + "/v1/models/m/versions/1/score", data=body,
+                                 headers={"Content-Type": "application/msgpack"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
     text = _scrape(leaf)
@@ -102,7 +105,9 @@ def test_drift_still_reads_a_leaf_that_exports_the_old_names():
     from prometheus_client import CollectorRegistry, Counter, generate_latest
 
     reg = CollectorRegistry()  # what a leaf of the previous release exported
-    Counter("trimmer_leaf_feature_unused", "old", ["model", "version", "feature"], registry=reg).labels("m", "1", "a").inc(3)
-    Counter("trimmer_leaf_feature_defaulted", "old", ["model", "version", "feature"], registry=reg).labels("m", "1", "b").inc(2)
+    Counter("trimmer_leaf_feature_unused", "old",
+            ["model", "version", "feature"], registry=reg).labels("m", "1", "a").inc(3)
+    Counter("trimmer_leaf_feature_defaulted", "old",
+            ["model", "version", "feature"], registry=reg).labels("m", "1", "b").inc(2)
     got = parse_leaf_metrics(generate_latest(reg).decode())[("m", "1")]
     assert dict(got["unused"]) == {"a": 3} and dict(got["defaulted"]) == {"b": 2}

@@ -21,8 +21,10 @@ import pytest
 from loadtest.procs import ManagedProcess, free_port, start
 
 MLSERVER = os.environ.get("MLSERVER_BIN") or shutil.which("mlserver")
-pytestmark = pytest.mark.skipif(not MLSERVER, reason="MLServer not installed (set MLSERVER_BIN or put mlserver on PATH); "
-                                                    "the faithful stand-in in test_versions.py covers the same behaviour")
+pytestmark = pytest.mark.skipif(not MLSERVER,
+                                reason="MLServer not installed (set MLSERVER_BIN or put mlserver on PATH); "
+                                                    "the faithful stand-in in test_versions.py covers the same "
+                                                    "behaviour")
 
 RUNTIME = '''
 from mlserver import MLModel
@@ -48,12 +50,15 @@ def mlserver_root(tmp_path_factory):
     (models / "echo" / "runtime.py").write_text(RUNTIME)
     (models / "echo" / "model-settings.json").write_text(json.dumps({
         "name": "echo", "implementation": "runtime.Echo",
-        "inputs": [{"name": "f1", "datatype": "FP32", "shape": [-1]}, {"name": "f2", "datatype": "FP32", "shape": [-1]}],
+        "inputs": [{"name": "f1", "datatype": "FP32", "shape": [-1]},
+                   {"name": "f2", "datatype": "FP32", "shape": [-1]}],
         "outputs": [{"name": "received", "datatype": "BYTES", "shape": [-1]}]}))
     port = free_port()
-    (models / "settings.json").write_text(json.dumps({"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
+    (models / "settings.json").write_text(json.dumps({"http_port": port, "grpc_port": free_port(),
+                                                      "metrics_port": free_port(),
                                                      "parallel_workers": 0, "host": "127.0.0.1"}))
-    mls = ManagedProcess("mlserver", [MLSERVER, "start", "."], f"http://127.0.0.1:{port}", tmp / "mlserver.log", cwd=models)
+    mls = ManagedProcess("mlserver", [MLSERVER, "start", "."], f"http://127.0.0.1:{port}",
+                         tmp / "mlserver.log", cwd=models)
     mls.start()
     root = None
     try:
@@ -65,7 +70,8 @@ def mlserver_root(tmp_path_factory):
                                    "allowlists_from_metadata": {"models": ["echo"]}}},
             "models": {"echo": "mls"}}))
         rport = free_port()
-        root = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(rport)], rport, "/readyz", tmp, timeout=60)
+        root = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(rport)], rport,
+                     "/readyz", tmp, timeout=60)
         yield {"root": root, "admin": f"http://127.0.0.1:{aport}", "mlserver": mls}
     finally:
         if root is not None:
@@ -84,5 +90,6 @@ async def test_mlserver_is_trimmed_from_its_metadata_on_unversioned_paths(mlserv
         assert out["outputs"][0]["data"] == ["f1", "f2"]  # what MLServer received: only its declared inputs
         async with s.get(mlserver_root["admin"] + "/metrics") as r:
             text = await r.text()
-    untrimmed = [line for line in text.splitlines() if line.startswith("trimmer_root_untrimmed_forwards_total{") and 'model="echo"' in line]
+    untrimmed = [line for line in text.splitlines() if line.startswith("trimmer_root_untrimmed_forwards_total{")
+                 and 'model="echo"' in line]
     assert all(line.endswith(" 0.0") for line in untrimmed), untrimmed

@@ -18,11 +18,13 @@ from trimmer.oip_binary import header_length, trim_binary
 def binary_request(tensors: dict[str, np.ndarray], inline: dict[str, list] | None = None) -> tuple[bytes, int]:
     inputs, segs = [], []
     for name, arr in tensors.items():
-        inputs.append({"name": name, "shape": list(arr.shape), "datatype": "FP32", "parameters": {"binary_data_size": arr.nbytes}})
+        inputs.append({"name": name, "shape": list(arr.shape), "datatype": "FP32",
+                       "parameters": {"binary_data_size": arr.nbytes}})
         segs.append(arr.tobytes())
     for name, data in (inline or {}).items():
         inputs.append({"name": name, "shape": [len(data)], "datatype": "INT64", "data": data})
-    header = json.dumps({"id": "7", "inputs": inputs, "outputs": [{"name": "score", "parameters": {"binary_data": True}}]}).encode()
+    header = json.dumps(
+        {"id": "7", "inputs": inputs, "outputs": [{"name": "score", "parameters": {"binary_data": True}}]}).encode()
     return header + b"".join(segs), len(header)
 
 

@@ -28,8 +28,8 @@ from loadtest.procs import ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "matplotlib", "rich", "hdrh", "psutil")
-_IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.pyc", ".pytest_cache",
-                                 ".hypothesis", "out", "demo-out", "tests")
+_IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.pyc",
+                                 ".pytest_cache", ".hypothesis", "out", "demo-out", "tests")
 
 
 def _run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
@@ -69,7 +69,8 @@ def test_base_install_is_lean(fresh: Path) -> None:
                         "        if not m.name.endswith('__main__'):\n"
                         "            importlib.import_module(m.name)"], cwd="/")
     assert r.returncode == 0, r.stderr
-    r = _run([py, "-c", "import trimmer, root, pathlib; print(all((pathlib.Path(m.__file__).parent / 'py.typed').is_file() for m in (trimmer, root)))"],
+    r = _run([py, "-c", "import trimmer, root, pathlib; print(all((pathlib.Path(m.__file__).parent / "
+                        "'py.typed').is_file() for m in (trimmer, root)))"],
              cwd="/")
     assert r.stdout.strip() == "True", r.stderr
 
@@ -87,7 +88,8 @@ def test_cli_in_fresh_venv(fresh: Path) -> None:
 def test_real_root_from_fresh_venv(fresh: Path, tmp_path: Path) -> None:
     py = str(fresh / "bin" / "python")
     sink_port, port = free_port(), free_port()
-    sink = ManagedProcess("sink", [py, "-m", "loadtest.sink", "--port", str(sink_port)], f"http://127.0.0.1:{sink_port}", tmp_path / "sink.log")
+    sink = ManagedProcess("sink", [py, "-m", "loadtest.sink", "--port", str(sink_port)],
+                          f"http://127.0.0.1:{sink_port}", tmp_path / "sink.log")
     bundle = tmp_path / "bundle.json"
     bundle.write_text(json.dumps({"kind": "feature-trimmer/bundle", "format": 1,
                                   "models": {"m": {"versions": {"1": {"input_names": ["a"], "output_names": ["y"]}}}}}))
@@ -102,7 +104,8 @@ def test_real_root_from_fresh_venv(fresh: Path, tmp_path: Path) -> None:
         root.start()
         root.wait_ready("/readyz", timeout=60)
         body = msgspec.msgpack.encode({"features": {"a": 1, "b": 2, "c": 3}})
-        req = urllib.request.Request(root.url + "/v1/models/m/score", data=body, headers={"Content-Type": "application/msgpack"})
+        req = urllib.request.Request(root.url + "/v1/models/m/score", data=body,
+                                     headers={"Content-Type": "application/msgpack"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             out = msgspec.msgpack.decode(resp.read())
         assert out["features"] == ["a"]  # the sink saw the trimmed body
@@ -125,12 +128,14 @@ def test_root_install_fits_the_image_budget(fresh: Path, tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr
     total = sum(f.stat().st_size for f in env.rglob("*") if f.is_file() and not f.is_symlink())
     mb = total / 1e6
-    assert SLIM_BASE_MB + mb < IMAGE_BUDGET_MB, f"the root environment is {mb:.0f} MB; with the slim base that exceeds {IMAGE_BUDGET_MB} MB"
+    assert SLIM_BASE_MB + mb < IMAGE_BUDGET_MB, \
+        f"the root environment is {mb:.0f} MB; with the slim base that exceeds {IMAGE_BUDGET_MB} MB"
     # Still works after slimming (nothing it imports was removed).
     probe = ("import root.app, numpy, zstandard, lz4.frame, uvloop, msgspec\n"
              "from trimmer.trim import ACCELERATED, trim\n"
              "body = msgspec.msgpack.encode({'features': {'a': 1, 'b': 2}})\n"
-             "assert ACCELERATED and msgspec.msgpack.decode(trim(body, frozenset({'a'}), 'application/msgpack').body) == {'features': {'a': 1}}\n"
+             "assert ACCELERATED and msgspec.msgpack.decode(trim(body, frozenset({'a'}), 'application/msgpack').body) "
+             "== {'features': {'a': 1}}\n"
              "assert float(numpy.linalg.norm(numpy.ones(4))) == 2.0 and zstandard.ZstdDecompressor().decompress("
              "zstandard.ZstdCompressor().compress(body)) == body\n"
              "print('ok')")

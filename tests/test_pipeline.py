@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from leaf import demo_models as dm
-from loadtest.pipeline_demo import STAGES  # the demo's feed pipeline: retrieval -> item_features -> ranker -> diversifier
+# the demo's feed pipeline: retrieval -> item_features -> ranker -> diversifier
+from loadtest.pipeline_demo import STAGES
 from loadtest.procs import free_port, start, trimmer_cmd
 from root.config import parse_config
 from trimmer.codec import decode_json, decode_msgpack, encode_json, encode_msgpack
@@ -33,14 +34,20 @@ assert tuple(s["model"] for s in STAGES) == MODELS
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     repo = tmp / "models"
-    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "3000"), check=True, capture_output=True, timeout=600)
+    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "3000"), check=True,
+                   capture_output=True, timeout=600)
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--torch-threads", "1"], lport, "/v2/health/ready", tmp, timeout=180)
-    cfg = {"repositories": [str(repo)], "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": [leaf.url]}},
-           # a default version per model: requests naming none are trimmed to its allowlist (else: counted misses, untrimmed)
-           "models": {m: {"partition": "leaves", "default_version": "2"} for m in MODELS}, "timeouts": {"request_s": 30},
-           "pipelines": {"feed": {"stages": STAGES}, "broken": {"stages": [{"model": "retrieval"},
-                                                                          {"model": "ranker", "inputs": {"cand_item_id": "retrieval.nope"}}]}}}
+    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--torch-threads", "1"], lport,
+                 "/v2/health/ready", tmp, timeout=180)
+    cfg = {"repositories": [str(repo)], "admin": {"on_service_port": True},
+           "partitions": {"leaves": {"replicas": [leaf.url]}},
+           # a default version per model: requests naming none are trimmed to its allowlist (else: counted misses,
+           # untrimmed)
+           "models": {m: {"partition": "leaves", "default_version": "2"} for m in MODELS},
+           "timeouts": {"request_s": 30},
+           "pipelines": {"feed": {"stages": STAGES},
+                         "broken": {"stages": [{"model": "retrieval"},
+                                               {"model": "ranker", "inputs": {"cand_item_id": "retrieval.nope"}}]}}}
     path = tmp / "root.yaml"
     path.write_text(json.dumps(cfg))
     port = free_port()
@@ -111,7 +118,8 @@ async def test_pipeline_end_to_end_matches_the_chain_by_hand_and_trims_every_hop
         for seed in (1, 2, 3):
             feats = client_features(seed)
             want = await chain_by_hand(s, leaf.url, feats)
-            status, body = await _post(s, root.url + "/v1/pipelines/feed/score", encode_msgpack({"request_id": f"r{seed}", "features": feats}))
+            status, body = await _post(s, root.url + "/v1/pipelines/feed/score",
+                                       encode_msgpack({"request_id": f"r{seed}", "features": feats}))
             assert status == 200, body[:400]
             doc = decode_msgpack(body)
             assert doc["pipeline"] == "feed" and doc["request_id"] == f"r{seed}" and list(doc["stages"]) == list(MODELS)
@@ -122,18 +130,22 @@ async def test_pipeline_end_to_end_matches_the_chain_by_hand_and_trims_every_hop
                     assert np.array_equal(got[name].to_numpy(), t.to_numpy()), (model, name)
             slate = doc["outputs"]["slate"].to_numpy()
             real = slate[slate >= 0]
-            assert len(real) == min(dm.SLATE_K, dm.TOP_K) and len(set(real.tolist())) == len(real) and real.max() < dm.TOP_K
+            assert len(real) == min(dm.SLATE_K, dm.TOP_K) and len(set(real.tolist())) == len(
+                real) and real.max() < dm.TOP_K
         # the same pipeline in JSON: every hop in JSON, same answer
-        status, body = await _post(s, root.url + "/v1/pipelines/feed/score", encode_json({"features": feats}), {"Content-Type": "application/json"})
+        status, body = await _post(s, root.url + "/v1/pipelines/feed/score", encode_json({"features": feats}),
+                                   {"Content-Type": "application/json"})
         assert status == 200, body[:400]
         assert np.array_equal(decode_json(body)["outputs"]["slate"].to_numpy(), slate)
         async with s.get(root.url + "/metrics") as r:
             after = await r.text()
     for model in MODELS:
-        sent = _metric(after, "trimmer_root_requests_total", model=model) - _metric(before, "trimmer_root_requests_total", model=model)
+        sent = _metric(after, "trimmer_root_requests_total", model=model) - _metric(
+            before, "trimmer_root_requests_total", model=model)
         dropped = (_metric(after, "trimmer_root_features_dropped_total", model=model)
                    - _metric(before, "trimmer_root_features_dropped_total", model=model))
-        trimmed = _metric(after, "trimmer_root_trimmed_bytes_total", model=model) - _metric(before, "trimmer_root_trimmed_bytes_total", model=model)
+        trimmed = _metric(after, "trimmer_root_trimmed_bytes_total", model=model) - _metric(
+            before, "trimmer_root_trimmed_bytes_total", model=model)
         untrimmed = (_metric(after, "trimmer_root_untrimmed_bytes_total", model=model)
                      - _metric(before, "trimmer_root_untrimmed_bytes_total", model=model))
         assert sent == 4, (model, sent)  # 3 msgpack + 1 JSON request
@@ -149,13 +161,16 @@ async def test_pipeline_errors_name_the_failing_stage(stack):
         del feats["user_recent_items"]  # retrieval needs it: stage 1 fails
         status, body = await _post(s, root.url + "/v1/pipelines/feed/score", encode_msgpack({"features": feats}))
         doc = json.loads(body)
-        assert status == 400 and doc["stage"] == "retrieval" and "stage 1/4 'retrieval'" in doc["error"] and "user_recent_items" in doc["error"]
+        assert status == 400 and doc["stage"] == "retrieval" and "stage 1/4 'retrieval'" in doc["error"] \
+            and "user_recent_items" in doc["error"]
         feats = client_features(5)
         feats["user_age"] = "old"  # only the ranker reads it: stages 1 and 2 pass, stage 3 fails
         status, body = await _post(s, root.url + "/v1/pipelines/feed/score", encode_msgpack({"features": feats}))
         doc = json.loads(body)
-        assert status == 400 and doc["stage"] == "ranker" and "stage 3/4 'ranker'" in doc["error"] and "user_age" in doc["error"]
-        status, body = await _post(s, root.url + "/v1/pipelines/broken/score", encode_msgpack({"features": client_features(5)}))
+        assert status == 400 and doc["stage"] == "ranker" and "stage 3/4 'ranker'" in doc["error"] \
+            and "user_age" in doc["error"]
+        status, body = await _post(s, root.url + "/v1/pipelines/broken/score",
+                                   encode_msgpack({"features": client_features(5)}))
         doc = json.loads(body)
         assert status == 502 and doc["stage"] == "ranker" and "'nope'" in doc["error"] and "item_ids" in doc["error"]
         status, body = await _post(s, root.url + "/v1/pipelines/nosuch/score", encode_msgpack({"features": {}}))
@@ -165,17 +180,20 @@ async def test_pipeline_errors_name_the_failing_stage(stack):
 
 
 def _cfg(pipelines) -> dict:
-    return {"partitions": {"p": {"replicas": ["http://127.0.0.1:1"]}}, "models": {m: "p" for m in MODELS}, "pipelines": pipelines}
+    return {"partitions": {"p": {"replicas": ["http://127.0.0.1:1"]}},
+            "models": {m: "p" for m in MODELS}, "pipelines": pipelines}
 
 
 @pytest.mark.parametrize("pipelines, needle", [
     ({"feed": {"stages": []}}, "non-empty list"),
     ({"feed": {"stages": [{"model": "nosuch"}]}}, "'nosuch' is not in models"),
     ({"feed": {"stages": [{"model": "ranker", "inputs": {"cand_item_id": "retrieval.item_ids"}}]}}, "first stage"),
-    ({"feed": {"stages": [{"model": "retrieval"}, {"model": "ranker", "inputs": {"cand_item_id": "diversifier.slate"}}]}}, "no earlier stage"),
+    ({"feed": {"stages": [{"model": "retrieval"},
+                          {"model": "ranker", "inputs": {"cand_item_id": "diversifier.slate"}}]}}, "no earlier stage"),
     ({"feed": {"stages": [{"model": "retrieval"}, {"model": "retrieval"}]}}, "appears twice"),
     ({"feed": {"stages": [{"model": "retrieval", "oops": 1}]}}, "unknown key"),
-    ({"feed": {"stages": [{"model": "retrieval"}, {"model": "ranker", "inputs": {"cand_item_id": "retrieval"}}]}}, "<earlier stage>.<output>"),
+    ({"feed": {"stages": [{"model": "retrieval"}, {"model": "ranker", "inputs": {"cand_item_id": "retrieval"}}]}},
+     "<earlier stage>.<output>"),
     ({"feed": {"stages": [{"model": "oipmodel"}]}}, "pipeline stages need native partitions"),
 ])
 def test_pipeline_config_errors_are_one_line(pipelines, needle):

@@ -17,7 +17,8 @@ def test_without_wrk_or_nginx_it_says_what_to_install_and_exits_2(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     env = {**os.environ, "PATH": str(bin_dir)}  # neither wrk nor nginx on PATH
-    out = subprocess.run(trimmer_cmd("root", "bench", "--proxies"), capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(trimmer_cmd("root", "bench", "--proxies"), capture_output=True,
+                         text=True, timeout=120, env=env)
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert "wrk" in lines[0] and "nginx" in lines[0] and "apt-get install" in lines[0] and "Traceback" not in out.stderr

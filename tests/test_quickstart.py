@@ -58,7 +58,8 @@ def quickstart(tmp_path_factory):
                 continue
             assert args[0].endswith("trimmer"), line
             name = args[1]
-            proc = ManagedProcess(name, trimmer_cmd(*args[1:]), f"http://127.0.0.1:{ports['8001' if name == 'leaf' else '8080']}",
+            proc = ManagedProcess(name, trimmer_cmd(*args[1:]),
+                                  f"http://127.0.0.1:{ports['8001' if name == 'leaf' else '8080']}",
                                   tmp / f"{name}.log", cwd=tmp)
             proc.start()
             proc.wait_ready("/v2/health/ready" if name == "leaf" else "/readyz", timeout=240)
@@ -76,7 +77,8 @@ def _metric(text: str, name: str, model: str) -> float:
 
 def test_curl_with_json_is_trimmed(quickstart):
     block = quickstart["localize"](quickstart_blocks()[1][1])
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True, text=True, timeout=60, cwd=quickstart["tmp"])
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True, text=True,
+                         timeout=60, cwd=quickstart["tmp"])
     assert out.returncode == 0, out.stderr
     assert '"outputs"' in out.stdout and '"item_ids"' in out.stdout, out.stdout[:500]
     untrimmed = _metric(out.stdout, "trimmer_root_untrimmed_bytes_total", "retrieval")
@@ -86,12 +88,14 @@ def test_curl_with_json_is_trimmed(quickstart):
 
 def test_python_client_is_trimmed(quickstart):
     block = quickstart["localize"](quickstart_blocks()[2][1])
-    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=60, cwd=quickstart["tmp"])
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
+                         timeout=60, cwd=quickstart["tmp"])
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     from trimmer.repository import scan_repository
 
-    versions = [v for (m, v) in scan_repository(quickstart["tmp"] / "build" / "demo-models").versions if m == "retrieval"]
+    versions = [
+        v for (m, v) in scan_repository(quickstart["tmp"] / "build" / "demo-models").versions if m == "retrieval"]
     assert lines[0].split()[0] == max(versions, key=int)  # no version named: the latest ran
     assert "trimmer_root_features_dropped_total" in lines[-1] and not lines[-1].endswith("0.0']"), lines[-1]
 
@@ -113,7 +117,8 @@ def test_tritonclient_with_its_defaults_is_trimmed(quickstart):
 
     before = sent()
     block = quickstart["localize"](quickstart_blocks()[3][1])
-    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=60, cwd=quickstart["tmp"])
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
+                         timeout=60, cwd=quickstart["tmp"])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith("["), out.stdout
     after = sent()

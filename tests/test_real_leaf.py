@@ -31,7 +31,8 @@ from upstreams import HangUp, Tap
 
 MP = {"Content-Type": "application/msgpack"}
 SUM = {"input_names": ["x", "y"], "output_names": ["score"]}
-TYPED = {**SUM, "inputs": {"x": {"dtype": "float32", "shape": [2]}, "y": {"dtype": "float32", "shape": [2], "default": 2.5}}}
+TYPED = {**SUM,
+         "inputs": {"x": {"dtype": "float32", "shape": [2]}, "y": {"dtype": "float32", "shape": [2], "default": 2.5}}}
 UNTYPED_DEFAULT = {**SUM, "inputs": {"y": {"default": 2.5}}}
 GATHER = {"input_names": ["ids"], "output_names": ["score"], "inputs": {"ids": {"dtype": "int64", "shape": [-1]}}}
 
@@ -92,7 +93,8 @@ def stack(tmp_path_factory):
     # requests of the batch test share one batch without any timing on the test's side
     leaf_cfg.write_text(yaml.safe_dump({"models": {"gather": {"max_batch_size": 2, "max_queue_delay_ms": 60000}}}))
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--config", str(leaf_cfg), "--repo", str(repo), "--port", str(lport), "--torch-threads", "1"],
+    leaf = start("leaf",
+                 ["leaf", "--config", str(leaf_cfg), "--repo", str(repo), "--port", str(lport), "--torch-threads", "1"],
                  lport, "/v2/health/ready", tmp, timeout=180)
     tap = Tap(leaf.url)
     hang = [HangUp(), HangUp()]

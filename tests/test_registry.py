@@ -24,10 +24,12 @@ def sig(*names: str) -> Signature:
     return Signature(tuple(names), ("score",))
 
 
-def write_json_bundle(path: Path, models: dict[str, dict[str, list[str]]], defaults: dict[str, str] | None = None) -> Path:
+def write_json_bundle(path: Path, models: dict[str, dict[str, list[str]]],
+                      defaults: dict[str, str] | None = None) -> Path:
     doc = {"kind": "feature-trimmer/bundle", "format": 1, "models": {}}
     for m, versions in models.items():
-        doc["models"][m] = {"versions": {v: {"input_names": names, "output_names": ["y"]} for v, names in versions.items()}}
+        doc["models"][m] = {
+            "versions": {v: {"input_names": names, "output_names": ["y"]} for v, names in versions.items()}}
         if defaults and m in defaults:
             doc["models"][m]["default_version"] = defaults[m]
     write_bundle(doc, path)
@@ -53,15 +55,18 @@ def test_without_a_version_latest_resolves_to_the_highest_version_numerically() 
     reg.reload()
     res = reg.resolve("m")
     # "10" > "9" > "beta": the leaf's rule and Triton's default; the path stays unversioned (pin False).
-    assert (res.version, res.allowlist, res.reason, res.pin) == ("10", frozenset({"a", "only10"}), "latest_version", False)
+    assert (res.version,
+            res.allowlist, res.reason, res.pin) == ("10", frozenset({"a", "only10"}), "latest_version", False)
 
 
 def test_explicit_policy_without_default_is_untrimmed_unless_every_version_shares_the_allowlist() -> None:
-    differing = Registry([StaticSource("s", {("m", "1"): sig("a"), ("m", "2"): sig("a", "b")})], version_policies={"m": "explicit"})
+    differing = Registry([StaticSource("s", {("m", "1"): sig("a"), ("m", "2"): sig("a", "b")})],
+                         version_policies={"m": "explicit"})
     differing.reload()
     assert differing.resolve("m").allowlist is None
     assert any("models.m: version_policy explicit" in p for p in differing.status()["problems"])
-    shared = Registry([StaticSource("s", {("m", "1"): sig("b", "a"), ("m", "2"): sig("a", "b")})], default_policy="explicit")
+    shared = Registry([StaticSource("s", {("m", "1"): sig("b", "a"), ("m", "2"): sig("a", "b")})],
+                      default_policy="explicit")
     shared.reload()
     res = shared.resolve("m")
     assert (res.allowlist, res.version, res.reason, res.pin) == (frozenset({"a", "b"}), None, "shared_allowlist", False)
@@ -92,7 +97,8 @@ def test_an_explicit_allowlist_with_a_typo_is_refused_and_the_last_good_stays(tm
     assert reg.reload_overrides() is False  # refused: the last good overrides stay
     assert reg.resolve("m", "1").allowlist == {"cand_ctr"}
     assert any("cand_ctrr" in p and "typo" in p for p in reg.status()["problems"])
-    good.write_text("models:\n  m:\n    versions:\n      '1':\n        allowlist: [cand_ctrr]\n        allow_extra_features: true\n")
+    good.write_text("models:\n  m:\n    versions:\n      '1':\n        allowlist: [cand_ctrr]\n        "
+                    "allow_extra_features: true\n")
     assert reg.reload_overrides() is True  # the opt-out for intended extras
     assert reg.resolve("m", "1").allowlist == {"cand_ctrr"}
     with pytest.raises(ConfigError, match="cand_ctrr"):
@@ -104,7 +110,8 @@ def test_override_precedence_and_modes() -> None:
         "defaults": {"mode": "shadow"},
         "models": {
             "ranker": {"mode": "enforce", "keep": ["k"], "default_version": 1,
-                       "versions": {"2": {"allowlist": ["x"], "keep": ["k2"], "mode": "off", "allow_extra_features": True}}},
+                       "versions": {"2": {"allowlist": ["x"], "keep": ["k2"], "mode": "off",
+                                          "allow_extra_features": True}}},
             "xgb": {"allowlist": ["p", "q"]},
         },
     })
@@ -158,7 +165,8 @@ def test_bundle_from_real_repository_and_cli(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     signatures, _ = read_bundle(out)
     assert {k: s.allowlist for k, s in signatures.items()} == {
-        ("ranker", "1"): {"a", "b"}, ("ranker", "2"): {"a", "c"}, ("retrieval", "1"): {"u"}, ("retrieval", "2"): {"u", "v"}}
+        ("ranker", "1"): {"a", "b"}, ("ranker", "2"): {"a", "c"}, ("retrieval", "1"): {"u"},
+        ("retrieval", "2"): {"u", "v"}}
     doc = json.loads(out.read_text())
     assert len(doc["models"]["ranker"]["versions"]["1"]["sha256"]) == 64
     # a corrupt archive fails the build with one line

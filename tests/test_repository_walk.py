@@ -18,10 +18,12 @@ def _tree(root: Path, files: list[str]) -> None:
 
 
 def test_walk_sorted_visible_with_archives_only(tmp_path: Path) -> None:
-    _tree(tmp_path, ["b/2/model.pt", "b/10/model.pt2", "a/1/model.pt", "a/1/model.pt2", "a/3/readme.txt", ".hidden/1/model.pt",
+    _tree(tmp_path,
+          ["b/2/model.pt", "b/10/model.pt2", "a/1/model.pt", "a/1/model.pt2", "a/3/readme.txt", ".hidden/1/model.pt",
                      "a/.tmp/model.pt", "c/1/model.pt/inner", "loose.pt"])
     (tmp_path / "empty").mkdir()
-    got = [(v.model, v.version, v.path.relative_to(tmp_path).as_posix(), [p.name for p in v.archives]) for v in iter_versions(tmp_path)]
+    got = [(v.model, v.version, v.path.relative_to(tmp_path).as_posix(), [p.name for p in v.archives])
+           for v in iter_versions(tmp_path)]
     assert got == [
         ("a", "1", "a/1", ["model.pt2", "model.pt"]),  # both present: .pt2 first (the one served)
         ("b", "10", "b/10", ["model.pt2"]),  # directory names sort as strings; "latest" is resolved elsewhere

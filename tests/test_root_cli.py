@@ -25,7 +25,8 @@ def test_a_busy_port_is_one_line_and_exit_2(tmp_path):
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))
             admin = free.getsockname()[1]
-        out = subprocess.run(trimmer_cmd("root", "--config", _config(tmp_path, port, admin)), capture_output=True, text=True, timeout=60)
+        out = subprocess.run(trimmer_cmd("root", "--config", _config(tmp_path, port, admin)),
+                             capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("trimmer root: error: cannot listen") and str(port) in last
@@ -38,11 +39,12 @@ def test_version_names_the_installed_package():
 
 
 def test_log_level_is_checked_and_every_root_option_has_help(tmp_path):
-    out = subprocess.run(trimmer_cmd("root", "--log-level", "chatty", "--config", "x.yaml"), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(trimmer_cmd("root", "--log-level", "chatty", "--config", "x.yaml"),
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--log-level" in out.stderr
     helptext = subprocess.run(trimmer_cmd("root", "--help"), capture_output=True, text=True, timeout=60).stdout
     for opt in ("--config", "--host", "--port", "--workers", "--log-level"):
-        line = next(l for l in helptext.splitlines() if l.strip().startswith(opt))
+        line = next(ln for ln in helptext.splitlines() if ln.strip().startswith(opt))
         assert len(line.strip()) > len(opt) + 12 or opt in helptext.split(line, 1)[1][:200], (opt, line)
 
 
@@ -51,7 +53,8 @@ def test_inspect_warns_when_a_signature_lacks_dtype_specs(tmp_path):
 
     bare = save_archive(tmp_path / "bare.pt", {"input_names": ["x", "y"], "output_names": ["s"]})
     typed = save_archive(tmp_path / "typed.pt", {"input_names": ["x", "y"], "output_names": ["s"],
-                                                 "inputs": {"x": {"dtype": "float32"}, "y": {"dtype": "int64", "shape": [-1]}}})
+                                                 "inputs": {"x": {"dtype": "float32"},
+                                                            "y": {"dtype": "int64", "shape": [-1]}}})
     out = subprocess.run(trimmer_cmd("inspect", str(bare)), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and json.loads(out.stdout)["input_names"] == ["x", "y"]
     assert "warning" in out.stderr and "x, y" in out.stderr and "inputs.<name>.dtype" in out.stderr

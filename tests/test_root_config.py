@@ -78,7 +78,8 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
 def test_cli_exits_nonzero_with_one_line(tmp_path, text, needle):
     cfg = tmp_path / "root.yaml"
     cfg.write_text(text)
-    out = subprocess.run([sys.executable, "-m", "trimmer", "root", "--config", str(cfg)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "trimmer", "root", "--config", str(cfg)], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], out.stderr
@@ -158,7 +159,8 @@ def test_a_trim_fed_as_the_body_landed_gives_the_trim_of_the_whole_body():
     for piece in slices:
         stream.feed(piece)
     t = NativeFormat(MSGPACK).trim(Body([view]), frozenset({"b", "c"}), stream)
-    assert (t.body, t.features_in, t.features_kept) == (encode_msgpack({"request_id": "r", "features": {"b": 2, "c": 3}}), 3, 2)
+    assert (t.body,
+            t.features_in, t.features_kept) == (encode_msgpack({"request_id": "r", "features": {"b": 2, "c": 3}}), 3, 2)
     with pytest.raises(RuntimeError, match="twice"):  # the streamed result was the one used
         stream.finish(slices)
 

@@ -35,11 +35,13 @@ def stack(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("rootleaf")
     repo = tmp / "models"
-    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "3000"), check=True, capture_output=True, timeout=240)
+    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "3000"), check=True,
+                   capture_output=True, timeout=240)
     bundle = tmp / "bundle.json"
     write_bundle(build_bundle([repo]), bundle)
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--max-batch-size", "1"], lport, "/v2/health/ready", tmp, timeout=180)
+    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--max-batch-size", "1"], lport,
+                 "/v2/health/ready", tmp, timeout=180)
     scan = scan_repository(repo)
     models = sorted({m for m, _ in scan.versions})
     roots = {}
@@ -50,12 +52,15 @@ def stack(tmp_path_factory):
             ("lz4", {"bundles": [str(bundle)]}, "lz4", [dead, leaf.url]),
             ("zstd", {"bundles": [str(bundle)]}, "zstd", [leaf.url]),
         ):
-            cfg = {**source, "admin": {"on_service_port": True}, "partitions": {"leaves": {"replicas": replicas, "compression": compression, "balance": "round_robin"}},
+            cfg = {**source, "admin": {"on_service_port": True},
+                   "partitions": {"leaves": {"replicas": replicas, "compression": compression,
+                                             "balance": "round_robin"}},
                    "models": {m: "leaves" for m in models}, "timeouts": {"request_s": 30}}
             path = tmp / f"root-{name}.yaml"
             path.write_text(json.dumps(cfg))
             port = free_port()
-            roots[name] = start(f"root-{name}", ["root", "--config", str(path), "--port", str(port)], port, "/readyz", tmp, timeout=60)
+            roots[name] = start(f"root-{name}", ["root", "--config", str(path), "--port", str(port)], port,
+                                "/readyz", tmp, timeout=60)
         yield {"leaf": leaf, "roots": roots, "scan": scan, "bundle": bundle, "tmp": tmp}
     finally:
         for r in roots.values():
@@ -113,7 +118,8 @@ def to_oip(features: dict) -> list[dict]:
     for name, v in features.items():
         if isinstance(v, Tensor):
             arr = v.to_numpy()
-            out.append({"name": name, "datatype": WIRE_TO_OIP[v.dtype], "shape": list(arr.shape), "data": arr.reshape(-1).tolist()})
+            out.append({"name": name, "datatype": WIRE_TO_OIP[v.dtype], "shape": list(arr.shape),
+                        "data": arr.reshape(-1).tolist()})
         elif isinstance(v, str):
             out.append({"name": name, "datatype": "BYTES", "shape": [1], "data": [v]})
         elif isinstance(v, list):
@@ -151,7 +157,8 @@ async def test_fanout_with_one_failing_model_returns_the_others(stack):
         status, out = await post(s, stack["roots"]["repo"].url + "/v1/score", encode_msgpack({"models": refs, **req}))
     doc = msgspec.msgpack.decode(out)
     assert status == 200
-    assert set(doc["results"]) == {"ranker/1"} | (set(sigs) - {"ranker"}) and all("outputs" in r for r in doc["results"].values())
+    assert set(doc["results"]) == {"ranker/1"} | (set(sigs) - {"ranker"}) and all(
+        "outputs" in r for r in doc["results"].values())
     assert list(doc["errors"]) == ["ranker/99"] and doc["errors"]["ranker/99"]["status"] == 404
 
 
@@ -194,10 +201,10 @@ async def test_dead_replica_fails_over_and_bundle_replacement_loses_nothing(stac
             seen, served = await reloads(), done[0]
             original["created_unix"] = int(time.time()) + i
             write_bundle(original, bundle)  # atomic replace, same allowlists
-            await until(lambda: _gt(reloads(), seen), f"replacement {i} picked up")
+            await until(lambda: _gt(reloads(), seen), f"replacement {i} picked up")  # noqa: B023 - awaited here
 
             async def more() -> bool:
-                return done[0] >= served + 3
+                return done[0] >= served + 3  # noqa: B023 - awaited in this iteration
             await until(more, f"requests served across replacement {i}")
         stop.set()
         counts = await asyncio.gather(*tasks)

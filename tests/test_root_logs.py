@@ -24,8 +24,8 @@ def root(tmp_path_factory):
            "models": {"alpha": {"partition": "p", "default_version": "1"}}, "audit_sample_rate": 1.0}
     (tmp / "root.yaml").write_text(yaml.safe_dump(cfg))
     port = free_port()
-    r = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(port), "--log-format", "json"], port, "/readyz", tmp,
-              timeout=30)
+    r = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(port), "--log-format", "json"], port,
+              "/readyz", tmp, timeout=30)
     try:
         yield r
     finally:

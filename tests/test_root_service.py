@@ -29,7 +29,8 @@ ROOT_DIR = Path(__file__).resolve().parent.parent
 
 def write_bundle(path: Path, models: dict[str, dict[str, list[str]]]) -> None:
     doc = {"kind": BUNDLE_KIND, "format": BUNDLE_FORMAT, "models": {
-        m: {"versions": {v: {"input_names": names, "output_names": ["score"]} for v, names in vs.items()}} for m, vs in models.items()}}
+        m: {"versions": {v: {"input_names": names, "output_names": ["score"]} for v, names in vs.items()}}
+        for m, vs in models.items()}}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
@@ -37,8 +38,8 @@ def write_bundle(path: Path, models: dict[str, dict[str, list[str]]]) -> None:
 
 def start_sink(tmp: Path, name: str, *extra: str) -> ManagedProcess:
     port = free_port()
-    mp = ManagedProcess(name, [sys.executable, "-m", "loadtest.sink", "--port", str(port), *extra], f"http://127.0.0.1:{port}",
-                        tmp / f"{name}.log")
+    mp = ManagedProcess(name, [sys.executable, "-m", "loadtest.sink", "--port", str(port), *extra],
+                        f"http://127.0.0.1:{port}", tmp / f"{name}.log")
     mp.start()
     mp.wait_ready("/v2/health/ready", timeout=30)
     return mp
@@ -48,7 +49,8 @@ def start_root(tmp: Path, name: str, config: dict, *args: str) -> ManagedProcess
     cfg_path = tmp / f"{name}.yaml"
     cfg_path.write_text(json.dumps(config))  # JSON is YAML
     port = free_port()
-    return start(name, ["root", "--config", str(cfg_path), "--port", str(port), *args], port, "/readyz", tmp, timeout=30)
+    return start(name, ["root", "--config", str(cfg_path), "--port", str(port), *args], port,
+                 "/readyz", tmp, timeout=30)
 
 
 FEATURES = {f"f{i}": i for i in range(10)}
@@ -94,9 +96,11 @@ def env(tmp_path_factory):
             "zstd": {"replicas": [sink.url], "compression": "zstd"},
             "failover": {"replicas": [dead, sink.url], "balance": "round_robin"},
             "slow": {"replicas": [slow.url]},
-            "oip": {"replicas": [sink.url], "protocol": "oip", "allowlists_from_metadata": {"models": ["meta"], "refresh_s": 1}},
+            "oip": {"replicas": [sink.url], "protocol": "oip",
+                    "allowlists_from_metadata": {"models": ["meta"], "refresh_s": 1}},
         },
-        "models": {"alpha": {"partition": "main", "default_version": "1"}, "beta": "main", "gamma": "main", "shadowed": "main",
+        "models": {"alpha": {"partition": "main", "default_version": "1"}, "beta": "main", "gamma": "main",
+                   "shadowed": "main",
                    "nolist": "main", "alpha_lz4": "lz4", "alpha_zstd": "zstd", "fo": "failover", "sleepy": "slow",
                    "meta": "oip", "oipm": "main"},
         "timeouts": {"request_s": 0.3, "health_interval_s": 0.5},
@@ -136,7 +140,8 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def test_fanout_trims_per_model_and_keeps_other_keys(env):
     url = env["root"].url + "/v1/score"
-    status, out = await post(url, body([{"name": "alpha"}, {"name": "beta", "version": "1"}, {"name": "alpha", "version": "2"}], context={"x": 1}))
+    status, out = await post(url, body([{"name": "alpha"}, {"name": "beta", "version": "1"},
+                                        {"name": "alpha", "version": "2"}], context={"x": 1}))
     assert status == 200, out
     assert out["errors"] == {}
     a1, a2, b = out["results"]["alpha/default"], out["results"]["alpha/2"], out["results"]["beta"]
@@ -147,7 +152,8 @@ async def test_fanout_trims_per_model_and_keeps_other_keys(env):
 
 
 async def test_fanout_one_failing_model_returns_the_others(env):
-    status, out = await post(env["root"].url + "/v1/score", body([{"name": "alpha"}, {"name": "gamma"}, {"name": "nope"}]))
+    status, out = await post(env["root"].url + "/v1/score",
+                             body([{"name": "alpha"}, {"name": "gamma"}, {"name": "nope"}]))
     assert status == 200
     assert set(out["results"]) == {"alpha"}
     assert out["errors"]["gamma"]["status"] == 500 and "failed on purpose" in out["errors"]["gamma"]["error"]
@@ -165,7 +171,8 @@ async def test_fanout_json_and_shortcut(env):
 
 
 async def test_megabyte_bodies_are_trimmed_and_forwarded_from_their_chunks(env):
-    """A body that arrives in many chunks: trimmed while it arrives (enforce), forwarded chunk by chunk (miss, shadow)."""
+    """A body that arrives in many chunks: trimmed while it arrives (enforce), forwarded chunk by chunk (miss,
+    shadow)."""
     big = {**FEATURES, **{f"pad{i:03d}": bytes([i % 251]) * 10_000 for i in range(300)}}
     doc = {"request_id": "big", "features": big, "tail": "end"}
     data = msgspec.msgpack.encode(doc)
@@ -215,7 +222,8 @@ async def test_shadow_miss_and_byte_metrics(env):
     for m in ("shadowed", "nolist", "alpha"):
         assert delta("trimmer_root_upstream_sent_bytes_total", model=m) == out["results"][m]["wire_bytes"]
     assert delta("trimmer_root_untrimmed_bytes_total", model="alpha") == out["results"]["nolist"]["body_bytes"]
-    assert delta("trimmer_root_client_bytes_total", route="fanout") == len(body([{"name": "shadowed"}, {"name": "nolist"}, {"name": "alpha"}]))
+    assert delta("trimmer_root_client_bytes_total", route="fanout") == len(
+        body([{"name": "shadowed"}, {"name": "nolist"}, {"name": "alpha"}]))
 
 
 @pytest.mark.parametrize("model,encoding", [("alpha_lz4", "lz4"), ("alpha_zstd", "zstd")])
@@ -229,7 +237,8 @@ async def test_compression_counts_wire_bytes(env, model, encoding):
     r = out["results"][model]
     assert r["encoding"] == encoding and r["features"] == ["f1", "f2"] and r["wire_bytes"] < r["body_bytes"]
     _, after = await get_text(url + "/metrics")
-    sent = metric(after, "trimmer_root_upstream_sent_bytes_total", model=model) - metric(before, "trimmer_root_upstream_sent_bytes_total", model=model)
+    sent = metric(after, "trimmer_root_upstream_sent_bytes_total", model=model) - metric(
+        before, "trimmer_root_upstream_sent_bytes_total", model=model)
     assert sent == r["wire_bytes"]
 
 
@@ -251,11 +260,14 @@ async def test_timeout_is_504_and_deadline_propagates(env):
 
 async def test_oip_infer_trimmed_with_bundle_and_metadata_allowlists(env):
     url = env["root"].url
-    req = {"id": "q", "inputs": [{"name": n, "datatype": "FP32", "shape": [1], "data": [1.0]} for n in ("f1", "f7", "f8", "f9")]}
-    status, out = await post(url + "/v2/models/meta/infer", json.dumps(req).encode(), {"Content-Type": "application/json"})
+    req = {"id": "q",
+           "inputs": [{"name": n, "datatype": "FP32", "shape": [1], "data": [1.0]} for n in ("f1", "f7", "f8", "f9")]}
+    status, out = await post(url + "/v2/models/meta/infer", json.dumps(req).encode(),
+                             {"Content-Type": "application/json"})
     assert status == 200, out
     assert out["outputs"][0]["data"] == ["f7", "f8"] and out["id"] == "q"  # allowlist from the upstream's metadata
-    status, out = await post(url + "/v2/models/oipm/infer", json.dumps(req).encode(), {"Content-Type": "application/json"})
+    status, out = await post(url + "/v2/models/oipm/infer", json.dumps(req).encode(),
+                             {"Content-Type": "application/json"})
     assert status == 200 and out["outputs"][0]["data"] == ["f1"]  # allowlist from the bundle
     status, meta = await get_text(url + "/v2/models/meta")
     assert status == 200 and json.loads(meta)["inputs"][0]["name"] == "f7"
@@ -273,15 +285,18 @@ async def test_oip_binary_tensor_requests_are_trimmed_segment_by_segment(env):
 
     url = env["root"].url
     arrays = {n: np.arange(i * 10, i * 10 + 64, dtype=np.float32) for i, n in enumerate(("f1", "f7", "f8", "f9"))}
-    header = json.dumps({"id": "b", "inputs": [{"name": n, "datatype": "FP32", "shape": [64], "parameters": {"binary_data_size": a.nbytes}}
+    header = json.dumps({"id": "b", "inputs": [{"name": n, "datatype": "FP32", "shape": [64],
+                                                "parameters": {"binary_data_size": a.nbytes}}
                                                for n, a in arrays.items()]}).encode()
     data = header + b"".join(a.tobytes() for a in arrays.values())
     headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
     status, out = await post(url + "/v2/models/meta/infer", data, headers)
     assert status == 200, out
     got = {o["name"]: o["data"] for o in out["outputs"]}
-    assert got["received"] == ["f7", "f8"] and got["binary_bytes"] == [2 * 64 * 4]  # only f7 and f8, and only their segments
-    status, out = await post(url + "/v2/models/meta/infer", data, {**headers, "Inference-Header-Content-Length": "999999"})
+    # only f7 and f8, and only their segments
+    assert got["received"] == ["f7", "f8"] and got["binary_bytes"] == [2 * 64 * 4]
+    status, out = await post(url + "/v2/models/meta/infer", data,
+                             {**headers, "Inference-Header-Content-Length": "999999"})
     assert status == 400 and "Inference-Header-Content-Length" in out["error"]
 
 
@@ -305,9 +320,11 @@ async def test_all_replicas_down_is_503_naming_model_and_partition(tmp_path):
     bundle = tmp_path / "b.json"
     write_bundle(bundle, {"m": {"1": ["f1"]}})
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(json.dumps({"bundles": [str(bundle)], "admin": {"on_service_port": True}, "partitions": {"p": {"replicas": dead}}, "models": {"m": "p"}}))
+    cfg_path.write_text(json.dumps({"bundles": [str(bundle)], "admin": {"on_service_port": True},
+                                    "partitions": {"p": {"replicas": dead}}, "models": {"m": "p"}}))
     port = free_port()
-    root = ManagedProcess("root-dead", [sys.executable, "-m", "trimmer", "root", "--config", str(cfg_path), "--port", str(port)],
+    root = ManagedProcess("root-dead",
+                          [sys.executable, "-m", "trimmer", "root", "--config", str(cfg_path), "--port", str(port)],
                           f"http://127.0.0.1:{port}", tmp_path / "root.log").start()
     try:
         root.wait_ready("/healthz", timeout=30)
@@ -367,7 +384,8 @@ async def test_bundle_replacement_while_requests_flow_loses_none(env):
 def test_root_process_never_imports_torch(env):
     maps = Path(f"/proc/{env['root'].pid}/maps").read_text()
     assert "torch" not in maps
-    code = "import sys, root.app, root.cli, loadtest.bench.root, loadtest.sink, trimmer.cli; trimmer.cli.build_parser(); print('torch' in sys.modules)"
+    code = ("import sys, root.app, root.cli, loadtest.bench.root, loadtest.sink, trimmer.cli; "
+            "trimmer.cli.build_parser(); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -423,7 +441,8 @@ async def test_workers_supervisor_restarts_a_crashed_worker(env, tmp_path):
             for c in sup.children():
                 try:
                     if c.status() != psutil.STATUS_ZOMBIE and any(
-                            conn.status == psutil.CONN_LISTEN and conn.laddr.port == port for conn in c.net_connections("tcp")):
+                            conn.status == psutil.CONN_LISTEN and conn.laddr.port == port
+                            for conn in c.net_connections("tcp")):
                         out.add(c.pid)
                 except psutil.NoSuchProcess:
                     pass
@@ -486,7 +505,8 @@ async def test_untrimmed_chunked_body_is_resent_whole_on_failover(env):
     from root.metrics import Metrics
     from root.upstream import Partition
 
-    data = msgspec.msgpack.encode({"request_id": "fo", "features": {f"pad{i:03d}": bytes([i]) * 10_000 for i in range(200)}})
+    data = msgspec.msgpack.encode(
+        {"request_id": "fo", "features": {f"pad{i:03d}": bytes([i]) * 10_000 for i in range(200)}})
     chunks = [data[i:i + 256_000] for i in range(0, len(data), 256_000)]
     dead = f"http://127.0.0.1:{free_port()}"
     metrics = Metrics()
@@ -536,11 +556,14 @@ async def test_body_dripped_in_small_pieces_is_trimmed_exactly(env):
     ("/v1/models/alpha/score", "application/msgpack", "alpha", 0.0, True),      # enforce: nothing else needs the body
     ("/v1/models/alpha/score", "application/json", "alpha", 0.0, True),         # the same for JSON
     ("/v2/models/oipm/infer", "application/json", "oipm", 0.0, True),           # and for an OIP request
-    ("/v1/models/alpha/score", "application/msgpack", "alpha", 1.0, True),      # audited: the audit keeps a copy of its own
-    ("/v1/models/shadowed/score", "application/msgpack", "shadowed", 0.0, False),  # shadow: the whole body goes upstream
+    ("/v1/models/alpha/score",
+     "application/msgpack", "alpha", 1.0, True),      # audited: the audit keeps a copy of its own
+    ("/v1/models/shadowed/score",
+     "application/msgpack", "shadowed", 0.0, False),  # shadow: the whole body goes upstream
     ("/v1/models/nolist/score", "application/msgpack", "nolist", 0.0, False),   # no allowlist: forwarded untrimmed
 ])
-async def test_a_trimmed_body_is_released_before_the_upstream_answers(env, monkeypatch, path, ctype, model, audit_rate, released):
+async def test_a_trimmed_body_is_released_before_the_upstream_answers(
+        env, monkeypatch, path, ctype, model, audit_rate, released):
     """One target: once the trim is taken, the client's chunks are dropped instead of being held for the model's
     whole latency; whatever still needs them (shadow, miss, audit) keeps them. Through the real handlers of an
     in-process root (build_apps) against the real sink; Body.release is wrapped only to record that it ran, and
@@ -571,7 +594,8 @@ async def test_a_trimmed_body_is_released_before_the_upstream_answers(env, monke
     try:
         pad = "x" * 300_000
         if path.startswith("/v2"):
-            data = json.dumps({"id": "rel", "inputs": [{"name": n, "datatype": "BYTES", "shape": [1], "data": [pad if n == "pad" else n]}
+            data = json.dumps({"id": "rel", "inputs": [{"name": n, "datatype": "BYTES", "shape": [1],
+                                                        "data": [pad if n == "pad" else n]}
                                                         for n in ("f1", "pad", "f2")]}).encode()
         elif ctype == "application/json":
             data = json.dumps({"request_id": "rel", "features": {**FEATURES, "pad": pad}}).encode()
@@ -632,7 +656,8 @@ async def test_shortcut_trims_are_scanned_as_the_body_arrives(env):
         assert status == 200 and out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
     status, _ = await post(url + "/v1/models/alpha/versions/2/score", body())
     assert status == 200
-    status, _ = await post(url + "/v1/models/alpha/score", json.dumps({"features": FEATURES}).encode(), {"Content-Type": "application/json"})
+    status, _ = await post(url + "/v1/models/alpha/score", json.dumps({"features": FEATURES}).encode(),
+                           {"Content-Type": "application/json"})
     assert status == 200
     status, _ = await post(url + "/v1/models/nosuch/score", body())
     assert status == 404
@@ -647,13 +672,14 @@ async def test_pipelined_requests_on_one_connection_are_each_trimmed_exactly(env
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         for data, _ in reqs:
-            writer.write(f"POST /v1/models/alpha/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/msgpack\r\n"
-                         f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            writer.write(f"POST /v1/models/alpha/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                         f"application/msgpack\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
         await writer.drain()
         for _, expected in reqs:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             assert head.startswith(b"HTTP/1.1 200"), head
-            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
             out = msgspec.msgpack.decode(await asyncio.wait_for(reader.readexactly(length), 10))
             assert out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
     finally:
@@ -666,8 +692,8 @@ async def test_without_the_fast_listener_aiohttp_serves_the_same_bytes(env, tmp_
     cfg_path = tmp_path / "plain.yaml"
     cfg_path.write_text(json.dumps(env["config"]))
     port = free_port()
-    root = start("plain", ["root", "--config", str(cfg_path), "--port", str(port)], port, "/readyz", tmp_path, timeout=30,
-                 env={"TRIMMER_FAST_LISTENER": "0"})
+    root = start("plain", ["root", "--config", str(cfg_path), "--port", str(port)], port, "/readyz", tmp_path,
+                 timeout=30, env={"TRIMMER_FAST_LISTENER": "0"})
     try:
         data, expected = _big_request("plain")
         status, out = await post(root.url + "/v1/models/alpha/score", data)
@@ -689,7 +715,8 @@ async def test_a_connection_handed_to_aiohttp_gets_the_same_bytes(env):
             assert r.status == 200
         for i in range(2):
             data, expected = _big_request(f"handed{i}")
-            async with s.post(url + "/v1/models/alpha/score", data=data, headers={"Content-Type": "application/msgpack"}) as r:
+            async with s.post(url + "/v1/models/alpha/score", data=data,
+                              headers={"Content-Type": "application/msgpack"}) as r:
                 out = msgspec.msgpack.decode(await r.read())
                 assert r.status == 200 and out["features"] == ["f1", "f2"] and out["body_sha256"] == sha(expected)
     text = (await get_text(url + "/metrics"))[1]

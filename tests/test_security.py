@@ -72,8 +72,8 @@ def test_cli_and_root_never_import_torch_or_unpickle(tmp_path):
     repo = tmp_path / "repo"
     (repo / "m" / "1").mkdir(parents=True)
     (repo / "m" / "1" / "model.pt").write_bytes(hostile_archive())
-    out = subprocess.run([sys.executable, "-c", CHILD, str(repo), str(tmp_path / "bundle.json")], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(repo), str(tmp_path / "bundle.json")], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert doc["rc"] == [0, 0, 0, 0]
@@ -85,8 +85,7 @@ def test_cli_and_root_never_import_torch_or_unpickle(tmp_path):
 def test_the_hook_would_catch_an_unpickle(tmp_path):
     """The check above can fail: unpickling the same archive's data.pkl trips the hook."""
     code = CHILD.split("repo, out")[0] + (
-        "import zipfile, pickle\n"
-        f"zf = zipfile.ZipFile({str(tmp_path / 'a.pt')!r})\n"
+        f"import zipfile, pickle\nzf = zipfile.ZipFile({str(tmp_path / 'a.pt')!r})\n"
         "try:\n    pickle.loads(zf.read('model/data.pkl'))\nexcept Exception:\n    pass\n"
         "print(events)\n")
     (tmp_path / "a.pt").write_bytes(hostile_archive())
@@ -101,7 +100,8 @@ def test_root_and_trimmer_sources_never_mention_unpickling():
         for path in (ROOT_DIR / pkg).glob("*.py"):
             for i, line in enumerate(path.read_text().splitlines(), 1):
                 code = line.split("#", 1)[0]
-                if any(tok in code for tok in ("import torch", "from torch", "torch.load", "import pickle", "pickle.load",
+                if any(tok in code
+                       for tok in ("import torch", "from torch", "torch.load", "import pickle", "pickle.load",
                                                "import marshal", "import dill", "import joblib")):
                     bad.append(f"{path.relative_to(ROOT_DIR)}:{i}: {line.strip()}")
     assert not bad, bad
@@ -136,7 +136,8 @@ def _status(url: str) -> int:
 def sink(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sec")
     port = free_port()
-    mp = ManagedProcess("sink", [sys.executable, "-m", "loadtest.sink", "--port", str(port)], f"http://127.0.0.1:{port}", tmp / "sink.log")
+    mp = ManagedProcess("sink", [sys.executable, "-m", "loadtest.sink", "--port", str(port)],
+                        f"http://127.0.0.1:{port}", tmp / "sink.log")
     mp.start()
     mp.wait_ready("/v2/health/ready", timeout=30)
     yield mp

@@ -33,7 +33,8 @@ BOOLS = [v for v, (_, d) in DOCUMENTED.items() if isinstance(d, bool)]
 def test_defaults_without_variables_and_empty_values_count_as_unset():
     for env in ({}, {var: "" for var in DOCUMENTED}, {"UNRELATED": "x"}):
         s = Settings.from_env(env)
-        assert {var: getattr(s, field) for var, (field, _) in DOCUMENTED.items()} == {v: d for v, (_, d) in DOCUMENTED.items()}
+        assert {var: getattr(s, field) for var,
+                (field, _) in DOCUMENTED.items()} == {v: d for v, (_, d) in DOCUMENTED.items()}
 
 
 @pytest.mark.parametrize("var", BOOLS)
@@ -86,12 +87,14 @@ def test_root_refuses_to_start_on_a_bad_value(tmp_path, var, raw):
     out = _bad_env_run(["root", "--config", cfg, "--port", str(free_port())], var, raw)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [f"trimmer root: error: {var}={raw!r}: expected one of "
-                                               + ("1, 0, true, false, yes, no, on, off" if var == "TRIMMER_GC_TUNING" else "text, json")]
+                                               + ("1, 0, true, false, yes, no, on, off" if var == "TRIMMER_GC_TUNING"
+                                                  else "text, json")]
 
 
 def test_leaf_refuses_to_start_on_a_bad_value(tmp_path):
     (tmp_path / "repo").mkdir()
-    out = _bad_env_run(["leaf", "--repo", str(tmp_path / "repo"), "--port", str(free_port())], "TRIMMER_FAST_LISTENER", "sometimes")
+    out = _bad_env_run(["leaf", "--repo", str(tmp_path / "repo"), "--port", str(free_port())],
+                       "TRIMMER_FAST_LISTENER", "sometimes")
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("trimmer leaf: error: TRIMMER_FAST_LISTENER='sometimes'"), out.stderr
@@ -111,7 +114,8 @@ def test_root_logs_its_settings_once_and_serves_them_on_the_admin_listener(tmp_p
                  env={"TRIMMER_FAST_LISTENER": "off", "TRIMMER_LOG_LEVEL": "warning", "TRIMMER_GC_TUNING": ""})
     try:
         got = _get_json(f"http://127.0.0.1:{admin_port}/admin/settings")
-        assert got["fast_listener"] == {"value": False, "env": "TRIMMER_FAST_LISTENER", "default": True, "changed": True}
+        assert got["fast_listener"] == {"value": False, "env": "TRIMMER_FAST_LISTENER",
+                                        "default": True, "changed": True}
         assert got["log_level"]["value"] == "WARNING" and got["gc_tuning"]["value"] is True
         with pytest.raises(urllib.error.HTTPError) as info:  # admin routes stay off the service port
             urllib.request.urlopen(root.url + "/admin/settings", timeout=10)
@@ -128,11 +132,13 @@ def test_root_settings_line_at_info_once(tmp_path, workers):
     sink = start_sink(tmp_path, "sink")
     port = free_port()
     root = start("root", ["root", "--config", _root_config(tmp_path, sink.url, free_port()), "--port", str(port),
-                          "--workers", str(workers)], port, "/readyz", tmp_path, timeout=60, env={"TRIMMER_MALLOC_TUNING": "0"})
+                          "--workers", str(workers)], port, "/readyz", tmp_path, timeout=60,
+                          env={"TRIMMER_MALLOC_TUNING": "0"})
     root.stop()
     sink.stop()
     lines = [ln for ln in root.log_path.read_text().splitlines() if "settings:" in ln]
-    assert len(lines) == 1 and " INFO " in lines[0] and "malloc_tuning=False" in lines[0] and "fast_listener=True" in lines[0]
+    assert len(
+        lines) == 1 and " INFO " in lines[0] and "malloc_tuning=False" in lines[0] and "fast_listener=True" in lines[0]
 
 
 def test_leaf_logs_and_serves_its_settings(tmp_path):

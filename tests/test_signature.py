@@ -19,7 +19,8 @@ from trimmer.signature import MAX_SIGNATURE_BYTES, parse_signature, read_signatu
 INFO = {
     "input_names": ["user_age", "cand_ctr"],
     "output_names": ["score"],
-    "inputs": {"cand_ctr": {"dtype": "float32", "shape": [-1]}, "user_age": {"dtype": "int64", "shape": [], "default": 0}},
+    "inputs": {"cand_ctr": {"dtype": "float32", "shape": [-1]},
+               "user_age": {"dtype": "int64", "shape": [], "default": 0}},
 }
 
 
@@ -90,18 +91,21 @@ BAD_ARCHIVES = {
     "invalid utf-8": (_zip({"m/extra/module_info.json": b"\xff\xfe{}"}), "not valid UTF-8"),
     "invalid json": (_zip({"m/extra/module_info.json": b"{input_names:"}), "not valid JSON"),
     "top level list": (_zip({"m/extra/module_info.json": b"[]"}), "must be a JSON object"),
-    "missing input_names": (_zip({"m/extra/module_info.json": b'{"output_names": []}'}), "missing required key 'input_names'"),
+    "missing input_names": (_zip({"m/extra/module_info.json": b'{"output_names": []}'}),
+                            "missing required key 'input_names'"),
     "input_names not a list": (
         _zip({"m/extra/module_info.json": b'{"input_names": "a", "output_names": []}'}),
         "'input_names' must be a list of non-empty strings",
     ),
-    "empty name": (_zip({"m/extra/module_info.json": b'{"input_names": [""], "output_names": []}'}), "non-empty strings"),
+    "empty name": (_zip({"m/extra/module_info.json": b'{"input_names": [""], "output_names": []}'}),
+                   "non-empty strings"),
     "duplicate names": (
         _zip({"m/extra/module_info.json": b'{"input_names": ["a", "b", "a"], "output_names": []}'}),
         "duplicate names in 'input_names': a",
     ),
     "bad input spec dtype": (
-        _zip({"m/extra/module_info.json": b'{"input_names": ["a"], "output_names": [], "inputs": {"a": {"dtype": "float128"}}}'}),
+        _zip({"m/extra/module_info.json":
+              b'{"input_names": ["a"], "output_names": [], "inputs": {"a": {"dtype": "float128"}}}'}),
         "dtype 'float128' is not one of",
     ),
     "spec for unknown input": (
@@ -160,6 +164,7 @@ def test_inspect_bad_input_one_line_nonzero(tmp_path: Path, case: str) -> None:
 def test_reading_never_imports_torch(tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
     path.write_bytes(_good())
-    code = f"import sys; from trimmer.signature import read_signature; read_signature({str(path)!r}); print('torch' in sys.modules)"
+    code = (f"import sys; from trimmer.signature import read_signature; read_signature({str(path)!r}); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr

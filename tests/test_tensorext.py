@@ -65,7 +65,8 @@ def test_roundtrip_through_the_decoder(dtype: str, hook: str) -> None:
 
 @pytest.mark.parametrize("hook", sorted(HOOKS))
 def test_bad_tensor_in_a_request_reads_as_the_library_error(hook: str) -> None:
-    body = msgspec.msgpack.encode({"features": {"x": msgspec.msgpack.Ext(TENSOR_EXT_CODE, b"\x08\x01\x05\x00\x00\x00abc")}})
+    body = msgspec.msgpack.encode(
+        {"features": {"x": msgspec.msgpack.Ext(TENSOR_EXT_CODE, b"\x08\x01\x05\x00\x00\x00abc")}})
     with pytest.raises(PayloadError, match="needs 20 bytes, got 3"):
         msgspec.msgpack.Decoder(ext_hook=HOOKS[hook]).decode(body)
     with pytest.raises(PayloadError, match="needs 20 bytes, got 3"):

@@ -39,10 +39,12 @@ ENGINES = sorted(trim_mod.ENGINES)
 def test_engine_follows_the_switch() -> None:
     if NO_EXTENSIONS:  # the no-extension test run: everything goes through the Python twin
         assert not trim_mod.ACCELERATED and trim_mod.IMPLEMENTATION == "python"
-        assert trim_mod.trim_msgpack is trim_mod.trim_msgpack_py and trim_mod.trim_msgpack_chunks is trim_mod.trim_msgpack_chunks_py
+        assert trim_mod.trim_msgpack is trim_mod.trim_msgpack_py \
+            and trim_mod.trim_msgpack_chunks is trim_mod.trim_msgpack_chunks_py
     else:
         # `make test` installs with a compiler present; a silent fallback would hide a 10x regression.
-        assert trim_mod.ACCELERATED and trim_mod.IMPLEMENTATION == "c" and trim_mod.trim_msgpack is trim_mod.trim_msgpack_c
+        assert trim_mod.ACCELERATED and trim_mod.IMPLEMENTATION == "c" \
+            and trim_mod.trim_msgpack is trim_mod.trim_msgpack_c
 
 
 def _probe(env_value: str | None) -> str:
@@ -84,11 +86,12 @@ def test_switch_reaches_a_spawned_root(tmp_path) -> None:
     from loadtest.procs import free_port, start
 
     cfg = tmp_path / "root.yaml"
-    cfg.write_text(json.dumps({"partitions": {"p": {"replicas": [f"http://127.0.0.1:{free_port()}"]}}, "models": {"m": "p"}}))
+    cfg.write_text(
+        json.dumps({"partitions": {"p": {"replicas": [f"http://127.0.0.1:{free_port()}"]}}, "models": {"m": "p"}}))
     for value, expect in (("1", True), ("0", False)):
         port = free_port()
-        root = start(f"root{value}", ["root", "--config", str(cfg), "--port", str(port)], port, "/healthz", tmp_path, timeout=60,
-                     env={"TRIMMER_NO_EXTENSIONS": value})
+        root = start(f"root{value}", ["root", "--config", str(cfg), "--port", str(port)], port, "/healthz", tmp_path,
+                     timeout=60, env={"TRIMMER_NO_EXTENSIONS": value})
         root.stop()
         log = (tmp_path / f"root{value}.log").read_text()
         assert ("C extensions off" in log) is expect, log[-2000:]
@@ -167,11 +170,13 @@ def test_chunked_trim_equals_one_shot_for_any_split(feats: dict, other: dict, da
     """Fed chunk by chunk (scanning as they arrive), the trim gives the same bytes or the same error, with
     either engine, and both engines give the same."""
     body = msgpack.packb({**other, "features": feats}, use_bin_type=True)
-    body = body[: data.draw(st.integers(len(body) - 8, len(body)))] + data.draw(st.binary(max_size=3))  # also broken bodies
+    # also broken bodies
+    body = body[: data.draw(st.integers(len(body) - 8, len(body)))] + data.draw(st.binary(max_size=3))
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=12)))
     chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
     allow = frozenset(list(feats)[::2])
-    outcomes = {_outcome(CHUNKED[e], chunks, allow) for e in ENGINES} | {_outcome(IMPLS[e], body, allow) for e in ENGINES}
+    outcomes = {_outcome(CHUNKED[e], chunks, allow) for e in ENGINES} | {
+        _outcome(IMPLS[e], body, allow) for e in ENGINES}
     assert len(outcomes) == 1, outcomes
 
 
@@ -218,7 +223,8 @@ def test_engines_give_the_same_error_text() -> None:
     bodies = [b for b, _ in BAD.values()] + list(BAD_UTF8_BODIES.values()) + [b for b, *_ in NON_CANONICAL.values()]
     bodies += [b[:cut] for b, *_ in NON_CANONICAL.values() for cut in range(len(b))]
     for body in bodies:
-        assert _outcome(trim_mod.trim_msgpack_c, body, frozenset({"a"})) == _outcome(trim_mod.trim_msgpack_py, body, frozenset({"a"}))
+        assert _outcome(trim_mod.trim_msgpack_c, body, frozenset({"a"})) == _outcome(
+            trim_mod.trim_msgpack_py, body, frozenset({"a"}))
 
 
 def test_request_without_features_passes_unchanged() -> None:
@@ -258,8 +264,8 @@ def test_duplicate_features_key_is_rejected_not_forwarded_untrimmed(impl: str) -
 
 # Keys that are not UTF-8 (a stray byte, an overlong NUL, a surrogate, a code point above U+10FFFF), as short
 # (fixstr) and long (str8) keys, for a feature and for a top-level key: every implementation refuses them.
-_BAD_UTF8 = {"stray byte": b"\xff\xfe", "overlong": b"\xc0\x80", "surrogate": b"\xed\xa0\x80", "above U+10FFFF": b"\xf4\x90\x80\x80",
-             "truncated sequence": b"ab\xe2\x82"}
+_BAD_UTF8 = {"stray byte": b"\xff\xfe", "overlong": b"\xc0\x80", "surrogate": b"\xed\xa0\x80",
+             "above U+10FFFF": b"\xf4\x90\x80\x80", "truncated sequence": b"ab\xe2\x82"}
 
 
 def _key(raw: bytes, long: bool) -> bytes:
@@ -273,7 +279,8 @@ BAD_UTF8_BODIES = {
         else b"\x82" + _key(raw, long) + b"\x01\xa8features\x81\xa1a\x01")
     for where in ("feature", "top-level") for kind, raw in _BAD_UTF8.items() for long in (False, True)
 }
-UTF8_IMPLS = {**IMPLS, **{f"{e}_1byte_chunks": lambda body, allow, _f=CHUNKED[e]: _f([body[i:i + 1] for i in range(len(body))], allow)
+UTF8_IMPLS = {**IMPLS, **{f"{e}_1byte_chunks": lambda body, allow,
+                          _f=CHUNKED[e]: _f([body[i:i + 1] for i in range(len(body))], allow)
                            for e in ENGINES}}
 
 
@@ -309,7 +316,8 @@ def test_fuzz_smoke_runs_in_pytest() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     module.smoke(4000, seed=17)
-    for body in (*BAD_UTF8_BODIES.values(), *(b for b, _ in BAD.values())):  # and the known bad inputs through the same property
+    # and the known bad inputs through the same property
+    for body in (*BAD_UTF8_BODIES.values(), *(b for b, _ in BAD.values())):
         module.test_one_input(body)
 
 
@@ -377,7 +385,8 @@ def _list_cases() -> dict[str, list]:
         "uniform float64": [0.5 + i for i in range(40)],
         "one narrower element": [big + i for i in range(20)] + [7] + [big + i for i in range(20)],
         "one wider element last": [5] * 30 + [big],
-        "type byte repeats at the stride inside values": [0xCF, big, 0xCF, big],  # 0xcf = uint64's type byte, also as a value
+        "type byte repeats at the stride inside values": [0xCF, big, 0xCF,
+                                                          big],  # 0xcf = uint64's type byte, also as a value
         "strings": ["ab", "cd", "ef"],
         "nested list": [[1, 2], [3, 4]],
         "mixed": [1, "x", 2.5, None, True, big],

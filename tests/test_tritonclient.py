@@ -22,7 +22,6 @@ import yaml
 
 pytest.importorskip("tritonclient.http")
 import tritonclient.http as th  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from loadtest.procs import free_port, start  # noqa: E402
 
@@ -60,14 +59,15 @@ class Linear(torch.nn.Module):
 SCORER_INFO = {
     "input_names": ["x", "ids", "u", "flag"], "output_names": ["score", "aux"],
     "inputs": {"x": {"dtype": "float32", "shape": [-1, DIM]}, "ids": {"dtype": "int64", "shape": [-1]},
-               "u": {"dtype": "float32", "shape": [3], "default": 0.0}, "flag": {"dtype": "bool", "shape": [], "default": False}},
+               "u": {"dtype": "float32", "shape": [3], "default": 0.0},
+               "flag": {"dtype": "bool", "shape": [], "default": False}},
 }
 
 
 def oracle(x: np.ndarray, ids: np.ndarray, u: np.ndarray, flag: bool) -> tuple[np.ndarray, np.ndarray]:
     # float32 arithmetic, in the model's order of operations
-    score = x.sum(1, dtype=np.float32) * np.float32(1.0 + u.sum(dtype=np.float32)) + np.float32(0.5) * ids.astype(np.float32) \
-        + np.float32(flag)
+    score = x.sum(1, dtype=np.float32) * np.float32(1.0 + u.sum(dtype=np.float32)) \
+        + np.float32(0.5) * ids.astype(np.float32) + np.float32(flag)
     return score.astype(np.float32), ids * 2
 
 
@@ -89,8 +89,8 @@ def stack(tmp_path_factory):
     _save(repo / "untyped" / "1" / "model.pt2", Linear(), {"input_names": ["a"], "output_names": ["y"]}, "pt2",
           (torch.zeros(3, 2),))  # exported for 3 rows exactly
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--torch-threads", "1"], lport, "/v2/health/ready",
-                 tmp, timeout=180)
+    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--torch-threads", "1"], lport,
+                 "/v2/health/ready", tmp, timeout=180)
     root = None
     try:
         rport = free_port()
@@ -99,7 +99,8 @@ def stack(tmp_path_factory):
                "partitions": {"leaves": {"replicas": [leaf.url], "protocol": "native"}},
                "models": {"scorer": {"partition": "leaves"}}, "unknown_models": {"policy": "reject"}}
         (tmp / "root.yaml").write_text(yaml.safe_dump(cfg))
-        root = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(rport)], rport, "/readyz", tmp, timeout=60)
+        root = start("root", ["root", "--config", str(tmp / "root.yaml"), "--port", str(rport)], rport,
+                     "/readyz", tmp, timeout=60)
         yield {"leaf": leaf, "root": root, "tmp": tmp}
     finally:
         if root is not None:
@@ -113,7 +114,8 @@ def client(url: str) -> th.InferenceServerClient:
 
 def data(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((ROWS, DIM)).astype(np.float32), "ids": rng.integers(-1000, 1000, ROWS).astype(np.int64),
+    return {"x": rng.standard_normal((ROWS, DIM)).astype(np.float32),
+            "ids": rng.integers(-1000, 1000, ROWS).astype(np.int64),
             "u": rng.standard_normal(3).astype(np.float32), "flag": np.array(True)}
 
 
@@ -165,8 +167,8 @@ def test_defaults_against_the_leaf(stack):
     values = data(1)
     c = client(stack["leaf"].url)
     # binary inputs; binary outputs asked per output (InferRequestedOutput's default)
-    result = c.infer("scorer", inputs_for(values), outputs=[th.InferRequestedOutput("score"), th.InferRequestedOutput("aux")],
-                     request_id="r-1")
+    result = c.infer("scorer", inputs_for(values),
+                     outputs=[th.InferRequestedOutput("score"), th.InferRequestedOutput("aux")], request_id="r-1")
     check_oracle(result, values)
     resp = result.get_response()
     assert resp["id"] == "r-1" and resp["model_name"] == "scorer" and resp["model_version"] == "1"
@@ -182,7 +184,8 @@ def test_json_inputs_and_outputs_against_the_leaf_and_through_the_root(stack):
     values = data(2)
     for url in (stack["leaf"].url, stack["root"].url):
         result = client(url).infer("scorer", inputs_for(values, binary=False),
-                                   outputs=[th.InferRequestedOutput("score", binary_data=False), th.InferRequestedOutput("aux", binary_data=False)])
+                                   outputs=[th.InferRequestedOutput("score", binary_data=False),
+                                            th.InferRequestedOutput("aux", binary_data=False)])
         check_oracle(result, values)
         assert all("data" in o and "parameters" not in o for o in result.get_response()["outputs"])
 
@@ -212,7 +215,8 @@ def test_defaults_against_the_leaf_ignore_undeclared_and_bytes_inputs(stack):
 
 
 # ---------------------------------------------------------------------- the binary format, by hand
-def binary_body(values: dict[str, np.ndarray], params: dict | None = None, outputs: list | None = None) -> tuple[bytes, int]:
+def binary_body(values: dict[str, np.ndarray], params: dict | None = None,
+                outputs: list | None = None) -> tuple[bytes, int]:
     header: dict = {"inputs": [{"name": n, "shape": list(a.shape), "datatype": DATATYPES[a.dtype],
                                 "parameters": {"binary_data_size": a.nbytes}} for n, a in values.items()]}
     if params:
@@ -232,7 +236,8 @@ def test_per_output_binary_false_wins_over_request_binary_data_output(stack):
     values = data(5)
     body, n = binary_body(values, {"binary_data_output": True},
                           [{"name": "aux", "parameters": {"binary_data": False}}, {"name": "score"}])
-    status, headers, out = post(stack["leaf"].url + "/v2/models/scorer/infer", body, {"Inference-Header-Content-Length": str(n)})
+    status, headers, out = post(stack["leaf"].url + "/v2/models/scorer/infer", body,
+                                {"Inference-Header-Content-Length": str(n)})
     assert status == 200, out
     head, rest = split_response(headers, out)
     score, aux = oracle(values["x"], values["ids"], values["u"], True)
@@ -243,7 +248,8 @@ def test_per_output_binary_false_wins_over_request_binary_data_output(stack):
     np.testing.assert_allclose(np.frombuffer(rest, np.float32), score, rtol=1e-5, atol=1e-5)
     # nothing binary asked: a plain JSON answer, no header
     body, n = binary_body(values)
-    status, headers, out = post(stack["leaf"].url + "/v2/models/scorer/infer", body, {"Inference-Header-Content-Length": str(n)})
+    status, headers, out = post(stack["leaf"].url + "/v2/models/scorer/infer", body,
+                                {"Inference-Header-Content-Length": str(n)})
     assert status == 200 and "Inference-Header-Content-Length" not in headers
     assert json.loads(out)["outputs"][1]["data"] == aux.tolist()
 
@@ -255,7 +261,8 @@ def test_binary_requests_keep_the_allowlist_handshake(stack):
     body, n = binary_body(data(6), {"binary_data_output": True})
     h = {"Inference-Header-Content-Length": str(n)}
     status, headers, out = post(url, body, {**h, "X-Trimmer-Signature": input_digest(["x", "ids"])})
-    assert status == 412 and json.loads(out)["code"] == "allowlist_mismatch" and headers.get("X-Trimmer-Mismatch") == "allowlist"
+    assert status == 412 and json.loads(out)["code"] == "allowlist_mismatch" and headers.get(
+        "X-Trimmer-Mismatch") == "allowlist"
     status, _, out = post(url, body, {**h, "X-Trimmer-Signature": input_digest(SCORER_INFO["input_names"])})
     assert status == 200, out
 
@@ -283,13 +290,14 @@ def _bad_binary(case: str) -> tuple[bytes, dict[str, str], str]:
         body, n = binary_body(values, outputs=[{"name": "nope"}])
         return body, {"Inference-Header-Content-Length": str(n)}, "unknown output"
     if case == "shared memory":
-        header = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]}
+        header = {
+            "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]}
         return json.dumps(header).encode(), {}, "shared-memory"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["header past body", "not a number", "segment short", "trailing bytes", "size does not fit shape",
-                                  "bool not 0/1", "unknown output", "shared memory"])
+@pytest.mark.parametrize("case", ["header past body", "not a number", "segment short", "trailing bytes",
+                                  "size does not fit shape", "bool not 0/1", "unknown output", "shared memory"])
 def test_bad_binary_requests_get_400(stack, case):
     body, headers, words = _bad_binary(case)
     status, _, out = post(stack["leaf"].url + "/v2/models/scorer/infer", body, headers)
@@ -305,7 +313,8 @@ def test_server_metadata(stack):
 
 # ---------------------------------------------------------------------- errors that explain themselves
 def _infer_json(url: str, model: str, name: str, datatype: str, values: list, request_id: str) -> tuple[int, dict]:
-    body = json.dumps({"id": request_id, "inputs": [{"name": name, "shape": [len(values) // 2, 2] if model == "untyped" else [len(values)],
+    body = json.dumps({"id": request_id, "inputs": [{"name": name, "shape": [len(values) // 2, 2] if model == "untyped"
+                                                     else [len(values)],
                                                      "datatype": datatype, "data": values}]}).encode()
     status, _, out = post(f"{url}/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
     return status, json.loads(out)
@@ -321,7 +330,8 @@ def test_model_failure_is_a_500_logged_once_per_interval_with_model_version_requ
     lines = [ln for ln in leaf.log_path.read_text().splitlines() if "negative input sum" in ln]
     assert 1 <= len(lines) < 12, lines
     first = lines[0]
-    assert "ERROR" in first and "failing" in first and "version 1" in first and "'req-0'" in first and "RuntimeError" in first
+    assert "ERROR" in first and "failing" in first and "version 1" in first and "'req-0'" in first \
+        and "RuntimeError" in first
     # the TorchScript traceback is not in the log line or the answer: one line each
     assert "TorchScript" not in first and "TorchScript" not in out["error"]
 
@@ -368,7 +378,8 @@ def test_leaf_bench_oip_mode_runs_every_route_without_errors(stack):
     from loadtest.procs import trimmer_cmd
 
     out = stack["tmp"] / "bench.json"
-    proc = subprocess.run(trimmer_cmd("leaf", "bench", "--mode", "oip", "--repo", str(stack["tmp"] / "models"), "--model", "scorer",
+    proc = subprocess.run(trimmer_cmd("leaf", "bench", "--mode", "oip", "--repo", str(stack["tmp"] / "models"),
+                                      "--model", "scorer",
                                       "--clients", "2", "--seconds", "0.5", "--candidates", "8", "--oip-batches", "4",
                                       "--json", str(out)), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]

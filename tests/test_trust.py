@@ -85,7 +85,8 @@ def swap_stack(tmp_path_factory):
     (repo / "m" / "1").mkdir(parents=True)
     shutil.copy(archives / "old.pt", repo / "m" / "1" / "model.pt")
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport)], lport, "/v2/health/ready", tmp, timeout=120)
+    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport)], lport,
+                 "/v2/health/ready", tmp, timeout=120)
     cfg = tmp / "root.yaml"
     cfg.write_text(json.dumps({
         "repositories": [str(repo)], "watch": True, "admin": {"on_service_port": True},
@@ -116,7 +117,8 @@ def _converged(stack: dict, info: dict) -> bool:
 
 
 async def _client(s: aiohttp.ClientSession, url: str, fanout: bool, stop: asyncio.Event, seen: dict) -> None:
-    body = msgpack.packb({"request_id": "r", **({"models": [{"name": "m", "version": "1"}]} if fanout else {}), "features": FEATURES})
+    body = msgpack.packb(
+        {"request_id": "r", **({"models": [{"name": "m", "version": "1"}]} if fanout else {}), "features": FEATURES})
     while not stop.is_set():
         async with s.post(url, data=body, headers=MP) as r:
             raw = await r.read()
@@ -136,7 +138,8 @@ async def test_model_swapped_in_place_under_load_never_gives_a_wrong_answer(swap
     stop = asyncio.Event()
     seen: dict = {"status": {}, "values": {}}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        clients = [asyncio.create_task(_client(s, root + ("/v1/score" if i % 2 else "/v1/models/m/versions/1/score"), bool(i % 2), stop, seen))
+        clients = [asyncio.create_task(_client(s, root + ("/v1/score" if i % 2 else "/v1/models/m/versions/1/score"),
+                                               bool(i % 2), stop, seen))
                    for i in range(8)]
         try:
             # Both directions, twice: a feature dropped (old -> new), a feature added (new -> old).
@@ -186,11 +189,13 @@ def test_traversal_names_and_versions_are_refused_and_leaf_routes_unreachable(sw
     root = swap_stack["root"].url
     body = msgpack.packb({"features": FEATURES})
     for path in ("/v1/models/m/versions/%2e%2e/score", "/v1/models/m/versions/1%2F..%2F..%2Fmetrics/score",
-                 "/v1/models/..%2Fv1%2Fmodels/score", "/v2/models/m/versions/%2e%2e/infer", "/v1/models/m/versions/../score"):
+                 "/v1/models/..%2Fv1%2Fmodels/score", "/v2/models/m/versions/%2e%2e/infer",
+                 "/v1/models/m/versions/../score"):
         status, raw = _raw(root, "POST", path, body)
         assert status == 400, (path, status, raw[:200])
         assert "error" in json.loads(raw), raw[:200]
-    for path in ("/v2/models/m/versions/1%2F..%2F..%2F..%2F..%2F..%2Fmetrics", "/v2/models/m/versions/1%2F..%2F..%2F..%2Fv1%2Fmodels",
+    for path in ("/v2/models/m/versions/1%2F..%2F..%2F..%2F..%2F..%2Fmetrics",
+                 "/v2/models/m/versions/1%2F..%2F..%2F..%2Fv1%2Fmodels",
                  "/v2/models/%2e%2e/ready", "/v2/models/m/versions/1/..%2F..%2Fmetrics"):
         status, raw = _raw(root, "GET", path)
         text = raw.decode("utf-8", "replace")
@@ -227,7 +232,8 @@ async def test_untrimmed_forwards_are_counted_by_reason(swap_stack):
     before = _metric(root, "trimmer_root_untrimmed_forwards_total", reason="no_allowlist")
     async with aiohttp.ClientSession() as s:
         # A version no allowlist source knows: forwarded whole (fail open), and counted with its reason.
-        async with s.post(root + "/v1/models/m/versions/7/score", data=msgpack.packb({"features": FEATURES}), headers=MP) as r:
+        async with s.post(root + "/v1/models/m/versions/7/score",
+                          data=msgpack.packb({"features": FEATURES}), headers=MP) as r:
             await r.read()
     assert _metric(root, "trimmer_root_untrimmed_forwards_total", reason="no_allowlist") == before + 1
 
@@ -250,7 +256,8 @@ def test_admin_output_shows_no_absolute_paths(swap_stack):
 
 
 async def _load_through(url: str, stop: asyncio.Event, seen: dict, fanout: bool = False) -> None:
-    body = msgpack.packb({"request_id": "r", **({"models": [{"name": "m", "version": "1"}]} if fanout else {}), "features": FEATURES})
+    body = msgpack.packb(
+        {"request_id": "r", **({"models": [{"name": "m", "version": "1"}]} if fanout else {}), "features": FEATURES})
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
         while not stop.is_set():
             async with s.post(url, data=body, headers=MP) as r:
@@ -272,7 +279,8 @@ async def test_a_leaf_restarting_behind_the_root_never_answers_404(tmp_path):
         (repo / "m" / v).mkdir(parents=True)
         shutil.copy(tmp_path / "old.pt", repo / "m" / v / "model.pt")
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport)], lport, "/v2/health/ready", tmp_path, timeout=180)
+    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport)], lport,
+                 "/v2/health/ready", tmp_path, timeout=180)
     cfg = tmp_path / "root.yaml"
     cfg.write_text(json.dumps({"repositories": [str(repo)], "watch": False, "admin": {"on_service_port": True},
                                "partitions": {"leaves": {"replicas": [leaf.url]}}, "models": {"m": "leaves"},
@@ -317,7 +325,8 @@ async def test_a_corrupt_archive_swapped_in_costs_no_request(swap_stack):
     seen: dict = {}
     dst = stack["repo"] / "m" / "1" / "model.pt"
     good = (stack["archives"] / "old.pt").read_bytes()
-    tasks = [asyncio.create_task(_load_through(stack["root"].url + ("/v1/score" if i % 2 else "/v1/models/m/versions/1/score"), stop, seen,
+    tasks = [asyncio.create_task(_load_through(stack["root"].url + ("/v1/score" if i % 2
+                                                                    else "/v1/models/m/versions/1/score"), stop, seen,
                                                fanout=bool(i % 2))) for i in range(4)]
     try:
         for broken in (good[: len(good) // 2], good.replace(b'"input_names"', b'"input_namez"')):

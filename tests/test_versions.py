@@ -31,10 +31,12 @@ MP = {"Content-Type": "application/msgpack"}
 
 
 def packb(obj) -> bytes:
-    """An independent msgpack encoding: typed tensors as ExtType 1 (docs/protocol.md), everything else as msgpack does."""
+    """An independent msgpack encoding: typed tensors as ExtType 1 (docs/protocol.md), everything else as msgpack
+    does."""
     from trimmer.tensor import Tensor
 
-    return msgpack.packb(obj, use_bin_type=True, default=lambda t: msgpack.ExtType(1, t.ext_payload()) if isinstance(t, Tensor) else t)
+    return msgpack.packb(obj, use_bin_type=True,
+                         default=lambda t: msgpack.ExtType(1, t.ext_payload()) if isinstance(t, Tensor) else t)
 
 
 def _metric(url: str, name: str, **labels: str) -> float:
@@ -51,10 +53,12 @@ def demo(tmp_path_factory):
     """The demo repository with a second ranker version, a leaf, and roots from the shipped configs."""
     tmp = tmp_path_factory.mktemp("versions")
     repo = tmp / "models"
-    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "2000"), check=True, capture_output=True, timeout=300)
+    subprocess.run(trimmer_cmd("leaf", "build-demo", "--out", str(repo), "--items", "2000"), check=True,
+                   capture_output=True, timeout=300)
     scan = scan_repository(repo)
     lport = free_port()
-    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--max-batch-size", "1"], lport, "/v2/health/ready", tmp, timeout=180)
+    leaf = start("leaf", ["leaf", "--repo", str(repo), "--port", str(lport), "--max-batch-size", "1"], lport,
+                 "/v2/health/ready", tmp, timeout=180)
     roots: dict[str, ManagedProcess] = {}
     try:
         for name in ("root.yaml", "root-sidecar.yaml"):
@@ -69,7 +73,8 @@ def demo(tmp_path_factory):
             path = tmp / name
             path.write_text(yaml.safe_dump(doc))
             port = free_port()
-            roots[name] = start(name, ["root", "--config", str(path), "--port", str(port)], port, "/readyz", tmp, timeout=60)
+            roots[name] = start(name, ["root", "--config", str(path), "--port", str(port)], port,
+                                "/readyz", tmp, timeout=60)
             roots[name].admin = f"http://127.0.0.1:{doc['admin']['port']}"  # type: ignore[attr-defined]
         yield {"leaf": leaf, "roots": roots, "scan": scan, "repo": repo, "tmp": tmp}
     finally:
@@ -106,7 +111,8 @@ async def test_version_less_native_requests_are_trimmed_and_answer_as_the_leaf(d
                 assert r.status == 200, await r.read()
                 via = decode_msgpack(await r.read())
         assert via["version"] == direct["version"] == version
-        assert {k: v.to_numpy().tobytes() for k, v in via["outputs"].items()} == {k: v.to_numpy().tobytes() for k, v in direct["outputs"].items()}
+        assert {k: v.to_numpy().tobytes() for k,
+                v in via["outputs"].items()} == {k: v.to_numpy().tobytes() for k, v in direct["outputs"].items()}
         # Oracle: an independent packing of only the kept features, the request's other keys untouched.
         kept = {**req, "features": {k: v for k, v in req["features"].items() if k in set(sig.input_names)}}
         expected = len(packb(kept))
@@ -126,18 +132,22 @@ async def test_version_less_oip_requests_are_trimmed_through_the_sidecar_config(
         import numpy as np
 
         arr = value.to_numpy() if hasattr(value, "to_numpy") else np.asarray(value)
-        dt = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}.get(str(arr.dtype))
-        return None if dt is None else {"name": name, "shape": list(arr.shape), "datatype": dt, "data": arr.reshape(-1).tolist()}
+        dt = {"float32": "FP32", "float64": "FP64", "int64": "INT64",
+              "int32": "INT32", "bool": "BOOL"}.get(str(arr.dtype))
+        return None if dt is None else {"name": name, "shape": list(arr.shape), "datatype": dt,
+                                        "data": arr.reshape(-1).tolist()}
 
     inputs = [t for t in (oip(n, v) for n, v in feats.items()) if t is not None]
     names = {t["name"] for t in inputs}
     assert set(sig.input_names) <= names and len(names) > len(sig.input_names)
     body = json.dumps({"id": "q", "inputs": inputs}).encode()
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{demo['leaf'].url}/v2/models/ranker/infer", data=body, headers={"Content-Type": "application/json"}) as r:
+        async with s.post(f"{demo['leaf'].url}/v2/models/ranker/infer", data=body,
+                          headers={"Content-Type": "application/json"}) as r:
             assert r.status == 200, await r.text()
             direct = await r.json()
-        async with s.post(f"{root.url}/v2/models/ranker/infer", data=body, headers={"Content-Type": "application/json"}) as r:
+        async with s.post(f"{root.url}/v2/models/ranker/infer", data=body,
+                          headers={"Content-Type": "application/json"}) as r:
             assert r.status == 200, await r.text()
             via = await r.json()
     assert via["outputs"] == direct["outputs"]

@@ -36,7 +36,8 @@ class Tap:
                 if self.command == "POST":
                     with tap.lock:
                         tap.seen.append((self.command, self.path, body or b""))
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "content-length")}
+                headers = {k: v for k,
+                           v in self.headers.items() if k.lower() not in ("host", "connection", "content-length")}
                 req = urllib.request.Request(tap.target + self.path, data=body, headers=headers, method=self.command)
                 try:
                     with urllib.request.urlopen(req, timeout=60) as resp:

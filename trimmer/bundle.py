@@ -47,7 +47,8 @@ def build_bundle(repos: list[str | os.PathLike[str]]) -> dict[str, Any]:
             raise BundleError(f"{len(scan.errors)} archive(s) unreadable; first: {first}")
         for key, mv in sorted(scan.versions.items()):
             if key in seen and seen[key] != mv.signature:
-                raise BundleError(f"model {key[0]!r} version {key[1]!r} appears in two repositories with different signatures")
+                raise BundleError(
+                    f"model {key[0]!r} version {key[1]!r} appears in two repositories with different signatures")
             seen[key] = mv.signature
             entry = mv.signature.to_json()
             entry["source"] = str(mv.path)
@@ -84,7 +85,8 @@ def parse_bundle(data: bytes, where: str) -> tuple[Allowlists, dict[str, str]]:
     if not isinstance(doc, dict) or doc.get("kind") != BUNDLE_KIND:
         raise BundleError(f"{where}: not a bundle (expected \"kind\": \"{BUNDLE_KIND}\")")
     if doc.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{where}: unsupported bundle format {doc.get('format')!r}; this version reads {BUNDLE_FORMAT}")
+        raise BundleError(
+            f"{where}: unsupported bundle format {doc.get('format')!r}; this version reads {BUNDLE_FORMAT}")
     models = doc.get("models")
     if not isinstance(models, dict):
         raise BundleError(f"{where}: 'models' must be an object")

@@ -52,7 +52,8 @@ class Record:
 class CaptureWriter:
     """Sampled, size-capped capture to one file; `offer` is cheap when the sample says no."""
 
-    def __init__(self, path: str | os.PathLike[str], sample_rate: float, max_bytes: int, seed: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], sample_rate: float,
+                 max_bytes: int, seed: int | None = None) -> None:
         if not 0.0 < sample_rate <= 1.0:
             raise ConfigError(f"capture.sample_rate: must be in (0, 1], got {sample_rate!r}")
         if max_bytes < 1:
@@ -85,7 +86,8 @@ class CaptureWriter:
                             use_bin_type=True)
         if self.written + len(rec) > self.max_bytes:
             self.full = True
-            log.warning("capture %s reached capture.max_bytes (%d); no more requests are captured", self.path, self.max_bytes)
+            log.warning("capture %s reached capture.max_bytes (%d); no more requests are captured",
+                        self.path, self.max_bytes)
             return False
         try:
             self._queue.put_nowait(rec)
@@ -136,7 +138,8 @@ def iter_capture(path: str | os.PathLike[str], max_records: int, max_bytes: int)
                 return
             if not isinstance(obj, dict) or obj.get("v") != FORMAT_VERSION or not isinstance(obj.get("body"), bytes) \
                     or not isinstance(obj.get("path"), str) or not obj["path"].startswith("/"):
-                raise ConfigError(f"{p}: record {n} is not a capture record (format v{FORMAT_VERSION}, docs/loadtest.md)")
+                raise ConfigError(
+                    f"{p}: record {n} is not a capture record (format v{FORMAT_VERSION}, docs/loadtest.md)")
             headers = obj.get("headers") or {}
             yield Record(obj["path"], str(obj.get("content_type") or "application/msgpack"), obj["body"],
                          {str(k): str(v) for k, v in headers.items()}, float(obj.get("t") or 0.0))

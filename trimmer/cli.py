@@ -26,7 +26,8 @@ DISTRIBUTION = "feature-trimmer"
 COMMANDS_MODULE = "cli"  # <package>.cli: register(sub) adds that package's subcommands
 
 # Modules only an extra installs (pyproject.toml): a command that needs one says which extra, in one line.
-OPTIONAL_MODULES = {"torch": "leaf", "rich": "loadtest", "matplotlib": "loadtest", "hdrh": "loadtest", "psutil": "loadtest"}
+OPTIONAL_MODULES = {"torch": "leaf", "rich": "loadtest", "matplotlib": "loadtest",
+                    "hdrh": "loadtest", "psutil": "loadtest"}
 
 
 def package_version() -> str:
@@ -46,10 +47,12 @@ def _packages() -> list[str]:
         dist = distribution(DISTRIBUTION)
     except PackageNotFoundError:  # a source tree that was never installed: its packages lie beside this one
         here = Path(__file__).resolve().parent
-        names = {d.name for d in here.parent.iterdir() if (d / "__init__.py").is_file() and (d / f"{COMMANDS_MODULE}.py").is_file()}
+        names = {d.name for d in here.parent.iterdir() if (d / "__init__.py").is_file()
+                 and (d / f"{COMMANDS_MODULE}.py").is_file()}
     else:
         top = dist.read_text("top_level.txt")
-        names = set(top.split()) if top else {f.parts[0] for f in dist.files or () if len(f.parts) == 2 and f.name == "__init__.py"}
+        names = set(top.split()) if top else {
+            f.parts[0] for f in dist.files or () if len(f.parts) == 2 and f.name == "__init__.py"}
     return sorted(n for n in names if n.isidentifier() and n != __package__)
 
 
@@ -82,7 +85,8 @@ def actions(parser: argparse.ArgumentParser, dest: str) -> argparse._SubParsersA
 def build_parser() -> argparse.ArgumentParser:
     from . import cli_core
 
-    parser = argparse.ArgumentParser(prog="trimmer", description="Send what you use: per-model feature trimming for ML serving.")
+    parser = argparse.ArgumentParser(prog="trimmer",
+                                     description="Send what you use: per-model feature trimming for ML serving.")
     parser.add_argument("--version", action="version", version=f"trimmer (feature-trimmer) {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_core.register(sub)

@@ -19,8 +19,8 @@ def spec_warnings(where: str, signature: Signature) -> list[str]:
     if not missing:
         return []
     shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-    return [f"{where}: no dtype spec for input(s) {shown}: declare inputs.<name>.dtype (and shape) in module_info.json; "
-            f"the leaf guesses the dtype from the values sent, which torch.export models reject"]
+    return [f"{where}: no dtype spec for input(s) {shown}: declare inputs.<name>.dtype (and shape) in "
+            "module_info.json; the leaf guesses the dtype from the values sent, which torch.export models reject"]
 
 
 def _warn(lines: list[str]) -> None:
@@ -35,7 +35,8 @@ def _inspect(args: argparse.Namespace) -> int:
         _warn([w for (m, v), mv in sorted(scan.versions.items()) for w in spec_warnings(f"{m}/{v}", mv.signature)])
         out = {
             "models": {
-                f"{m}/{v}": {"path": str(mv.path), **mv.signature.to_json()} for (m, v), mv in sorted(scan.versions.items())
+                f"{m}/{v}": {"path": str(mv.path), **mv.signature.to_json()} for (m, v),
+                mv in sorted(scan.versions.items())
             },
             "errors": {f"{m}/{v}": e for (m, v), e in sorted(scan.errors.items())},
         }
@@ -44,7 +45,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if path.suffix == ".json":
         signatures, defaults = read_bundle(path)
         _warn([w for (m, v), sig in sorted(signatures.items()) for w in spec_warnings(f"{m}/{v}", sig)])
-        out = {"models": {f"{m}/{v}": s.to_json() for (m, v), s in sorted(signatures.items())}, "default_versions": defaults}
+        out = {"models": {f"{m}/{v}": s.to_json() for (m, v), s in sorted(signatures.items())},
+               "default_versions": defaults}
         print(json.dumps(out, indent=2))
         return 0
     signature = read_signature(path)
@@ -65,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .configschema import register as register_config
 
     register_config(sub)  # `trimmer config schema KIND`
-    p = sub.add_parser("inspect", help="print a model archive's signature (or a repository's / bundle's allowlists) as JSON")
+    p = sub.add_parser("inspect",
+                       help="print a model archive's signature (or a repository's / bundle's allowlists) as JSON")
     p.add_argument("path", help="model.pt / model.pt2 archive, a model repository directory, or a bundle .json")
     p.set_defaults(func=_inspect)
 

@@ -50,7 +50,8 @@ WIRE_TO_OIP = {v: k for k, v in OIP_TO_WIRE.items()}
 
 
 class ClientError(TrimmerError):
-    """An answer other than 2xx (`status`, and the server's `{"error": ...}` text), or a transport failure (status 0)."""
+    """An answer other than 2xx (`status`, and the server's `{"error": ...}` text), or a transport failure (status
+    0)."""
 
     def __init__(self, status: int, message: str, url: str = "") -> None:
         self.status, self.message, self.url = status, message, url
@@ -185,13 +186,15 @@ def decode_infer(body: bytes) -> InferResult:
     for o in doc["outputs"]:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise TrimmerError("each /infer output is an object with a name")
-        dtype = OIP_TO_WIRE.get(o.get("datatype"))
+        datatype = o.get("datatype")
+        dtype = OIP_TO_WIRE.get(datatype) if isinstance(datatype, str) else None
         data = o.get("data", [])
         arr = np.asarray(data, dtype=object if o.get("datatype") == "BYTES" else (dtype or None))
         shape = o.get("shape")
         outputs[o["name"]] = arr.reshape(shape) if isinstance(shape, list) and arr.size == int(np.prod(shape)) else arr
     version = doc.get("model_version")
-    return InferResult(str(doc.get("model_name", "")), None if version is None else str(version), outputs, doc.get("id"), doc)
+    return InferResult(str(doc.get("model_name", "")), None if version is None else str(version),
+                       outputs, doc.get("id"), doc)
 
 
 def _error_message(body: bytes) -> str:
@@ -212,7 +215,8 @@ def _model_path(model: str, version: str | None, tail: str) -> str:
 
 
 def _signature(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {i["name"]: {k: v for k, v in i.items() if k != "name"} for i in meta.get("inputs") or [] if isinstance(i, dict) and "name" in i}
+    return {i["name"]: {k: v for k, v in i.items() if k != "name"} for i in meta.get("inputs") or []
+            if isinstance(i, dict) and "name" in i}
 
 
 # ---------------------------------------------------------------------- sync
@@ -235,7 +239,8 @@ class _Pool:
         cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
         return cls(self.host, self.port, timeout=self.timeout)
 
-    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str], limit: int) -> tuple[int, str, bytes]:
+    def request(self, method: str, path: str, body: bytes | None,
+                headers: dict[str, str], limit: int) -> tuple[int, str, bytes]:
         if self._closed:
             raise TrimmerError("client is closed")
         if not self._slots.acquire(timeout=self.timeout):
@@ -261,7 +266,8 @@ class _Pool:
                     data = resp.read(limit + 1)
                     if len(data) > limit:
                         conn.close()
-                        raise ClientError(resp.status, f"answer larger than max_response_bytes ({limit})", self.prefix + path)
+                        raise ClientError(resp.status,
+                                          f"answer larger than max_response_bytes ({limit})", self.prefix + path)
                     if resp.will_close:
                         conn.close()
                     else:
@@ -286,7 +292,8 @@ class _Pool:
 class Client:
     """Synchronous, thread-safe client for a root or a leaf (native `/v1` and OIP `/v2` routes)."""
 
-    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  content_type: str = MSGPACK, headers: Mapping[str, str] | None = None,
                  max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         if max_connections < 1 or timeout <= 0:
@@ -323,8 +330,8 @@ class Client:
         rtype, data = self._call("POST", "/v1" + _model_path(model, version, "/score"), body, self.media, headers)
         return decode_score(data, rtype)
 
-    def infer(self, model: str, inputs: Mapping[str, Any], *, version: str | None = None, outputs: Sequence[str] | None = None,
-              id: str | None = None, parameters: Mapping[str, Any] | None = None,
+    def infer(self, model: str, inputs: Mapping[str, Any], *, version: str | None = None,
+              outputs: Sequence[str] | None = None, id: str | None = None, parameters: Mapping[str, Any] | None = None,
               headers: Mapping[str, str] | None = None) -> InferResult:
         """POST /v2/models/{model}[/versions/{v}]/infer (Open Inference Protocol v2, JSON)."""
         body = encode_infer(inputs, outputs, id, parameters)
@@ -353,7 +360,8 @@ class Client:
 class AsyncClient:
     """asyncio client (aiohttp, one pooled session) with the same methods as `Client`, awaited."""
 
-    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  content_type: str = MSGPACK, headers: Mapping[str, str] | None = None,
                  max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         if max_connections < 1 or timeout <= 0:
@@ -403,20 +411,22 @@ class AsyncClient:
             async with self._get_session().request(method, url, data=body, headers=h) as resp:
                 data = await resp.content.read(self.max_response_bytes + 1)
                 if len(data) > self.max_response_bytes:
-                    raise ClientError(resp.status, f"answer larger than max_response_bytes ({self.max_response_bytes})", url)
+                    raise ClientError(resp.status,
+                                      f"answer larger than max_response_bytes ({self.max_response_bytes})", url)
                 if not 200 <= resp.status < 300:
                     raise ClientError(resp.status, _error_message(data), url)
                 return resp.headers.get("Content-Type", ""), data
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise ClientError(0, f"request failed: {type(exc).__name__} {exc}".strip(), url) from None
 
-    async def score(self, model: str, features: Mapping[str, Any], *, version: str | None = None, request_id: Any = None,
-                    headers: Mapping[str, str] | None = None, **extra: Any) -> ScoreResult:
+    async def score(self, model: str, features: Mapping[str, Any], *, version: str | None = None,
+                    request_id: Any = None, headers: Mapping[str, str] | None = None, **extra: Any) -> ScoreResult:
         body = encode_features(features, self.media, request_id=request_id, **extra)
         rtype, data = await self._call("POST", "/v1" + _model_path(model, version, "/score"), body, self.media, headers)
         return decode_score(data, rtype)
 
-    async def infer(self, model: str, inputs: Mapping[str, Any], *, version: str | None = None, outputs: Sequence[str] | None = None,
+    async def infer(self, model: str, inputs: Mapping[str, Any], *, version: str | None = None,
+                    outputs: Sequence[str] | None = None,
                     id: str | None = None, parameters: Mapping[str, Any] | None = None,
                     headers: Mapping[str, str] | None = None) -> InferResult:
         body = encode_infer(inputs, outputs, id, parameters)
@@ -438,5 +448,5 @@ class AsyncClient:
             return False
 
 
-__all__ = ["Client", "AsyncClient", "ClientError", "ScoreResult", "InferResult", "encode_features", "encode_infer", "oip_input",
-           "decode_score", "decode_infer", "to_wire", "OIP_TO_WIRE", "WIRE_TO_OIP"]
+__all__ = ["Client", "AsyncClient", "ClientError", "ScoreResult", "InferResult", "encode_features", "encode_infer",
+           "oip_input", "decode_score", "decode_infer", "to_wire", "OIP_TO_WIRE", "WIRE_TO_OIP"]

@@ -66,8 +66,8 @@ def _fast_ext_hook() -> Any:
     _tensorext = load("_tensorext")
     if _tensorext is None:
         return _ext_hook
-    _tensorext.configure(Tensor, {code: (name, size) for name, (code, size, _) in DTYPES.items()}, MAX_NDIM, TENSOR_EXT_CODE,
-                         _ext_hook)
+    _tensorext.configure(Tensor, {code: (name, size) for name, (code, size, _) in DTYPES.items()}, MAX_NDIM,
+                         TENSOR_EXT_CODE, _ext_hook)
     return _tensorext.hook
 
 

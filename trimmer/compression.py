@@ -63,9 +63,11 @@ def normalize(encoding: str | None) -> str | None:
     if enc in ("", "identity"):
         return None
     if "," in enc:
-        raise UnsupportedEncoding(f"unsupported Content-Encoding {encoding[:60]!r}: one encoding at a time ({', '.join(ENCODINGS)})")
+        raise UnsupportedEncoding(
+            f"unsupported Content-Encoding {(encoding or '')[:60]!r}: one encoding at a time ({', '.join(ENCODINGS)})")
     if enc not in ENCODINGS:
-        raise UnsupportedEncoding(f"unsupported Content-Encoding {encoding[:60]!r}; use one of {', '.join(ENCODINGS)}")
+        raise UnsupportedEncoding(
+            f"unsupported Content-Encoding {(encoding or '')[:60]!r}; use one of {', '.join(ENCODINGS)}")
     return enc
 
 
@@ -106,7 +108,8 @@ class _Zlib:
             if d.eof:  # a gzip body may hold several members; anything else after the end is garbage
                 if not self.gzip or not data.lstrip(b"\x00"):
                     if data.strip(b"\x00"):
-                        raise DecompressError(f"cannot decompress {self.encoding} body: {len(data)} bytes of garbage after its end")
+                        raise DecompressError(
+                            f"cannot decompress {self.encoding} body: {len(data)} bytes of garbage after its end")
                     return
                 d = self.d = zlib.decompressobj(31)
             out = d.decompress(data, PIECE)
@@ -245,6 +248,7 @@ class Decoder:
         self.limit = limit
         self.decoded = 0
         self.received = 0
+        self._codec: _Zlib | _Lz4 | _Zstd | _Brotli
         if enc in ("gzip", "x-gzip", "deflate"):
             self._codec = _Zlib(enc)
         elif enc == "lz4":

@@ -17,11 +17,15 @@ Cross-field rules (a model's partition must exist, ...) stay small explicit func
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import inspect
+import io
 import json
 import re
 import sys
+import textwrap
+import tokenize
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -30,7 +34,8 @@ import msgspec
 from .errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535, description="TCP port 0..65535 (0: any free port)")]
-Host = Annotated[str, msgspec.Meta(min_length=1, description="bind address; 127.0.0.1 (loopback) unless set deliberately")]
+Host = Annotated[str,
+                 msgspec.Meta(min_length=1, description="bind address; 127.0.0.1 (loopback) unless set deliberately")]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -93,7 +98,8 @@ def _convert(obj: Any, tp: Any, where: str, path: str) -> Any:
     for m in lengths:
         kind = "mapping" if isinstance(obj, dict) else "list"
         if m.min_length and len(obj) < m.min_length:
-            raise _fail(where, path, f"must be a non-empty {kind}" if m.min_length == 1 else f"needs at least {m.min_length} items")
+            raise _fail(where, path,
+                        f"must be a non-empty {kind}" if m.min_length == 1 else f"needs at least {m.min_length} items")
         if m.max_length is not None and len(obj) > m.max_length:
             raise _fail(where, path, f"at most {m.max_length} items, got {len(obj)}")
     if _is_struct(inner):
@@ -116,7 +122,8 @@ def _convert(obj: Any, tp: Any, where: str, path: str) -> Any:
             raise _fail(where, path, str(exc)) from None
     args = get_args(inner)
     if get_origin(inner) is dict:
-        return {_leaf(str(k), args[0], where, _at(path, str(k))): _convert(v, args[1], where, _at(path, str(k))) for k, v in obj.items()}
+        return {_leaf(str(k), args[0], where, _at(path, str(k))): _convert(v, args[1], where, _at(path, str(k)))
+                for k, v in obj.items()}
     items = [_convert(v, args[0], where, _at(path, i)) for i, v in enumerate(obj)]
     return tuple(items) if get_origin(inner) is tuple else items
 
@@ -142,8 +149,10 @@ def _leaf(obj: Any, tp: Any, where: str, path: str) -> Any:
     except msgspec.ValidationError as exc:
         text = str(exc).split(" - at ")[0]
         hint = next((m.extra["error"] for m in _strip(tp)[1] if m.extra and "error" in m.extra), None)
-        if hint:  # the type's own words, e.g. Meta(extra={"error": "must be a list of feature names"}); {value}: the value
-            raise _fail(where, path, hint.format(value=obj) if "{value" in hint else f"{hint}, got {_show(obj)}") from None
+        # the type's own words, e.g. Meta(extra={"error": "must be a list of feature names"}); {value}: the value
+        if hint:
+            raise _fail(where, path,
+                        hint.format(value=obj) if "{value" in hint else f"{hint}, got {_show(obj)}") from None
         choices = _choices(tp)
         if choices and text.startswith("Invalid enum value"):
             raise _fail(where, path, f"{_show(obj)} is not one of {', '.join(choices)}") from None
@@ -156,7 +165,8 @@ def _leaf(obj: Any, tp: Any, where: str, path: str) -> Any:
 
 
 def convert(doc: Any, tp: type[msgspec.Struct], where: str) -> Any:
-    """The document as `tp`, or a one-line ConfigError `where: key.path: what is wrong`. A null document: all defaults."""
+    """The document as `tp`, or a one-line ConfigError `where: key.path: what is wrong`. A null document: all
+    defaults."""
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -186,12 +196,38 @@ SCHEMAS = {  # kind -> (module, top-level Struct); imported lazily so `trimmer` 
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """`name: type = default  # this text` in a Struct's source -> {name: text}: the code's comments are the docs."""
+    """A Struct field's comment -> its description: the code's comments are the docs. The comment is the one that
+    ends the field's first or last line (`name: type = default  # this text`), else the comment line(s) just above."""
     try:
-        source = inspect.getsource(cls)
+        lines, _ = inspect.getsourcelines(cls)
     except (OSError, TypeError):
         return {}
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", source, re.MULTILINE)}
+    source = textwrap.dedent("".join(lines))
+    comments: dict[int, str] = {}  # line number -> comment text
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        tree = ast.parse(source)
+    except (tokenize.TokenError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    out: dict[str, str] = {}
+    src_lines = source.splitlines()
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        text = comments.get(node.lineno) or comments.get(node.end_lineno or node.lineno)
+        if text is None:  # comment lines right above the field
+            above = []
+            n = node.lineno - 1
+            while n in comments and src_lines[n - 1].lstrip().startswith("#"):
+                above.insert(0, comments[n])
+                n -= 1
+            text = " ".join(above) or None
+        if text and not text.startswith("type:"):
+            out[node.target.id] = text
+    return out
 
 
 def _structs(tp: Any, seen: dict[str, type]) -> dict[str, type]:

@@ -71,20 +71,23 @@ GIVE_BACK_INTERVAL_S = 1.0
 
 @dataclass(frozen=True)
 class EdgeLimits:
-    """Per-listener client limits; defaults follow nginx's spirit (its header/body timeouts are 60 s, keep-alive 75 s)."""
+    """Per-listener client limits; defaults follow nginx's spirit (its header/body timeouts are 60 s, keep-alive 75
+    s)."""
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
     max_connections: int = 4096
-    body_min_rate: int = 1024  # bytes/s a body must average over each body_timeout_s window (0: only a full stall closes)
+    # bytes/s a body must average over each body_timeout_s window (0: only a full stall closes)
+    body_min_rate: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"{name}: must be a number > 0, got {v!r}")
-        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) or self.max_connections < 1:
+        if isinstance(self.max_connections, bool) or not isinstance(
+            self.max_connections, int) or self.max_connections < 1:
             raise ConfigError(f"max_connections: must be an integer >= 1, got {self.max_connections!r}")
         if isinstance(self.body_min_rate, bool) or not isinstance(self.body_min_rate, int) or self.body_min_rate < 0:
             raise ConfigError(f"body_min_rate: must be an integer >= 0 (bytes/s), got {self.body_min_rate!r}")
@@ -106,16 +109,24 @@ class EdgeMetrics:
 
     def __init__(self, prefix: str, registry: CollectorRegistry) -> None:
         r = registry
-        self.open = Gauge(f"{prefix}_connections_open", "Client connections open now", registry=r, multiprocess_mode="livesum")
-        self.refused = Counter(f"{prefix}_connections_refused", "Client connections closed at once because max_connections were open", registry=r)
+        self.open = Gauge(f"{prefix}_connections_open", "Client connections open now", registry=r,
+                          multiprocess_mode="livesum")
+        self.refused = Counter(f"{prefix}_connections_refused",
+                               "Client connections closed at once because max_connections were open", registry=r)
         self.timed_out = Counter(
-            f"{prefix}_connections_timed_out", "Client connections closed by a timeout: phase header (head not complete in time) or body (no body bytes)",
+            f"{prefix}_connections_timed_out",
+            "Client connections closed by a timeout: phase header (head not complete in time) or body (no body bytes)",
             ("phase",), registry=r)
-        self.body_inflight = Gauge(f"{prefix}_body_bytes_inflight", "Request body bytes held by requests in progress (BodyBudget)", registry=r,
+        self.body_inflight = Gauge(f"{prefix}_body_bytes_inflight",
+                                   "Request body bytes held by requests in progress (BodyBudget)", registry=r,
                                    multiprocess_mode="livesum")
-        self.budget_rejections = Counter(f"{prefix}_body_budget_rejections", "Requests answered 503 because the body bytes in flight were at the cap", registry=r)
-        self.memory_releases = Counter(f"{prefix}_memory_releases", "Times free heap was handed back to the kernel after held body bytes fell", registry=r)
-        self.decoded = Counter(f"{prefix}_decoded_bodies", "Compressed request bodies by Content-Encoding and outcome (ok, too_large, corrupt, unsupported)",
+        self.budget_rejections = Counter(f"{prefix}_body_budget_rejections", "Requests answered 503 because the body "
+                                                                             "bytes in flight were at the cap",
+                                                                             registry=r)
+        self.memory_releases = Counter(f"{prefix}_memory_releases", "Times free heap was handed back to the kernel "
+                                                                    "after held body bytes fell", registry=r)
+        self.decoded = Counter(f"{prefix}_decoded_bodies", "Compressed request bodies by Content-Encoding and outcome "
+                                                           "(ok, too_large, corrupt, unsupported)",
                                ("encoding", "outcome"), registry=r)
 
 
@@ -137,8 +148,8 @@ def ensure_fd_limit(needed: int) -> int:
         except (OSError, ValueError):
             pass
     if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning("open-file limit %d is below max_connections + headroom (%d): past it new clients get a reset, not a counted refusal; "
-                    "raise `ulimit -n` or lower max_connections", soft, needed)
+        log.warning("open-file limit %d is below max_connections + headroom (%d): past it new clients get a reset, not "
+                    "a counted refusal; raise `ulimit -n` or lower max_connections", soft, needed)
     return soft
 
 
@@ -246,7 +257,8 @@ class Edge:
     def handler_class(self, base: type) -> type:
         cls = self._classes.get(base)
         if cls is None:
-            cls = self._classes[base] = type(f"Edge{base.__name__}", (_EdgeHandler, base), {"__slots__": (), "edge": self})
+            cls = self._classes[base] = type(f"Edge{base.__name__}", (_EdgeHandler, base),
+                                             {"__slots__": (), "edge": self})
         return cls
 
     # -- called by the handler subclass
@@ -272,7 +284,8 @@ class Edge:
 
     def progress(self, proto: web_protocol.RequestHandler, st: _Conn, before: int, data: bytes) -> None:
         messages = proto._messages  # noqa: SLF001 - see the module docstring and supported()
-        if len(messages) > before:  # a request's head is complete (several, if pipelined: the last may still get a body)
+        # a request's head is complete (several, if pipelined: the last may still get a body)
+        if len(messages) > before:
             payload = messages[-1][1]
             if payload.is_eof():
                 st.phase, st.payload = WAIT, None
@@ -317,11 +330,13 @@ class Edge:
                 return
             paused = transport is not None and hasattr(transport, "is_reading") and not transport.is_reading()
             if paused or (st.got > 0 and st.got >= lim.body_min_rate * lim.body_timeout_s):
-                # Enough bytes this window, or the server paused reading (flow control: not the client's stall): next window.
+                # Enough bytes this window, or the server paused reading (flow control: not the client's stall): next
+                # window.
                 st.got = 0
                 self._arm(proto, st, now + lim.body_timeout_s)
                 return
-            what = f"{st.got} body bytes in {lim.body_timeout_s:g} s (body_timeout_s, body_min_rate {lim.body_min_rate} B/s)"
+            what = (f"{st.got} body bytes in {lim.body_timeout_s:g} s "
+                    f"(body_timeout_s, body_min_rate {lim.body_min_rate} B/s)")
         else:
             what = f"no complete request head within {lim.header_timeout_s:g} s (header_timeout_s)"
         self.metrics.timed_out.labels(st.phase).inc()

@@ -41,5 +41,6 @@ def load(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(f"{__package__}.{name}")
     except ImportError as exc:
-        log.warning("C extension trimmer.%s unavailable (%s): using its pure-Python twin (same output, slower)", name, exc)
+        log.warning(
+            "C extension trimmer.%s unavailable (%s): using its pure-Python twin (same output, slower)", name, exc)
         return None

@@ -38,7 +38,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class HttpError(Exception):
     """An error answer a handler means to give: status, one-line message, optional `code` and headers."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -46,7 +47,8 @@ class HttpError(Exception):
         self.headers = dict(headers) if headers else None
 
 
-def error_response(status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None) -> web.Response:
+def error_response(status: int, message: str, code: str | None = None,
+                   headers: Mapping[str, str] | None = None) -> web.Response:
     """`{"error": message[, "code": code]}` as application/json."""
     body: dict[str, Any] = {"error": message}
     if code is not None:

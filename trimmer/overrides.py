@@ -27,7 +27,7 @@ FeatureNames = Annotated[list[Name], msgspec.Meta(extra={"error": "must be a lis
 
 
 # ---------------------------------------------------------------- the file (schema: docs/schema/overrides.json)
-class VersionSpec(Section):
+class VersionSpec(Section, frozen=True):
     """Settings for one version of a model; they win over the model's."""
 
     mode: Optional[Mode] = None  # enforce | shadow | off (a bare YAML off reads as false, meaning off)
@@ -36,7 +36,7 @@ class VersionSpec(Section):
     allow_extra_features: bool = False  # the allowlist may name features no known signature reads
 
 
-class ModelSpec(Section):
+class ModelSpec(Section, frozen=True):
     """Settings for one model (every version unless `versions` says otherwise)."""
 
     mode: Optional[Mode] = None  # enforce | shadow | off
@@ -47,14 +47,15 @@ class ModelSpec(Section):
     allow_extra_features: bool = False  # the allowlist may name features no known signature reads
 
 
-class DefaultsSpec(Section):
+class DefaultsSpec(Section, frozen=True):
     """Settings for every model without its own."""
 
     mode: Optional[Mode] = None  # mode of models without their own (default enforce)
 
 
-class OverridesFile(Section):
-    """Allowlist overrides (configs/allowlists.yaml): mode, extra `keep` features, explicit allowlists. docs/allowlists.md."""
+class OverridesFile(Section, frozen=True):
+    """Allowlist overrides (configs/allowlists.yaml): mode, extra `keep` features, explicit allowlists.
+    docs/allowlists.md."""
 
     defaults: DefaultsSpec = msgspec.field(default_factory=DefaultsSpec)
     models: dict[str, ModelSpec] = {}  # model name -> settings
@@ -102,10 +103,11 @@ def parse_overrides(doc: Any, where: str = "allowlists.yaml") -> Overrides:
     models: dict[str, ModelOverride] = {}
     for name, m in spec.models.items():
         mw = f"{where}: models.{name}"
-        versions = {v: VersionOverride(_mode(vs.mode, f"{mw}.versions.{v}"), frozenset(vs.keep), _names(vs.allowlist), vs.allow_extra_features)
+        versions = {v: VersionOverride(_mode(vs.mode, f"{mw}.versions.{v}"), frozenset(vs.keep),
+                                       _names(vs.allowlist), vs.allow_extra_features)
                     for v, vs in m.versions.items()}
-        models[name] = ModelOverride(_mode(m.mode, mw), None if m.default_version is None else str(m.default_version), frozenset(m.keep),
-                                     _names(m.allowlist), versions, m.allow_extra_features)
+        models[name] = ModelOverride(_mode(m.mode, mw), None if m.default_version is None else str(m.default_version),
+                                     frozenset(m.keep), _names(m.allowlist), versions, m.allow_extra_features)
     return Overrides(_mode(spec.defaults.mode, f"{where}: defaults") or "enforce", models)
 
 

@@ -187,12 +187,14 @@ def _unknown_allowlist_features(ov: Overrides, signatures: Mapping[Key, Signatur
     out: list[str] = []
     for model, mo in ov.models.items():
         for version, vo in mo.versions.items():
-            sig = signatures.get((model, version))
-            if vo.allowlist is not None and sig is not None and not (vo.allow_extra_features or mo.allow_extra_features):
-                extra = sorted(vo.allowlist - set(sig.input_names))
+            vsig = signatures.get((model, version))
+            if vo.allowlist is not None and vsig is not None and not (
+                    vo.allow_extra_features or mo.allow_extra_features):
+                extra = sorted(vo.allowlist - set(vsig.input_names))
                 if extra:
-                    out.append(f"models.{model}.versions.{version}.allowlist: {', '.join(extra[:10])} not in the signature of "
-                               f"{model}/{version} (a typo? set allow_extra_features: true to send them anyway)")
+                    out.append(f"models.{model}.versions.{version}.allowlist: {', '.join(extra[:10])} not in the "
+                               f"signature of {model}/{version} (a typo? set allow_extra_features: true to send them "
+                               "anyway)")
         known = inputs.get(model)
         if mo.allowlist is not None and known and not mo.allow_extra_features:
             extra = sorted(mo.allowlist - known)
@@ -304,7 +306,8 @@ class Registry:
             state.failures += 1
             state.last_error = "; ".join(f"{m}/{v}: {e}" for (m, v), e in sorted(data.errors.items()))
             state.last_error_time = now
-            log.error("allowlist source %s: %d version(s) failed to load: %s", state.source.name, len(data.errors), state.last_error)
+            log.error("allowlist source %s: %d version(s) failed to load: %s", state.source.name,
+                      len(data.errors), state.last_error)
         else:
             state.last_error = None
         state.data = data
@@ -384,7 +387,8 @@ class Registry:
             if policy == "latest":
                 # The leaf's rule and Triton's default policy: the highest version ("10" > "9").
                 hit = entries[(model, max(versions, key=version_key))]
-                defaults[model] = Resolution(model, hit.version, hit.allowlist, hit.mode, "latest_version", hit.digest, pin=False)
+                defaults[model] = Resolution(model, hit.version, hit.allowlist, hit.mode,
+                                             "latest_version", hit.digest, pin=False)
                 continue
             shared = {entries[(model, v)].allowlist for v in versions}
             if len(shared) == 1:
@@ -394,20 +398,23 @@ class Registry:
                 digest = same_digest.pop() if len(same_digest) == 1 else None
                 modes_seen = {h.mode for h in hits}
                 mode = modes_seen.pop() if len(modes_seen) == 1 else mode_of(model, None)
-                defaults[model] = Resolution(model, None, hits[0].allowlist, mode, "shared_allowlist", digest, pin=False)
+                defaults[model] = Resolution(model, None, hits[0].allowlist, mode,
+                                             "shared_allowlist", digest, pin=False)
             elif len(versions) > 1:
-                problems.append(f"models.{model}: version_policy explicit, versions {', '.join(sorted(versions, key=version_key))} "
-                                f"have different allowlists and no default_version: requests without a version go untrimmed")
+                problems.append(f"models.{model}: version_policy explicit, versions "
+                                f"{', '.join(sorted(versions, key=version_key))} "
+                                "have different allowlists and no default_version: requests without a version go "
+                                "untrimmed")
         for model, sig in unversioned.items():
             if model not in defaults:
-                mo = ov.models.get(model)
-                keep = mo.keep if mo else frozenset()
+                over = ov.models.get(model)
+                keep = over.keep if over else frozenset()
                 defaults[model] = Resolution(model, None, sig.allowlist | keep, mode_of(model, None), "unversioned",
                                              input_digest(sig.input_names), pin=False)
         self._generation += 1
         return Snapshot(
-            self._generation, entries, defaults, fallbacks, modes, ov.default_mode, default_versions, tuple(conflicts), tuple(problems),
-            tuple(rejected),
+            self._generation, entries, defaults, fallbacks, modes, ov.default_mode, default_versions, tuple(conflicts),
+            tuple(problems), tuple(rejected),
         )
 
     # ------------------------------------------------------------------ readers
@@ -425,7 +432,8 @@ class Registry:
                     origin.setdefault(key, st.source.name)
         for (model, version), res in sorted(snap.entries.items()):
             m = models.setdefault(model, {"default_version": snap.default_versions.get(model), "versions": {}})
-            m["versions"][version] = {"allowlist_size": len(res.allowlist or ()), "mode": res.mode, "signature_digest": res.digest,
+            m["versions"][version] = {"allowlist_size": len(res.allowlist or ()), "mode": res.mode,
+                                      "signature_digest": res.digest,
                                       "source": origin.get((model, version), "overrides"),
                                       "features": sorted(res.allowlist or ())}
         for model, res in snap.defaults.items():
@@ -440,7 +448,8 @@ class Registry:
             "generation": snap.generation,
             "default_mode": snap.default_mode,
             "conflicts": list(snap.conflicts),
-            "problems": list(snap.problems) + [f"source {st.source.name}: {st.last_error}" for st in self._all_states() if st.last_error],
+            "problems": list(snap.problems) + [f"source {st.source.name}: {st.last_error}" for st in self._all_states()
+                                               if st.last_error],
             "sources": [
                 {
                     "name": st.source.name,
@@ -475,7 +484,8 @@ class Registry:
         return list(self._states.values())
 
     # ------------------------------------------------------------------ hot reload
-    async def watch(self, stop_event: asyncio.Event | None = None, debounce_ms: int = 200, force_polling: bool | None = None) -> None:
+    async def watch(self, stop_event: asyncio.Event | None = None, debounce_ms: int = 200,
+                    force_polling: bool | None = None) -> None:
         """Reload affected sources whenever their files change, until stop_event is set."""
         from watchfiles import awatch
 
@@ -488,7 +498,8 @@ class Registry:
         files = self._watched_files()
         seen = {f: _file_identity(f) for f in files}
         async for changes in awatch(
-            *sorted(paths), debounce=debounce_ms, step=50, stop_event=stop_event, force_polling=force_polling, recursive=True
+            *sorted(paths), debounce=debounce_ms, step=50, stop_event=stop_event, force_polling=force_polling,
+            recursive=True
         ):
             changed = {Path(p).absolute() for _, p in changes}
             # Kubernetes ConfigMap volumes: `name -> ..data/name`, and kubelet updates by renaming a new

@@ -8,13 +8,20 @@ switch quietly left on; the values in force are logged once (one INFO line) and 
 
 | variable                | field           | type               | default | effect |
 |-------------------------|-----------------|--------------------|---------|--------|
-| TRIMMER_FAST_LISTENER   | fast_listener   | bool               | true    | root: scoring routes on the BufferedProtocol listener (root/front.py); off: aiohttp serves every request |
-| TRIMMER_MALLOC_TUNING   | malloc_tuning   | bool               | true    | root, leaf: glibc malloc thresholds for megabyte bodies (trimmer/malloc.py) |
-| TRIMMER_GC_TUNING       | gc_tuning       | bool               | true    | leaf: young-generation GC threshold and freeze after loads (leaf/gctune.py) |
-| TRIMMER_LOG_LEVEL       | log_level       | DEBUG/INFO/WARNING/ERROR | INFO | root: log level when `--log-level` is not given |
-| TRIMMER_LOG_FORMAT      | log_format      | text/json          | text    | root: log line format when `--log-format` is not given (root/logs.py) |
-| TRIMMER_DEMO_CACHE      | demo_cache      | directory or unset | unset   | `trimmer leaf build-demo`: reuse demo repository builds (leaf/demo_cache.py) |
-| TRIMMER_NO_EXTENSIONS   | no_extensions   | bool               | false   | use the pure-Python code paths instead of the compiled extensions |
+| TRIMMER_FAST_LISTENER   | fast_listener   | bool               | true    | root: scoring routes on the
+BufferedProtocol listener (root/front.py); off: aiohttp serves every request |
+| TRIMMER_MALLOC_TUNING   | malloc_tuning   | bool               | true    | root, leaf: glibc malloc thresholds for
+megabyte bodies (trimmer/malloc.py) |
+| TRIMMER_GC_TUNING       | gc_tuning       | bool               | true    | leaf: young-generation GC threshold and
+freeze after loads (leaf/gctune.py) |
+| TRIMMER_LOG_LEVEL       | log_level       | DEBUG/INFO/WARNING/ERROR | INFO | root: log level when `--log-level` is
+not given |
+| TRIMMER_LOG_FORMAT      | log_format      | text/json          | text    | root: log line format when `--log-format`
+is not given (root/logs.py) |
+| TRIMMER_DEMO_CACHE      | demo_cache      | directory or unset | unset   | `trimmer leaf build-demo`: reuse demo
+repository builds (leaf/demo_cache.py) |
+| TRIMMER_NO_EXTENSIONS   | no_extensions   | bool               | false   | use the pure-Python code paths instead of
+the compiled extensions |
 
 Booleans accept 1/0, true/false, yes/no, on/off (any case); an empty value counts as unset.
 PROMETHEUS_MULTIPROC_DIR is prometheus_client's own contract (root/metrics.py) and is not a setting.

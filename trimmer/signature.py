@@ -95,7 +95,8 @@ def _spec(name: str, raw: Any, where: str) -> InputSpec:
         raise SignatureError(f"{where}: inputs[{name!r}].dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     shape = raw.get("shape")
     if shape is not None:
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
             raise SignatureError(f"{where}: inputs[{name!r}].shape must be a list of integers >= -1")
         if shape.count(-1) > 1:
             raise SignatureError(f"{where}: inputs[{name!r}].shape may mark at most one dimension -1")
@@ -135,7 +136,8 @@ def parse_signature(data: bytes, where: str = "module_info.json") -> Signature:
 
 def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> bytes:
     if info.file_size > MAX_SIGNATURE_BYTES:
-        raise SignatureError(f"{where}: {info.filename} declares {info.file_size} bytes, over the {MAX_SIGNATURE_BYTES} limit")
+        raise SignatureError(
+            f"{where}: {info.filename} declares {info.file_size} bytes, over the {MAX_SIGNATURE_BYTES} limit")
     with zf.open(info) as fh:
         data = fh.read(MAX_SIGNATURE_BYTES + 1)
     if len(data) > MAX_SIGNATURE_BYTES:
@@ -154,9 +156,11 @@ def read_signature_bytes(source: str | os.PathLike[str] | BinaryIO, where: str |
                 if m and m.group(1) not in (".", ".."):
                     matches.append(info)
             if not matches:
-                raise SignatureError(f"{where}: no <prefix>/extra/{SIGNATURE_FILE} in archive (was the model saved with its signature?)")
+                raise SignatureError(
+                    f"{where}: no <prefix>/extra/{SIGNATURE_FILE} in archive (was the model saved with its signature?)")
             if len(matches) > 1:
-                raise SignatureError(f"{where}: more than one {SIGNATURE_FILE}: {', '.join(i.filename for i in matches)}")
+                raise SignatureError(
+                    f"{where}: more than one {SIGNATURE_FILE}: {', '.join(i.filename for i in matches)}")
             return _read_bounded(zf, matches[0], where)
     except SignatureError:
         raise

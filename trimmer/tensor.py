@@ -51,7 +51,8 @@ class Tensor:
             raise PayloadError(f"bad tensor shape {list(shape)!r}: at most {MAX_NDIM} non-negative dims")
         expected = math.prod(shape) * DTYPES[dtype][1]
         if len(data) != expected:
-            raise PayloadError(f"tensor of dtype {dtype} and shape {list(shape)} needs {expected} bytes, got {len(data)}")
+            raise PayloadError(
+                f"tensor of dtype {dtype} and shape {list(shape)} needs {expected} bytes, got {len(data)}")
         self.dtype, self.shape, self.data = dtype, shape, data
 
     def __eq__(self, other: object) -> bool:

@@ -46,7 +46,8 @@ class TrimResult:
     features_kept: int
 
 
-def _split(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder, data: bytes | Raw, what: str, fmt: str) -> dict[str, Raw]:
+def _split(decoder: msgspec.msgpack.Decoder | msgspec.json.Decoder,
+           data: bytes | Raw, what: str, fmt: str) -> dict[str, Raw]:
     try:
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
@@ -195,4 +196,5 @@ def trim_oip(body: bytes, allow: AbstractSet[str]) -> TrimResult:
     return TrimResult(_js_encoder.encode(top), len(inputs), len(kept))
 
 
-__all__ = ["ACCELERATED", "IMPLEMENTATION", "TrimResult", "StreamTrim", "trim", "trim_msgpack", "trim_msgpack_chunks", "trim_json", "trim_oip", "MSGPACK", "JSON"]
+__all__ = ["ACCELERATED", "IMPLEMENTATION", "TrimResult", "StreamTrim", "trim", "trim_msgpack", "trim_msgpack_chunks",
+           "trim_json", "trim_oip", "MSGPACK", "JSON"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import re
 import tempfile
@@ -96,7 +97,7 @@ async def _drive(url: str, path: str, body: bytes, clients: int, seconds: float,
     stop_at = t0 + seconds
     dones = [loop.create_future() for _ in range(clients)]
     for d in dones:
-        await loop.create_connection(lambda d=d: _Client(request, stop_at, d, counts), host, int(port))
+        await loop.create_connection(functools.partial(_Client, request, stop_at, d, counts), host, int(port))
     await asyncio.wait_for(asyncio.gather(*dones), seconds + 60)
     return counts[0], counts[1], time.perf_counter() - t0
 
@@ -107,10 +108,13 @@ def _run(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def _measure(repo: Path, model: str, version: str, batch: int, body: bytes, clients: int, seconds: float, log_dir: Path) -> dict[str, Any]:
+def _measure(repo: Path, model: str, version: str, batch: int, body: bytes, clients: int,
+             seconds: float, log_dir: Path) -> dict[str, Any]:
     port = free_port()
-    proc = start(f"leaf-bench-b{batch}", ["leaf", "--repo", str(repo), "--port", str(port), "--max-batch-size", str(batch),
-                                          "--max-queue-delay-ms", "2", "--torch-threads", "1", "--log-level", "WARNING"],
+    proc = start(f"leaf-bench-b{batch}",
+                 ["leaf", "--repo", str(repo), "--port", str(port), "--max-batch-size", str(batch),
+                                          "--max-queue-delay-ms", "2", "--torch-threads", "1",
+                                          "--log-level", "WARNING"],
                  port, "/v2/health/ready", log_dir, timeout=120)
     try:
         ps = psutil.Process(proc.pid)
@@ -118,7 +122,8 @@ def _measure(repo: Path, model: str, version: str, batch: int, body: bytes, clie
         # scraping after it: simpler to drive twice (short warm-up drive first).
         _run(_drive(proc.url, f"/v1/models/{model}/versions/{version}/score", body, clients, 1.0))
         before, cpu0 = _scrape(proc.url, model), sum(ps.cpu_times()[:2])
-        done, errors, wall = _run(_drive(proc.url, f"/v1/models/{model}/versions/{version}/score", body, clients, seconds))
+        done, errors, wall = _run(
+            _drive(proc.url, f"/v1/models/{model}/versions/{version}/score", body, clients, seconds))
         after, cpu1 = _scrape(proc.url, model), sum(ps.cpu_times()[:2])
     finally:
         proc.stop()
@@ -129,7 +134,8 @@ def _measure(repo: Path, model: str, version: str, batch: int, body: bytes, clie
     return {"max_batch_size": batch, "requests": done, "errors": errors, "seconds": round(wall, 2),
             "throughput_rps": round(done / wall, 1),
             "mean_batch": round(d.get("batch_size_sum", 0.0) / batches, 2) if batches else None,
-            "mean_latency_ms": round(1000 * d.get("request_seconds_sum", 0.0) / max(1.0, d.get("request_seconds_count", 0.0)), 2),
+            "mean_latency_ms": round(1000 * d.get("request_seconds_sum",
+                                                  0.0) / max(1.0, d.get("request_seconds_count", 0.0)), 2),
             "leaf_cpu_s": round(cpu1 - cpu0, 2),
             "conversion_s": round(conversion, 3), "compute_s": round(d.get("compute_seconds_sum", 0.0), 3),
             "conversion_share_of_busy": round(conversion / busy, 4) if busy else None,
@@ -164,18 +170,21 @@ def run_bench(args: argparse.Namespace) -> int:
                 for b in (args.bench_batch, 1)]
     batched, single = rows
     speedup = batched["throughput_rps"] / single["throughput_rps"] if single["throughput_rps"] else float("inf")
-    table = Table(title=f"leaf bench: {args.model}/{args.version}, {args.clients} clients, {args.candidates} candidates/request, "
-                        f"{len(body)} B payload, CPU, torch threads 1")
-    for col in ("max_batch_size", "throughput_rps", "mean_batch", "mean_latency_ms", "errors", "conversion_share_of_busy", "conversion_share_of_cpu"):
+    table = Table(title=f"leaf bench: {args.model}/{args.version}, {args.clients} clients, {args.candidates} "
+                        f"candidates/request, {len(body)} B payload, CPU, torch threads 1")
+    for col in ("max_batch_size", "throughput_rps", "mean_batch", "mean_latency_ms", "errors",
+                "conversion_share_of_busy", "conversion_share_of_cpu"):
         table.add_column(col)
     for r in rows:
-        table.add_row(*(str(r[c]) for c in ("max_batch_size", "throughput_rps", "mean_batch", "mean_latency_ms", "errors",
+        table.add_row(*(str(r[c])
+                        for c in ("max_batch_size", "throughput_rps", "mean_batch", "mean_latency_ms", "errors",
                                              "conversion_share_of_busy", "conversion_share_of_cpu")))
     console.print(table)
     console.print(f"batching speed-up: {speedup:.2f}x (target >= 3x); conversion share (batched): "
-                  f"{batched['conversion_share_of_busy']:.1%} of busy time, {batched['conversion_share_of_cpu']:.1%} of leaf CPU (target <= 10%)")
-    result = {"model": args.model, "version": args.version, "clients": args.clients, "candidates": args.candidates, "payload_bytes": len(body),
-              "speedup": round(speedup, 2), "runs": rows}
+                  f"{batched['conversion_share_of_busy']:.1%} of busy time, {batched['conversion_share_of_cpu']:.1%} "
+                  "of leaf CPU (target <= 10%)")
+    result = {"model": args.model, "version": args.version, "clients": args.clients, "candidates": args.candidates,
+              "payload_bytes": len(body), "speedup": round(speedup, 2), "runs": rows}
     print(json.dumps(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
@@ -196,23 +205,28 @@ def oip_bodies(features: dict[str, Any], request_id: str) -> tuple[bytes, tuple[
 
     json_inputs, bin_inputs, segments = [], [], []
     for name, value in features.items():
-        arr = value.to_numpy() if isinstance(value, Tensor) else np.asarray(value, dtype=np.float32 if isinstance(value, float) else None)
+        arr = value.to_numpy() if isinstance(value, Tensor) else np.asarray(
+            value, dtype=np.float32 if isinstance(value, float) else None)
         dt = OIP_DATATYPES[arr.dtype.name]
         json_inputs.append({"name": name, "shape": list(arr.shape), "datatype": dt, "data": arr.reshape(-1).tolist()})
         raw = np.ascontiguousarray(arr).tobytes()
-        bin_inputs.append({"name": name, "shape": list(arr.shape), "datatype": dt, "parameters": {"binary_data_size": len(raw)}})
+        bin_inputs.append(
+            {"name": name, "shape": list(arr.shape), "datatype": dt, "parameters": {"binary_data_size": len(raw)}})
         segments.append(raw)
     json_body = json.dumps({"id": request_id, "inputs": json_inputs}).encode()
     header = json.dumps({"id": request_id, "inputs": bin_inputs, "parameters": {"binary_data_output": True}}).encode()
     return json_body, (header + b"".join(segments), len(header))
 
 
-def _measure_routes(repo: Path, model: str, version: str, batch: int, routes: list[tuple[str, str, bytes, dict[str, str]]],
+def _measure_routes(repo: Path, model: str, version: str, batch: int,
+                    routes: list[tuple[str, str, bytes, dict[str, str]]],
                     clients: int, seconds: float, log_dir: Path) -> list[dict[str, Any]]:
     """One leaf process; each route driven in turn (1 s warm-up, then `seconds`): req/s and leaf CPU per request."""
     port = free_port()
-    proc = start(f"leaf-bench-oip-b{batch}", ["leaf", "--repo", str(repo), "--port", str(port), "--max-batch-size", str(batch),
-                                              "--max-queue-delay-ms", "2", "--torch-threads", "1", "--log-level", "WARNING"],
+    proc = start(f"leaf-bench-oip-b{batch}",
+                 ["leaf", "--repo", str(repo), "--port", str(port), "--max-batch-size", str(batch),
+                                              "--max-queue-delay-ms", "2", "--torch-threads", "1",
+                                              "--log-level", "WARNING"],
                  port, "/v2/health/ready", log_dir, timeout=120)
     rows = []
     try:
@@ -223,11 +237,13 @@ def _measure_routes(repo: Path, model: str, version: str, batch: int, routes: li
             done, errors, wall = _run(_drive(proc.url, path, body, clients, seconds, headers))
             after, cpu1 = _scrape(proc.url, model), sum(ps.cpu_times()[:2])
             d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-            rows.append({"route": label, "max_batch_size": batch, "payload_bytes": len(body), "requests": done, "errors": errors,
-                         "throughput_rps": round(done / wall, 1),
+            rows.append({"route": label, "max_batch_size": batch, "payload_bytes": len(body), "requests": done,
+                         "errors": errors, "throughput_rps": round(done / wall, 1),
                          "leaf_cpu_us_per_request": round(1e6 * (cpu1 - cpu0) / done, 1) if done else None,
-                         "convert_us_per_request": round(1e6 * d.get("convert_seconds_sum", 0.0) / done, 1) if done else None,
-                         "encode_us_per_request": round(1e6 * d.get("encode_seconds_sum", 0.0) / done, 1) if done else None})
+                         "convert_us_per_request": round(1e6 * d.get("convert_seconds_sum", 0.0) / done, 1) if done
+                         else None,
+                         "encode_us_per_request": round(1e6 * d.get("encode_seconds_sum", 0.0) / done, 1) if done
+                         else None})
     finally:
         proc.stop()
     return rows
@@ -256,13 +272,15 @@ def run_oip_bench(args: argparse.Namespace) -> int:
                                                                 "Inference-Header-Content-Length": str(header_len)})]
         rows = []
         for batch in args.oip_batches:
-            rows += _measure_routes(repo, args.model, args.version, batch, routes, args.clients, args.seconds, Path(tmp) / "logs")
+            rows += _measure_routes(repo, args.model, args.version, batch, routes, args.clients,
+                                    args.seconds, Path(tmp) / "logs")
     for r in rows:
         nat = next(x for x in rows if x["max_batch_size"] == r["max_batch_size"] and x["route"] == "native msgpack")
         r["ratio_to_native"] = round(r["throughput_rps"] / nat["throughput_rps"], 3) if nat["throughput_rps"] else None
     cols = ("route", "max_batch_size", "payload_bytes", "throughput_rps", "ratio_to_native", "leaf_cpu_us_per_request",
             "convert_us_per_request", "encode_us_per_request", "errors")
-    table = Table(title=f"leaf bench --mode oip: {args.model}/{args.version}, {args.clients} clients, {args.candidates} candidates/request, "
+    table = Table(title=f"leaf bench --mode oip: {args.model}/{args.version}, {args.clients} clients, "
+                        f"{args.candidates} candidates/request, "
                         "CPU, torch threads 1")
     for col in cols:
         table.add_column(col)
@@ -270,8 +288,8 @@ def run_oip_bench(args: argparse.Namespace) -> int:
         table.add_row(*(str(r[c]) for c in cols))
     console.print(table)
     console.print("target: OIP binary >= 0.7x native msgpack req/s")
-    result = {"mode": "oip", "model": args.model, "version": args.version, "clients": args.clients, "candidates": args.candidates,
-              "runs": rows}
+    result = {"mode": "oip", "model": args.model, "version": args.version, "clients": args.clients,
+              "candidates": args.candidates, "runs": rows}
     print(json.dumps(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))

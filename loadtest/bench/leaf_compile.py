@@ -34,6 +34,7 @@ def _inputs(converter: Converter, rows: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for plan in converter.plans:
+        assert plan.spec.shape is not None and plan.torch_dtype is not None  # the demo models are typed
         shape = [rows if d == -1 else d for d in plan.spec.shape]
         if converter.batchable and plan.cand_axis is None:
             shape = [rows] + shape
@@ -79,8 +80,8 @@ def compare_model(path: Path, rows: int, repeats: int) -> dict[str, Any]:
         diff = _max_diff(compiled(*args), module(*args))
     eager_s = _time(module, args, repeats)
     compiled_s = _time(compiled, args, repeats) if info["compiled"] else float("nan")
-    return {"model": path.parent.parent.name, "rows": rows, "compiled": info["compiled"], "reason": info.get("reason", ""),
-            "compile_s": info.get("seconds"), "eager_ms": round(1000 * eager_s, 3),
+    return {"model": path.parent.parent.name, "rows": rows, "compiled": info["compiled"],
+            "reason": info.get("reason", ""), "compile_s": info.get("seconds"), "eager_ms": round(1000 * eager_s, 3),
             "compiled_ms": round(1000 * compiled_s, 3) if info["compiled"] else None,
             "speedup": round(eager_s / compiled_s, 2) if info["compiled"] else None, "max_abs_diff": diff}
 
@@ -92,7 +93,8 @@ def run_compile_bench(args: argparse.Namespace) -> int:
     wanted = [m.strip() for m in args.bench_models.split(",") if m.strip()]
     unknown = sorted(set(wanted) - set(MODELS))
     if unknown or not wanted:
-        raise ConfigError(f"--models: unknown demo model(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
+        raise ConfigError(
+            f"--models: unknown demo model(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
     console = Console(stderr=True, width=max(150, Console(stderr=True).width))
     torch.set_num_threads(args.bench_threads)
     rows_for = {"ranker": args.candidates, "retrieval": 8, "diversifier": args.candidates}

@@ -76,7 +76,8 @@ def _ssd_method(name: str, fn: Callable[..., Any]) -> Method:
     return Method(name, run)
 
 
-def ssd_methods(k: int, w: int, gamma: float, compile_too: bool, d: int = D, log: Callable[[str], None] = print) -> list[Method]:
+def ssd_methods(k: int, w: int, gamma: float, compile_too: bool, d: int = D,
+                log: Callable[[str], None] = print) -> list[Method]:
     model = SSD(k=k, window=w, gamma=gamma).eval()
     out = [_ssd_method(f"SSD eager w={w}", model), _ssd_method(f"SSD TorchScript w={w}", torch.jit.script(model))]
     ex = clustered_catalogue(97, seed=0, d=d)
@@ -102,7 +103,8 @@ def dpp_methods(k: int, alpha: float) -> list[Method]:
             Method("DPP jitter 1e-3", lambda e, r, c: dpp_greedy(e, r, k, alpha=alpha, jitter=1e-3))]
 
 
-def _measure(method: Method, cases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], k: int, repeats: int) -> dict[str, Any]:
+def _measure(method: Method,
+             cases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], k: int, repeats: int) -> dict[str, Any]:
     times: list[float] = []
     ild, cover, kept, length, short, nans, errors = [], [], [], [], 0, 0, 0
     with torch.inference_mode():
@@ -157,9 +159,11 @@ def run_diversify_bench(args: argparse.Namespace) -> int:
     rows.sort(key=lambda r: (r["catalogue"] != "clustered", r["C"], str(r["w"]), r["method"]))
     cols = ("catalogue", "C", "w", "method", "ms_per_slate", "ild", "categories", "relevance_kept", "slate_len",
             "short_slates", "nan_slates", "errors")
-    heads = ("catalogue", "C", "w", "method", "ms/slate", "ILD", "categories", "rel. kept", "len", "short", "NaN", "errors")
-    table = Table(title=f"SSD vs DPP: k={k}, gamma={args.gamma}, DPP alpha={args.alpha}, d={D}, {N_CATEGORIES} categories, "
-                        f"{args.requests} requests x {args.repeats} runs per cell, CPU, torch threads {torch.get_num_threads()}")
+    heads = ("catalogue", "C", "w", "method", "ms/slate", "ILD", "categories", "rel. kept", "len",
+             "short", "NaN", "errors")
+    table = Table(title=f"SSD vs DPP: k={k}, gamma={args.gamma}, DPP alpha={args.alpha}, d={D}, {N_CATEGORIES} "
+                        f"categories, {args.requests} requests x {args.repeats} runs per cell, CPU, torch threads "
+                        f"{torch.get_num_threads()}")
     for col in heads:
         table.add_column(col, no_wrap=True)
     for r in rows:

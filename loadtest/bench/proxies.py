@@ -132,8 +132,10 @@ def _root_conf(tmp: Path, allow: frozenset[str], sink_port: int, slow_port: int 
                                   "models": {m: {"versions": {"1": sig}} for m in ("ref", "ref_pass", "ref_slow")}}))
     (tmp / "overrides.yaml").write_text("models:\n  ref_pass:\n    mode: \"off\"\n")
     cfg = tmp / "root.yaml"
-    partitions = {"sink": {"replicas": [f"http://127.0.0.1:{sink_port}"], "health_path": "/"}}
-    models = {"ref": {"partition": "sink", "default_version": "1"}, "ref_pass": {"partition": "sink", "default_version": "1"}}
+    partitions: dict[str, dict[str, Any]] = {
+        "sink": {"replicas": [f"http://127.0.0.1:{sink_port}"], "health_path": "/"}}
+    models = {"ref": {"partition": "sink", "default_version": "1"},
+              "ref_pass": {"partition": "sink", "default_version": "1"}}
     if slow_port is not None:  # a model that answers after a second: requests pile up in flight
         partitions["slow"] = {"replicas": [f"http://127.0.0.1:{slow_port}"], "max_connections": 256}
         models["ref_slow"] = {"partition": "slow", "default_version": "1"}
@@ -147,7 +149,8 @@ def _root_conf(tmp: Path, allow: frozenset[str], sink_port: int, slow_port: int 
 
 def _wrk(url: str, script: Path, connections: int, seconds: float, threads: int = 1) -> tuple[int, float, float]:
     """(requests, seconds, p50 ms) of one wrk run; non-2xx answers are an error."""
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+                          "--latency", "-s", str(script), url],
                          capture_output=True, text=True, timeout=seconds + 60)
     text = out.stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", text)
@@ -210,8 +213,8 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                     baseline_python: str | None = None, inflight: int = 64) -> int:
     missing = missing_tools()
     if missing:
-        print(f"trimmer root bench --proxies: {', '.join(missing)} not installed (Debian: apt-get install wrk nginx-light haproxy)",
-              file=sys.stderr)
+        print(f"trimmer root bench --proxies: {', '.join(missing)} not installed (Debian: apt-get install wrk "
+              "nginx-light haproxy)", file=sys.stderr)
         return 2
     from loadtest.payload import reference_payload
     from loadtest.procs import ManagedProcess, start
@@ -227,11 +230,13 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                           f'local f = io.open("{tmp / "body.bin"}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
         try:
             sink = _free_port()
-            procs.append(subprocess.Popen(["nginx", "-c", str(_nginx_conf(tmp, sink, None))], stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(["nginx", "-c", str(_nginx_conf(tmp, sink, None))], stderr=subprocess.DEVNULL))
             _wait_port(sink)
             targets = [Target("direct (no proxy)", f"http://127.0.0.1:{sink}/v1/models/ref/versions/1/score", [])]
             port = _free_port()
-            procs.append(subprocess.Popen(["nginx", "-c", str(_nginx_conf(tmp, port, sink))], stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(["nginx", "-c", str(_nginx_conf(tmp, port, sink))], stderr=subprocess.DEVNULL))
             _wait_port(port)
             targets.append(Target("nginx passthrough", f"http://127.0.0.1:{port}/v1/models/ref/score", [procs[-1].pid]))
             if shutil.which("haproxy"):
@@ -239,9 +244,11 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                 procs.append(subprocess.Popen(["haproxy", "-db", "-f", str(_haproxy_conf(tmp, port, sink))],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 _wait_port(port)
-                targets.append(Target("haproxy passthrough", f"http://127.0.0.1:{port}/v1/models/ref/score", [procs[-1].pid]))
+                targets.append(
+                    Target("haproxy passthrough", f"http://127.0.0.1:{port}/v1/models/ref/score", [procs[-1].pid]))
             slow = _free_port()  # the stand-in model, answering after 1 s: for RSS with requests in flight
-            procs.append(subprocess.Popen([sys.executable, "-m", "loadtest.sink", "--port", str(slow), "--small", "--delay-ms", "1000"],
+            procs.append(subprocess.Popen([sys.executable, "-m", "loadtest.sink", "--port", str(slow),
+                                           "--small", "--delay-ms", "1000"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             _wait_port(slow)
             cfg = _root_conf(tmp, allow, sink, slow)
@@ -252,14 +259,16 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                 env = {"TRIMMER_LOG_LEVEL": "WARNING"}
                 cmd = ["root", "--config", str(cfg), "--port", str(rport)]
                 if python:  # another build: its own interpreter, run from its own tree
-                    root = ManagedProcess(label.replace(" ", "-"), [python, "-m", "trimmer", *cmd], f"http://127.0.0.1:{rport}",
-                                          tmp / "baseline.log", env=env, cwd=tempfile.gettempdir()).start()
+                    root = ManagedProcess(label.replace(" ", "-"), [python, "-m", "trimmer", *cmd],
+                                          f"http://127.0.0.1:{rport}",
+                                          tmp / "baseline.log", env=env, cwd=Path(tempfile.gettempdir())).start()
                     root.wait_ready("/readyz", 30)
                 else:
                     root = start(label.replace(" ", "-"), cmd, rport, "/readyz", tmp, timeout=30, env=env)
                 roots.append(root)
                 root_ports[label] = rport
-                targets.append(Target(f"{label} passthrough (mode off)", f"{root.url}/v1/models/ref_pass/score", [root.pid]))
+                targets.append(
+                    Target(f"{label} passthrough (mode off)", f"{root.url}/v1/models/ref_pass/score", [root.pid]))
                 targets.append(Target(f"{label} trim", f"{root.url}/v1/models/ref/score", [root.pid]))
             for t in targets:  # warm-up: connections, caches, buffer pools
                 _wrk(t.url, script, connections, 1)
@@ -277,8 +286,8 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
             for root, (label, _) in zip(roots, builds):
                 rss[label] = {"idle_mib": _rss(root.pid, None, script, 0, 0) / 2**20,
                               # `inflight` requests waiting on a 1 s model at once (the issue's measure)
-                              "slow_model_peak_mib": _rss(root.pid, f"{root.url}/v1/models/ref_slow/score", script, inflight,
-                                                          max(4.0, seconds)) / 2**20,
+                              "slow_model_peak_mib": _rss(root.pid, f"{root.url}/v1/models/ref_slow/score", script,
+                                                          inflight, max(4.0, seconds)) / 2**20,
                               # `inflight` connections sending bodies as fast as they can (bodies being received)
                               "flood_peak_mib": _rss(root.pid, f"{root.url}/v1/models/ref/score", script, inflight,
                                                      max(3.0, seconds)) / 2**20}
@@ -296,8 +305,8 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
     return _report(targets, body, allow, connections, rss, sent, out, inflight)
 
 
-def _report(targets: list[Target], body: bytes, allow: frozenset[str], connections: int, rss: dict[str, dict[str, float]],
-            sent: dict[str, dict[str, float]], out: str | None, inflight: int) -> int:
+def _report(targets: list[Target], body: bytes, allow: frozenset[str], connections: int,
+            rss: dict[str, dict[str, float]], sent: dict[str, dict[str, float]], out: str | None, inflight: int) -> int:
     direct = targets[0]
     nginx = next(t for t in targets if t.name.startswith("nginx"))
     nginx_ms = nginx.cpu / nginx.requests * 1000
@@ -310,18 +319,22 @@ def _report(targets: list[Target], body: bytes, allow: frozenset[str], connectio
         cpu_ms = t.cpu / t.requests * 1000 if t.pids else float("nan")
         p50 = statistics.median(t.p50_ms)
         row = {"proxy": t.name, "cpu_ms_per_request": cpu_ms, "x_nginx": cpu_ms / nginx_ms if t.pids else None,
-               "requests_per_s": t.requests / t.seconds, "p50_ms": p50, "added_p50_ms": p50 - direct_p50 if t.pids else None}
+               "requests_per_s": t.requests / t.seconds, "p50_ms": p50,
+               "added_p50_ms": p50 - direct_p50 if t.pids else None}
         rows.append(row)
         x = f"{cpu_ms / nginx_ms:8.2f}" if t.pids else f"{'':8}"
         added = f"{p50 - direct_p50:10.3f}" if t.pids else f"{'':10}"
         print(f"{t.name:38} {cpu_ms:10.3f} {x} {row['requests_per_s']:8.0f} {p50:8.3f} {added}")
     for label, r in rss.items():
         print(f"{label}: RSS idle {r['idle_mib']:.0f} MiB; peak with {inflight} requests waiting on a 1 s model "
-              f"{r['slow_model_peak_mib']:.0f} MiB; peak with {inflight} connections flooding {r['flood_peak_mib']:.0f} MiB")
+              f"{r['slow_model_peak_mib']:.0f} MiB; peak with {inflight} connections flooding "
+              f"{r['flood_peak_mib']:.0f} MiB")
     for label, s in sent.items():
-        print(f"{label}: upstream bytes / request  passthrough {s.get('ref_pass', 0):,.0f}   trim {s.get('ref', 0):,.0f}")
+        print(
+            f"{label}: upstream bytes / request  passthrough {s.get('ref_pass', 0):,.0f}   trim {s.get('ref', 0):,.0f}")
     if out:
-        Path(out).write_text(json.dumps({"rows": rows, "rss": rss, "upstream_bytes": sent, "payload_bytes": len(body)}, indent=1))
+        Path(out).write_text(
+            json.dumps({"rows": rows, "rss": rss, "upstream_bytes": sent, "payload_bytes": len(body)}, indent=1))
     return 0
 
 

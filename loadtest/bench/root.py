@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
 
@@ -40,7 +41,8 @@ def _write(tmp: Path, allow: frozenset[str], sink_url: str) -> Path:
     cfg.write_text(json.dumps({
         "bundles": [str(bundle)], "overrides": str(tmp / "overrides.yaml"), "watch": False,
         "admin": {"on_service_port": True}, "partitions": {"sink": {"replicas": [sink_url]}},
-        "models": {"ref": {"partition": "sink", "default_version": "1"}, "ref_pass": {"partition": "sink", "default_version": "1"}},
+        "models": {"ref": {"partition": "sink", "default_version": "1"},
+                   "ref_pass": {"partition": "sink", "default_version": "1"}},
     }))
     return cfg
 
@@ -71,7 +73,8 @@ def _cpu(proc) -> float:
     return t.user + t.system
 
 
-def run_bench(requests: int = 2000, concurrency: int = 8, warmup: int = 200, out: str | None = None, seed: int = 0) -> int:
+def run_bench(requests: int = 2000, concurrency: int = 8, warmup: int = 200,
+              out: str | None = None, seed: int = 0) -> int:
     import psutil
 
     from loadtest.payload import reference_payload
@@ -81,17 +84,18 @@ def run_bench(requests: int = 2000, concurrency: int = 8, warmup: int = 200, out
     with tempfile.TemporaryDirectory(prefix="root-bench-") as d:
         tmp = Path(d)
         sport = free_port()
-        sink = ManagedProcess("sink", [sys.executable, "-m", "loadtest.sink", "--port", str(sport), "--small"], f"http://127.0.0.1:{sport}",
-                              tmp / "sink.log").start()
+        sink = ManagedProcess("sink", [sys.executable, "-m", "loadtest.sink", "--port", str(sport), "--small"],
+                              f"http://127.0.0.1:{sport}", tmp / "sink.log").start()
         root = None
         try:
             sink.wait_ready("/v2/health/ready", 30)
             cfg = _write(tmp, allow, sink.url)
             rport = free_port()
-            root = start("root", ["root", "--config", str(cfg), "--port", str(rport)], rport, "/readyz", tmp, timeout=30)
+            root = start("root", ["root", "--config", str(cfg), "--port", str(rport)], rport,
+                         "/readyz", tmp, timeout=30)
             rproc, sproc = psutil.Process(root.pid), psutil.Process(sink.pid)
-            urls = {"direct": sink.url + "/v1/models/ref/versions/1/score", "pass": root.url + "/v1/models/ref_pass/score",
-                    "trim": root.url + "/v1/models/ref/score"}
+            urls = {"direct": sink.url + "/v1/models/ref/versions/1/score",
+                    "pass": root.url + "/v1/models/ref_pass/score", "trim": root.url + "/v1/models/ref/score"}
             for u in urls.values():
                 asyncio.run(_load(u, body, warmup, concurrency))
             cpu = {"pass": 0.0, "trim": 0.0}
@@ -123,28 +127,35 @@ def run_bench(requests: int = 2000, concurrency: int = 8, warmup: int = 200, out
                 root.stop()
             sink.stop()
     per_k = {m: cpu[m] / requests * 1000 for m in cpu}
-    result = {
-        "payload_bytes": len(body), "features": 2000, "allowlist": len(allow), "requests_per_mode": requests, "concurrency": concurrency,
-        "root_cpu_s_per_1k": per_k, "cpu_ratio_trim_vs_pass": per_k["trim"] / per_k["pass"],
+    result: dict[str, Any] = {
+        "payload_bytes": len(body), "features": 2000, "allowlist": len(allow), "requests_per_mode": requests,
+        "concurrency": concurrency, "root_cpu_s_per_1k": per_k, "cpu_ratio_trim_vs_pass": per_k["trim"] / per_k["pass"],
         "cpu_ratio_per_round": round_ratios,
         "upstream_cpu_s_per_1k": {m: sink_cpu[m] / requests * 1000 for m in sink_cpu},
         "throughput_rps": {m: requests / wall[m] for m in wall},
         "p50_ms": med, "added_p50_ms": {"pass": med["pass"] - med["direct"], "trim": med["trim"] - med["direct"]},
         "upstream_bytes_per_request": metrics,
     }
-    print(f"reference payload: {len(body):,} bytes, 2,000 features, {len(allow)} allowlisted; {requests} requests per mode, concurrency {concurrency}")
-    print(f"root CPU s / 1k requests   passthrough {per_k['pass']:.3f}   trim {per_k['trim']:.3f}   ratio {result['cpu_ratio_trim_vs_pass']:.2f} (target <= 0.8)"
+    print(f"reference payload: {len(body):,} bytes, 2,000 features, {len(allow)} allowlisted; {requests} requests per "
+          f"mode, concurrency {concurrency}")
+    print(f"root CPU s / 1k requests   passthrough {per_k['pass']:.3f}   trim {per_k['trim']:.3f}   ratio "
+          f"{result['cpu_ratio_trim_vs_pass']:.2f} (target <= 0.8)"
           f"   per round {min(round_ratios):.2f}-{max(round_ratios):.2f}")
     up = result["upstream_cpu_s_per_1k"]
     both = {m: per_k[m] + up[m] for m in per_k}
     result["root_plus_upstream_ratio"] = both["trim"] / both["pass"]
     print(f"upstream CPU s / 1k        passthrough {up['pass']:.3f}   trim {up['trim']:.3f}")
-    print(f"root + upstream CPU s / 1k passthrough {both['pass']:.3f}   trim {both['trim']:.3f}   ratio {result['root_plus_upstream_ratio']:.2f}")
-    print(f"throughput req/s           passthrough {result['throughput_rps']['pass']:.0f}   trim {result['throughput_rps']['trim']:.0f}")
-    print(f"p50 ms (sequential)        direct {med['direct']:.3f}   via root pass {med['pass']:.3f}   via root trim {med['trim']:.3f}")
-    print(f"added p50 ms               passthrough {result['added_p50_ms']['pass']:.3f}   trim {result['added_p50_ms']['trim']:.3f} (target <= 1)")
+    print(f"root + upstream CPU s / 1k passthrough {both['pass']:.3f}   trim {both['trim']:.3f}   ratio "
+          f"{result['root_plus_upstream_ratio']:.2f}")
+    print(f"throughput req/s           passthrough {result['throughput_rps']['pass']:.0f}   trim "
+          f"{result['throughput_rps']['trim']:.0f}")
+    print(f"p50 ms (sequential)        direct {med['direct']:.3f}   via root pass {med['pass']:.3f}   via root trim "
+          f"{med['trim']:.3f}")
+    print(f"added p50 ms               passthrough {result['added_p50_ms']['pass']:.3f}   trim "
+          f"{result['added_p50_ms']['trim']:.3f} (target <= 1)")
     if metrics:
-        print(f"upstream bytes / request   passthrough {metrics.get('ref_pass', 0):,.0f}   trim {metrics.get('ref', 0):,.0f}")
+        print(f"upstream bytes / request   passthrough {metrics.get('ref_pass', 0):,.0f}   trim "
+              f"{metrics.get('ref', 0):,.0f}")
     if out:
         Path(out).write_text(json.dumps(result, indent=1))
     return 0

@@ -56,10 +56,11 @@ def run_trim_bench(iterations: int = 200, seed: int = 0, console: Console | None
         "trim (pure-Python msgspec fallback)": lambda: trim_mod.trim_msgpack_py(body, allow),
         "naive unpack->filter->pack": lambda: _naive(body, allow),
     }
-    times = {name: _time(fn, iterations if "naive" not in name else max(20, iterations // 5)) for name, fn in candidates.items()}
+    times = {name: _time(fn, iterations if "naive" not in name else max(20, iterations // 5)) for name,
+             fn in candidates.items()}
     copy = times["copy (whole payload)"]
-    table = Table(title=f"trim bench: reference payload {len(body) / 1e6:.2f} MB in -> {len(trimmed.body) / 1e6:.2f} MB out, "
-                        f"{trimmed.features_in} features, {trimmed.features_kept} kept"
+    table = Table(title=f"trim bench: reference payload {len(body) / 1e6:.2f} MB in -> {len(trimmed.body) / 1e6:.2f} "
+                        f"MB out, {trimmed.features_in} features, {trimmed.features_kept} kept"
                         + ("" if trim_mod.ACCELERATED else " [C accelerator NOT built]"))
     table.add_column("operation")
     table.add_column("time per payload", justify="right")

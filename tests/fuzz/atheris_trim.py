@@ -85,7 +85,8 @@ def _c_agrees_with_python(data: bytes) -> None:
     for name, fn in runs.items():
         other = _outcome(fn, data)
         if other != py:
-            raise AssertionError(f"{name} trim {other[0]} vs Python trim {py[0]} disagree: {other[1:]!r:.200} vs {py[1:]!r:.200}")
+            raise AssertionError(
+                f"{name} trim {other[0]} vs Python trim {py[0]} disagree: {other[1:]!r:.200} vs {py[1:]!r:.200}")
 
 
 def test_one_input(data: bytes) -> None:
@@ -123,8 +124,10 @@ def _seed_corpus(corpus: Path) -> None:
     ]
     for i, doc in enumerate(seeds):
         (corpus / f"seed{i}.mp").write_bytes(encode_msgpack(doc))
-    (corpus / "seed.json").write_bytes(b'{"features": {"a": {"$tensor": {"dtype": "float32", "shape": [1], "data": "AACAPw=="}}, "q": 1}}')
-    (corpus / "oip.json").write_bytes(b'{"id": "x", "inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}]}')
+    (corpus / "seed.json").write_bytes(
+        b'{"features": {"a": {"$tensor": {"dtype": "float32", "shape": [1], "data": "AACAPw=="}}, "q": 1}}')
+    (corpus / "oip.json").write_bytes(
+        b'{"id": "x", "inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}]}')
 
 
 def smoke(n: int = 20000, seed: int = 0) -> None:
