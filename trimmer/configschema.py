@@ -219,7 +219,7 @@ def _field_comments(cls: type) -> dict[str, str]:
             continue
         text = comments.get(node.lineno) or comments.get(node.end_lineno or node.lineno)
         if text is None:  # comment lines right above the field
-            above = []
+            above: list[str] = []
             n = node.lineno - 1
             while n in comments and src_lines[n - 1].lstrip().startswith("#"):
                 above.insert(0, comments[n])
