@@ -581,7 +581,8 @@ async def serve(cfg: RootConfig, reuse_port: bool = False, ready_line: bool = Tr
     runners: list[web.AppRunner] = []
     fronts: list[tuple[asyncio.Server, FrontServer]] = []
     try:
-        for app, host, port in ((main, cfg.host, cfg.port), (admin, cfg.admin_host, cfg.admin_port)):
+        # The admin listener first: once the service port answers (readiness), the admin routes do too.
+        for app, host, port in ((admin, cfg.admin_host, cfg.admin_port), (main, cfg.host, cfg.port)):
             if app is None:
                 continue
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=cfg.timeouts.drain_s,
