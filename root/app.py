@@ -24,7 +24,7 @@ from trimmer.compression import BodyTooLarge, Decoder, DecompressError, Unsuppor
 from trimmer.edge import BodyBudget, EdgeLimits, EdgeMetrics, Lease, handler_args
 from trimmer.edge import install as install_edge
 from trimmer.errors import DECODE_FAILURES, ConfigError, PayloadError
-from trimmer.http_errors import error_middleware
+from trimmer.http_errors import error_middleware, error_response
 from trimmer import oip_binary
 from trimmer.capture import CaptureWriter
 from trimmer.names import check_name
@@ -56,10 +56,6 @@ OIP_BINARY_HEADER = oip_binary.HEADER
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
-
-
-def error_response(status: int, message: str) -> web.Response:
-    return json_response({"error": message}, status)
 
 
 class RootState:
@@ -344,7 +340,8 @@ async def handle_fanout(request: web.Request) -> web.Response:
     prepared = PreparedBody(body, media)
     if prepared.base is not body:
         body.release()  # each target is trimmed from the copy without `models`; the client's bytes are not read again
-    status, out = await state.plane.fan_out(prepared, media, _timeout(request, state.cfg), len(body))
+    plan = state.plane.plan_fanout(media, _timeout(request, state.cfg))
+    status, out = await state.plane.fan_out(plan, prepared, len(body))
     return web.Response(body=out, status=status, content_type=media)
 
 

@@ -27,7 +27,7 @@ from typing import AbstractSet, Any, Callable, Mapping
 import msgspec
 
 from trimmer import oip_binary
-from trimmer.codec import MSGPACK, is_msgpack
+from trimmer.codec import MSGPACK, is_json, is_msgpack
 from trimmer.errors import DECODE_FAILURES, PayloadError, decode_errors
 from trimmer.http_errors import HttpError
 from trimmer.handshake import MISMATCH_HEADER, MISMATCH_STATUS, SIGNATURE_HEADER
@@ -200,6 +200,11 @@ class Plan:
         return StreamTrim(res.allowlist, size_hint)
 
 
+def error_outcome(status: int, message: str, headers: Mapping[str, str] | None = None) -> Outcome:
+    """A root-made error answer: `{"error": message}` as JSON."""
+    return Outcome(status, msgspec.json.encode({"error": message}), "application/json", headers or {}, message)
+
+
 def timeout_for(headers: Mapping[str, str], cfg: RootConfig) -> float:
     """A request's budget: the config timeout, shortened by the client's deadline header (ms remaining)."""
     raw = headers.get(cfg.deadline_header)
@@ -360,17 +365,21 @@ class DataPlane:
             fmt, ctype, extra = OipJsonFormat(), "application/json", None
         plan = self.plan_single("oip", model, version, fmt, ctype, timeout_s, extra)
         media = content_type.split(";", 1)[0].strip().lower()
-        if plan.error is None and binary is None and media not in ("application/json", "application/octet-stream", "") \
-                and not media.endswith("+json"):
+        if plan.error is None and binary is None and media not in ("application/octet-stream", "") \
+                and not is_json(media):
             plan.error = RouteError(415,
                                     f"inference requests are JSON (or binary with {OIP_BINARY_HEADER}); got {media!r}")
         return plan
+
+    def plan_fanout(self, media: str, timeout_s: float) -> Plan:
+        """A fan-out's plan from its headers: its targets come from the body's `models` list (`fan_out`)."""
+        return Plan("fanout", NativeFormat(media), media, timeout_s)
 
     def error(self, status: int, message: str, kind: str, labels: tuple[str, str, str] | None,
               headers: Mapping[str, str] | None = None) -> Outcome:
         if labels is not None:
             self.metrics.child(self.metrics.errors, (*labels, kind)).inc()
-        return Outcome(status, msgspec.json.encode({"error": message}), "application/json", headers or {}, message)
+        return error_outcome(status, message, headers)
 
     # -- execution
     def refused(self, exc: RouteError) -> Outcome:
@@ -383,8 +392,7 @@ class DataPlane:
             return self.refused(plan.error)
         return await self.send(plan, plan.targets[0], body, len(body), sole_target=True, stream=stream)
 
-    async def fan_out(self, prepared: PreparedBody, content_type: str,
-                      timeout_s: float, client_bytes: int) -> tuple[int, bytes]:
+    async def fan_out(self, plan: Plan, prepared: PreparedBody, client_bytes: int) -> tuple[int, bytes]:
         """Plan every target of a fan-out body, send them concurrently; one failing target never fails the others."""
         refs = prepared.models()
         cap = self.cfg.max_fanout_targets
@@ -401,7 +409,6 @@ class DataPlane:
                 raise PayloadError(f'"models": {r.name!r} version {r.version!r} listed twice')
             seen.add((r.name, r.version))
         keys = target_keys(refs)
-        plan = Plan("fanout", NativeFormat(prepared.media), content_type, timeout_s)
         planned: list[Target | RouteError] = []
         for r in refs:
             try:
@@ -613,6 +620,6 @@ def _decode_any(body: bytes, content_type: str) -> Any:
 
 
 __all__ = ["Body", "DataPlane", "SCORING_ROUTES", "match_scoring_route", "Plan", "Target", "PreparedBody", "Outcome",
-           "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for",
+           "RouteError", "ModelRef", "BodyFormat", "NativeFormat", "timeout_for", "error_outcome",
            "OipJsonFormat", "OipBinaryFormat", "UNTRIMMED", "native_path", "oip_path", "upstream_error_text",
            "target_keys", "fanout_status"]

@@ -41,7 +41,6 @@ from http import HTTPStatus
 from typing import Any, Callable
 
 import httptools
-import msgspec
 from multidict import CIMultiDict
 
 from trimmer.codec import media_type
@@ -49,7 +48,8 @@ from trimmer.edge import BodyBudget, Edge, EdgeLimits, EdgeMetrics, Lease
 from trimmer.errors import PayloadError
 from trimmer.lograte import RateLimitedLog
 
-from .dataplane import Body, NativeFormat, Outcome, Plan, PreparedBody, RouteError, match_scoring_route, timeout_for
+from .dataplane import (Body, NativeFormat, Outcome, Plan, PreparedBody, RouteError, error_outcome, match_scoring_route,
+                        timeout_for)
 from .logs import REQUEST_ID_HEADER, request_id, request_id_for
 
 log = logging.getLogger("trimmer.root.front")
@@ -325,18 +325,18 @@ class FrontConnection(asyncio.BufferedProtocol):
         self._arm(srv.limits.body_timeout_s)
 
     def _plan(self, kind: str, model: str | None, version: str | None,
-              headers: CIMultiDict[str]) -> Plan | PayloadError | None:
+              headers: CIMultiDict[str]) -> Plan | PayloadError:
         """The request's plan from its route and headers; a bad header is answered once the body is in."""
         state = self.server.state
         try:
+            plane = self.server.plane
             timeout_s = timeout_for(headers, state.cfg)
-            if kind == "fanout":
-                media_type(headers.get("Content-Type"))
-                return None  # a fan-out's targets are in its body
             if kind == "oip":
-                return self.server.plane.plan_oip(model, version, headers, timeout_s)  # type: ignore[arg-type]
+                return plane.plan_oip(model, version, headers, timeout_s)  # type: ignore[arg-type]
             media = media_type(headers.get("Content-Type"))
-            return self.server.plane.plan_single("model", model, version, NativeFormat(media), media, timeout_s)  # type: ignore[arg-type]
+            if kind == "fanout":
+                return plane.plan_fanout(media, timeout_s)  # its targets come from its body
+            return plane.plan_single("model", model, version, NativeFormat(media), media, timeout_s)  # type: ignore[arg-type]
         except PayloadError as exc:
             return exc
 
@@ -359,6 +359,7 @@ class FrontConnection(asyncio.BufferedProtocol):
         headers: CIMultiDict[str] = req["headers"]
         rid = request_id_for(headers)
         request_id.set(rid)
+
         def recycle() -> None:
             try:
                 view.release()  # BufferError while anything still holds a view of it: then it is never reused
@@ -377,11 +378,11 @@ class FrontConnection(asyncio.BufferedProtocol):
             out = await self._run(req, body, stream)
         except Exception as exc:  # a bug: one line to the client, traceback to the log
             log.exception("unhandled error on POST %s", req["path"])
-            out = _error(500, f"internal error: {type(exc).__name__}")
+            out = error_outcome(500, f"internal error: {type(exc).__name__}")
         finally:
             if lease is not None:
                 lease.close()
-        stream = None
+        stream = None  # the trim and its views of the buffer go before the buffer is recycled
         state.metrics.child(state.metrics.client_requests, (req["name"], str(out.status))).inc()
         self._respond(out, rid)
         body.release()  # back to the pool now, unless a trim released it earlier (before the upstream answered)
@@ -392,21 +393,17 @@ class FrontConnection(asyncio.BufferedProtocol):
     async def _run(self, req: dict[str, Any], body: Body, stream: Any) -> Outcome:
         plan = req["plan"]
         if isinstance(plan, PayloadError):
-            return _error(400, str(plan))
+            return error_outcome(400, str(plan))
         plane = self.server.plane
         try:
-            if plan is None:  # fan-out
-                headers = req["headers"]
-                media = media_type(headers.get("Content-Type"))
-                prepared = PreparedBody(body, media)
-                status, data = await plane.fan_out(prepared, media,
-                                                   timeout_for(headers, self.server.state.cfg), len(body))
-                return Outcome(status, data, media, {})
+            if plan.route == "fanout":
+                status, data = await plane.fan_out(plan, PreparedBody(body, plan.content_type), len(body))
+                return Outcome(status, data, plan.content_type, {})
             return await plane.score(plan, body, stream)
         except PayloadError as exc:
-            return _error(400, str(exc))
+            return error_outcome(400, str(exc))
         except RouteError as exc:
-            return _error(exc.status, exc.message)
+            return error_outcome(exc.status, exc.message, exc.headers)
 
     def _respond(self, out: Outcome, rid: str, close: bool = False, linger: bool = False) -> None:
         if self.phase == GONE or self.transport is None or self.transport.is_closing():
@@ -453,11 +450,8 @@ class FrontConnection(asyncio.BufferedProtocol):
         self.phase = BUSY
         self._disarm()
         self.server.state.metrics.child(self.server.state.metrics.client_requests, (route, str(status))).inc()
-        out = _error(status, message)
-        if headers:
-            out = Outcome(out.status, out.body, out.content_type, headers, out.error)
         self.keep_alive = False
-        self._respond(out, request_id_for({}), close=True, linger=True)
+        self._respond(error_outcome(status, message, headers), request_id_for({}), close=True, linger=True)
 
     def _hand_off(self, reason: str) -> None:
         """Give the connection, with every byte read so far, to aiohttp's server; it keeps it from now on."""
@@ -548,10 +542,6 @@ def _route(method: bytes, version: str, url: bytes) -> tuple[str, str, str | Non
     if b"%" in path:
         return None  # aiohttp decodes and routes these; the names are validated there
     return match_scoring_route(path.decode("latin-1"))
-
-
-def _error(status: int, message: str) -> Outcome:
-    return Outcome(status, msgspec.json.encode({"error": message}), "application/json", {}, message)
 
 
 __all__ = ["FrontServer", "FrontConnection", "BufferPool"]

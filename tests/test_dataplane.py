@@ -99,7 +99,7 @@ async def test_fan_out_merges_answers_and_keeps_each_targets_error_apart(state):
     doc = {"models": [{"name": "echo", "version": "1"}, {"name": "other"}, {"name": "nosuch"}], "request_id": "r1",
            "features": FEATURES}
     prepared = PreparedBody(Body.of(msgpack.packb(doc, use_bin_type=True)), MP)
-    status, data = await state.plane.fan_out(prepared, MP, 5.0, len(prepared.base))
+    status, data = await state.plane.fan_out(state.plane.plan_fanout(MP, 5.0), prepared, len(prepared.base))
     out = msgpack.unpackb(data, raw=False)
     assert status == 200
     assert msgpack.packb(out["results"]["echo"], use_bin_type=True) == kept(FEATURES, {"f1", "f2"})
