@@ -150,7 +150,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._parts: list[bytes] = []
         self._size = 0
-        self._error: Exception | None = None
         self.keep_alive = False
 
     # -- asyncio
@@ -200,7 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Write one request, await its whole answer: (status, raw headers, body). Raises _Broken or _Timeout."""
         loop = self.loop
         self._parser = httptools.HttpResponseParser(self)
-        self._headers, self._parts, self._size, self._error = [], [], 0, None
+        self._headers, self._parts, self._size = [], [], 0
         self.keep_alive = False  # set by on_message_complete: an exchange cut short never goes back to the pool
         self._waiter = waiter = loop.create_future()
         self._timer = loop.call_at(deadline, self._expire)
@@ -255,13 +254,9 @@ class ReplicaPool:
         self.max_connections = max_connections
         self.idle: list[UpstreamConnection] = []
         self._slots: asyncio.Semaphore | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, from the first request
 
-    async def acquire(self, deadline: float) -> UpstreamConnection:
+    async def acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> UpstreamConnection:
         """A slot and a connection (an idle one, else a new one). _ConnectFailed if none could be opened."""
-        loop = self.loop
-        if loop is None:
-            loop = self.loop = asyncio.get_running_loop()
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
         if self._slots.locked():
@@ -285,10 +280,11 @@ class ReplicaPool:
             raise _ConnectFailed(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
         return conn  # type: ignore[return-value]
 
-    def release(self, conn: UpstreamConnection, reuse: bool) -> None:
+    def release(self, conn: UpstreamConnection) -> None:
+        """Its slot back; the connection back to the idle list if its exchange completed and everything was sent."""
         if self._slots is not None:
             self._slots.release()
-        if reuse and conn.keep_alive and not conn.closed and conn.drained():
+        if conn.keep_alive and not conn.closed and conn.drained():
             self.idle.append(conn)
         elif conn.transport is not None:
             conn.closed = True
@@ -447,7 +443,7 @@ class Partition:
             gauge.inc()
             conn: UpstreamConnection | None = None
             try:
-                conn = await pool.acquire(deadline)
+                conn = await pool.acquire(loop, deadline)
                 status, raw_headers, data = await conn.exchange(head, parts, deadline)
             except _ConnectFailed as exc:
                 self._count_attempt(replica, "connect_error")
@@ -472,7 +468,7 @@ class Partition:
                 if conn is not None:
                     if isinstance(body, Body) and not conn.drained():
                         body.pinned = True  # its buffers may still be queued on a connection that is being closed
-                    pool.release(conn, True)
+                    pool.release(conn)
             try:
                 ctype, out_headers, data = self._decoded(status, raw_headers, data)
             except UpstreamError:
