@@ -36,9 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
-
-from .root import upstream_bytes_per_request
+from .root import upstream_bytes_per_request, write_root_config
 
 ROUNDS = 3
 
@@ -125,26 +123,14 @@ backend be
     return conf
 
 
-def _root_conf(tmp: Path, allow: frozenset[str], sink_port: int, slow_port: int | None = None) -> Path:
-    bundle = tmp / "bundle.json"
-    sig = {"input_names": sorted(allow), "output_names": ["score"]}
-    bundle.write_text(json.dumps({"kind": BUNDLE_KIND, "format": BUNDLE_FORMAT,
-                                  "models": {m: {"versions": {"1": sig}} for m in ("ref", "ref_pass", "ref_slow")}}))
-    (tmp / "overrides.yaml").write_text("models:\n  ref_pass:\n    mode: \"off\"\n")
-    cfg = tmp / "root.yaml"
-    partitions: dict[str, dict[str, Any]] = {
-        "sink": {"replicas": [f"http://127.0.0.1:{sink_port}"], "health_path": "/"}}
-    models = {"ref": {"partition": "sink", "default_version": "1"},
-              "ref_pass": {"partition": "sink", "default_version": "1"}}
-    if slow_port is not None:  # a model that answers after a second: requests pile up in flight
-        partitions["slow"] = {"replicas": [f"http://127.0.0.1:{slow_port}"], "max_connections": 256}
-        models["ref_slow"] = {"partition": "slow", "default_version": "1"}
-    cfg.write_text(json.dumps({
-        "bundles": [str(bundle)], "overrides": str(tmp / "overrides.yaml"), "watch": False,
-        "admin": {"on_service_port": True}, "limits": {"max_body_bytes": 64 * 1024 * 1024},
-        "timeouts": {"request_s": 10}, "partitions": partitions, "models": models,
-    }))
-    return cfg
+def _root_conf(tmp: Path, allow: frozenset[str], sink_port: int, slow_port: int) -> Path:
+    """The reference root in front of the nginx sink, plus `ref_slow`: a model that answers after a second, so that
+    requests pile up in flight (for RSS)."""
+    return write_root_config(
+        tmp, allow, {"sink": {"replicas": [f"http://127.0.0.1:{sink_port}"], "health_path": "/"},
+                     "slow": {"replicas": [f"http://127.0.0.1:{slow_port}"], "max_connections": 256}},
+        {"ref": "sink", "ref_pass": "sink", "ref_slow": "slow"},
+        limits={"max_body_bytes": 64 * 1024 * 1024}, timeouts={"request_s": 10})
 
 
 def _wrk(url: str, script: Path, connections: int, seconds: float, threads: int = 1) -> tuple[int, float, float]:

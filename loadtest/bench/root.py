@@ -31,18 +31,20 @@ from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
 ROUNDS = 5
 
 
-def _write(tmp: Path, allow: frozenset[str], sink_url: str) -> Path:
+def write_root_config(tmp: Path, allow: frozenset[str], partitions: dict[str, dict[str, Any]], models: dict[str, str],
+                      **settings: Any) -> Path:
+    """The reference root for the benchmarks: every model with `allow` as its version 1's inputs, `ref_pass` in
+    mode off (the others enforce), each routed to its partition with version 1 as default; `settings` on top."""
     bundle = tmp / "bundle.json"
     sig = {"input_names": sorted(allow), "output_names": ["score"]}
     bundle.write_text(json.dumps({"kind": BUNDLE_KIND, "format": BUNDLE_FORMAT,
-                                  "models": {"ref": {"versions": {"1": sig}}, "ref_pass": {"versions": {"1": sig}}}}))
+                                  "models": {m: {"versions": {"1": sig}} for m in models}}))
     (tmp / "overrides.yaml").write_text("models:\n  ref_pass:\n    mode: \"off\"\n")
     cfg = tmp / "root.yaml"
     cfg.write_text(json.dumps({
         "bundles": [str(bundle)], "overrides": str(tmp / "overrides.yaml"), "watch": False,
-        "admin": {"on_service_port": True}, "partitions": {"sink": {"replicas": [sink_url]}},
-        "models": {"ref": {"partition": "sink", "default_version": "1"},
-                   "ref_pass": {"partition": "sink", "default_version": "1"}},
+        "admin": {"on_service_port": True}, "partitions": partitions,
+        "models": {m: {"partition": p, "default_version": "1"} for m, p in models.items()}, **settings,
     }))
     return cfg
 
@@ -89,7 +91,7 @@ def run_bench(requests: int = 2000, concurrency: int = 8, warmup: int = 200,
         root = None
         try:
             sink.wait_ready("/v2/health/ready", 30)
-            cfg = _write(tmp, allow, sink.url)
+            cfg = write_root_config(tmp, allow, {"sink": {"replicas": [sink.url]}}, {"ref": "sink", "ref_pass": "sink"})
             rport = free_port()
             root = start("root", ["root", "--config", str(cfg), "--port", str(rport)], rport,
                          "/readyz", tmp, timeout=30)
@@ -177,4 +179,4 @@ def upstream_bytes_per_request(url: str) -> dict[str, float]:
     return {m: sent[m] / reqs[m] for m in sent if reqs.get(m)}
 
 
-__all__ = ["run_bench", "upstream_bytes_per_request"]
+__all__ = ["run_bench", "upstream_bytes_per_request", "write_root_config"]
