@@ -29,6 +29,7 @@ from trimmer.codec import encode_json, encode_msgpack
 from trimmer.errors import ConfigError
 from trimmer.repository import scan_repository
 from trimmer.tensor import Tensor
+from promtext import metric_sum
 
 MP = {"Content-Type": "application/msgpack"}
 JS = {"Content-Type": "application/json"}
@@ -82,16 +83,8 @@ async def post(s: aiohttp.ClientSession, url: str, data: bytes, headers=MP) -> t
 
 
 async def metric(s: aiohttp.ClientSession, root, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
     async with s.get(root.url + "/metrics") as r:
-        text = await r.text()
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()):
-                total += smp.value
-    return total
+        return metric_sum(await r.text(), name, **labels)
 
 
 async def wait_audits(s, root, version: str, n: int) -> dict[str, float]:

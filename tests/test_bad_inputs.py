@@ -359,16 +359,11 @@ def _error_text(payload: bytes, ctype: str) -> str:
 
 def _client_errors(e: dict, target: str) -> float:
     """Requests the process refused as the client's error: the root's 400s, the leaf's bad_request failures."""
-    import urllib.request
+    from promtext import scrape
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(e[target].url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
     name, labels = (("trimmer_root_client_requests_total", {"status": "400"}) if target == "root"
                     else ("trimmer_leaf_failures_total", {"reason": "bad_request"}))
-    return sum(smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
-               if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()))
+    return scrape(e[target].url, name, **labels)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

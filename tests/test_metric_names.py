@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.procs import free_port, start
 from root.drift import parse_leaf_metrics
+from promtext import metric_sum
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 
@@ -39,15 +40,6 @@ def _exposed(text: str) -> set[str]:
             continue
         out.add(fam.name + "_total" if fam.type == "counter" else fam.name)
     return out
-
-
-def _value(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +84,9 @@ def test_counts_per_feature_add_up_to_the_aggregate_and_bytes_are_counted(leaf):
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
     text = _scrape(leaf)
-    assert _value(text, "trimmer_leaf_received_bytes_total", model="m", version="1") == len(body)
-    assert _value(text, "trimmer_leaf_features_unused_total", model="m", version="1") == 2
-    per = {f: _value(text, "trimmer_leaf_features_unused_by_feature_total", model="m", version="1", feature=f)
+    assert metric_sum(text, "trimmer_leaf_received_bytes_total", model="m", version="1") == len(body)
+    assert metric_sum(text, "trimmer_leaf_features_unused_total", model="m", version="1") == 2
+    per = {f: metric_sum(text, "trimmer_leaf_features_unused_by_feature_total", model="m", version="1", feature=f)
            for f in ("unused_a", "unused_b", "x", "y")}
     assert per == {"unused_a": 1, "unused_b": 1, "x": 0, "y": 0}
     # and the root's drift report reads the new names from this very exposition

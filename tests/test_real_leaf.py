@@ -28,6 +28,7 @@ from loadtest.procs import free_port, start
 from trimmer.codec import decode_msgpack
 from trimmer.tensor import Tensor
 from upstreams import HangUp, Tap
+from promtext import scrape
 
 MP = {"Content-Type": "application/msgpack"}
 SUM = {"input_names": ["x", "y"], "output_names": ["score"]}
@@ -144,12 +145,7 @@ def score_of(body: bytes) -> list[float]:
 
 def counter(url: str, name: str, **labels: str) -> float:
     """The sum of a counter's samples matching `labels`, read from a process's /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return scrape(url, name, timeout=30, **labels)
 
 
 def leaf_counter(leaf_url: str, name: str, model: str) -> float:

@@ -24,6 +24,7 @@ pytest.importorskip("tritonclient.http")
 import tritonclient.http as th  # noqa: E402
 
 from loadtest.procs import free_port, start  # noqa: E402
+from promtext import scrape
 
 torch = pytest.importorskip("torch")
 
@@ -144,15 +145,6 @@ def check_oracle(result: th.InferResult, values: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(result.as_numpy("aux"), aux)
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
@@ -195,9 +187,9 @@ def test_defaults_through_the_root_drop_extras_and_answer_as_the_leaf(stack):
     values = data(3)
     declared = sum(a.nbytes for a in values.values())
     direct = client(leaf.url).infer("scorer", inputs_for(values))
-    sent0 = metric(root.url, "trimmer_root_upstream_sent_bytes_total", model="scorer")
+    sent0 = scrape(root.url, "trimmer_root_upstream_sent_bytes_total", model="scorer")
     via = client(root.url).infer("scorer", inputs_for(values, extras=10))
-    sent = metric(root.url, "trimmer_root_upstream_sent_bytes_total", model="scorer") - sent0
+    sent = scrape(root.url, "trimmer_root_upstream_sent_bytes_total", model="scorer") - sent0
     assert 0 < sent <= 1.05 * declared, (sent, declared)
     check_oracle(via, values)
     for name in ("score", "aux"):  # bit-identical to the direct call

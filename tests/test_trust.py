@@ -32,6 +32,7 @@ import pytest
 from loadtest.procs import free_port, start
 from trimmer.codec import decode_msgpack
 from trimmer.handshake import input_digest
+from promtext import scrape
 
 MP = {"Content-Type": "application/msgpack"}
 OLD = {"input_names": ["a", "b"], "output_names": ["score"],
@@ -60,19 +61,6 @@ def _save(path: Path, info: dict, two_inputs: bool) -> None:
 def _get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())
-
-
-def _metric(url: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +155,7 @@ async def test_model_swapped_in_place_under_load_never_gives_a_wrong_answer(swap
     assert not wrong, f"wrong 200 answers (value: count): {wrong}; all: {seen}"
     assert set(seen["status"]) <= {503}, seen  # the only other answer: retryable, the body was already released
     # The race did happen and was caught by the handshake, not dodged.
-    assert _metric(root, "trimmer_root_allowlist_mismatches_total") > 0
+    assert scrape(root, "trimmer_root_allowlist_mismatches_total") > 0
 
 
 def _raw(base: str, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
@@ -229,13 +217,13 @@ async def test_a_20000_name_fanout_is_refused_while_healthz_answers(swap_stack):
 
 async def test_untrimmed_forwards_are_counted_by_reason(swap_stack):
     root = swap_stack["root"].url
-    before = _metric(root, "trimmer_root_untrimmed_forwards_total", reason="no_allowlist")
+    before = scrape(root, "trimmer_root_untrimmed_forwards_total", reason="no_allowlist")
     async with aiohttp.ClientSession() as s:
         # A version no allowlist source knows: forwarded whole (fail open), and counted with its reason.
         async with s.post(root + "/v1/models/m/versions/7/score",
                           data=msgpack.packb({"features": FEATURES}), headers=MP) as r:
             await r.read()
-    assert _metric(root, "trimmer_root_untrimmed_forwards_total", reason="no_allowlist") == before + 1
+    assert scrape(root, "trimmer_root_untrimmed_forwards_total", reason="no_allowlist") == before + 1
 
 
 async def test_a_wholly_failed_fanout_takes_its_targets_client_status(swap_stack):

@@ -25,6 +25,7 @@ import yaml
 from loadtest.procs import ManagedProcess, free_port, start, trimmer_cmd
 from trimmer.codec import decode_msgpack
 from trimmer.repository import scan_repository
+from promtext import scrape
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 MP = {"Content-Type": "application/msgpack"}
@@ -37,15 +38,6 @@ def packb(obj) -> bytes:
 
     return msgpack.packb(obj, use_bin_type=True,
                          default=lambda t: msgpack.ExtType(1, t.ext_payload()) if isinstance(t, Tensor) else t)
-
-
-def _metric(url: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +98,7 @@ async def test_version_less_native_requests_are_trimmed_and_answer_as_the_leaf(d
             async with s.post(f"{demo['leaf'].url}/v1/models/{model}/score", data=body, headers=MP) as r:
                 assert r.status == 200
                 direct = decode_msgpack(await r.read())
-            before = _metric(root.admin, "trimmer_root_upstream_sent_bytes_total", model=model, version=version)
+            before = scrape(root.admin, "trimmer_root_upstream_sent_bytes_total", model=model, version=version)
             async with s.post(f"{root.url}/v1/models/{model}/score", data=body, headers=MP) as r:
                 assert r.status == 200, await r.read()
                 via = decode_msgpack(await r.read())
@@ -116,7 +108,7 @@ async def test_version_less_native_requests_are_trimmed_and_answer_as_the_leaf(d
         # Oracle: an independent packing of only the kept features, the request's other keys untouched.
         kept = {**req, "features": {k: v for k, v in req["features"].items() if k in set(sig.input_names)}}
         expected = len(packb(kept))
-        sent = _metric(root.admin, "trimmer_root_upstream_sent_bytes_total", model=model, version=version) - before
+        sent = scrape(root.admin, "trimmer_root_upstream_sent_bytes_total", model=model, version=version) - before
         assert sent == expected, (model, sent, expected, len(body))
 
 
@@ -151,8 +143,8 @@ async def test_version_less_oip_requests_are_trimmed_through_the_sidecar_config(
             assert r.status == 200, await r.text()
             via = await r.json()
     assert via["outputs"] == direct["outputs"]
-    assert _metric(root.admin, "trimmer_root_features_dropped_total", model="ranker") > 0
-    assert _metric(root.admin, "trimmer_root_untrimmed_forwards_total", model="ranker") == 0
+    assert scrape(root.admin, "trimmer_root_features_dropped_total", model="ranker") > 0
+    assert scrape(root.admin, "trimmer_root_untrimmed_forwards_total", model="ranker") == 0
 
 
 def test_admin_shows_what_a_version_less_request_resolves_to(demo):
@@ -197,5 +189,5 @@ async def test_an_unversioned_upstream_is_trimmed_from_its_metadata_on_unversion
             assert r.status == 200, await r.text()
             out = await r.json()
     assert out["outputs"][0]["data"] == ["f1", "f2"]  # what the upstream received
-    assert _metric(root.admin, "trimmer_root_features_dropped_total", model="mls") == 2
-    assert _metric(root.admin, "trimmer_root_untrimmed_forwards_total", model="mls") == 0
+    assert scrape(root.admin, "trimmer_root_features_dropped_total", model="mls") == 2
+    assert scrape(root.admin, "trimmer_root_untrimmed_forwards_total", model="mls") == 0
