@@ -113,6 +113,9 @@ class Limits(Section, frozen=True):
     max_body_bytes: Count = 64 * MiB  # larger request bodies (also after decompression) get 413
     max_connections: Count = 4096  # concurrent client connections; more are closed at once and counted
     max_inflight_body_bytes: Optional[Count] = None  # default 4 x max_body_bytes; past it 503 + Retry-After
+    # declared body bytes the fast listener receives at once; a body past it waits (reading paused: TCP backpressure)
+    # until one completes, up to timeouts.client_body_s, then 503 + Retry-After; a body alone is always received
+    max_receiving_body_bytes: Count = 16 * MiB
     max_fanout_targets: Count = 64  # models one /v1/score request may list; more -> 400
 
 
@@ -207,6 +210,7 @@ class RootConfig:
     capture_max_bytes: int
     max_connections: int
     max_inflight_body_bytes: int
+    max_receiving_body_bytes: int
     deadline_header: str
     audit_sample_rate: float
     audit_max_concurrent: int
@@ -363,6 +367,7 @@ def parse_config(doc: Any, path: str = "root.yaml", base: Path | None = None) ->
         capture_max_bytes=(f.capture or _NO_CAPTURE).max_bytes,
         max_connections=f.limits.max_connections,
         max_inflight_body_bytes=inflight,
+        max_receiving_body_bytes=f.limits.max_receiving_body_bytes,
         deadline_header=f.deadline_header,
         audit_sample_rate=f.audit_sample_rate,
         audit_max_concurrent=f.audit_max_concurrent,

@@ -39,6 +39,11 @@ class Metrics:
                                       "Connections the fast listener handed to the aiohttp server, by the "
                                       "reason of their first such request (route, body_framing, upgrade)", ("reason",),
                                       registry=r)
+        self.front_body_waits = Counter(
+            f"{PREFIX}_front_body_waits",
+            "Request bodies that waited for room under limits.max_receiving_body_bytes (their connection's reading "
+            "paused), by how the wait ended: admitted, timed_out (answered 503) or gone (the client left)",
+            ("outcome",), registry=r)
         self.client_bytes = Counter(f"{PREFIX}_client_bytes", "Request body bytes received from clients, each request "
                                                               "once, by route", ("route",), registry=r)
         self.requests = Counter(f"{PREFIX}_requests",

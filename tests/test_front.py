@@ -99,3 +99,102 @@ async def test_http_1_0_and_encoded_names_go_to_aiohttp_with_the_same_answers(fr
     status, _, out = await exchange(front,
                                     [score_head(host, 4).replace(b"/alpha/", b"/%2e%2e/", 1) + b"\x80\x80\x80\x80"])
     assert status == 400, out  # `..` is no model name, on either listener
+
+
+# ---------------------------------------------------------------------- receive cap (limits.max_receiving_body_bytes)
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory):
+    """A root that receives at most 4 KiB of declared body bytes at once; a body window of 1 s, only a full stall
+    closes (so a slow body that keeps trickling holds its room)."""
+    tmp = tmp_path_factory.mktemp("narrow")
+    bundle = tmp / "bundle.json"
+    write_bundle(bundle, {"alpha": {"1": ["f1", "f2"]}})
+    sink = start_sink(tmp, "sink")
+    root = start_root(tmp, "root", {"bundles": [str(bundle)], "watch": False, "admin": {"on_service_port": True},
+                                    "limits": {"max_body_bytes": LIMIT, "max_receiving_body_bytes": 4096},
+                                    "timeouts": {"client_body_s": 1.0, "client_body_min_rate": 0},
+                                    "partitions": {"main": {"replicas": [sink.url]}},
+                                    "models": {"alpha": {"partition": "main", "default_version": "1"}}})
+    host, port = root.url.split("://", 1)[1].rsplit(":", 1)
+    yield host, int(port), root.url
+    root.stop()
+    sink.stop()
+
+
+def scored(rid: str) -> tuple[bytes, str]:
+    """A ~3 KiB body (two of them do not fit in 4 KiB) and the sha256 of its trim, from msgpack itself."""
+    data = msgpack.packb({"request_id": rid, "features": FEATS}, use_bin_type=True)
+    return data, sha(msgpack.packb({"request_id": rid, "features": {"f1": 1, "f2": [1.5, 2.5]}}, use_bin_type=True))
+
+
+async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int, dict, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+    return int(lines[0].split()[1]), headers, await asyncio.wait_for(
+        reader.readexactly(int(headers.get("content-length", "0"))), timeout)
+
+
+async def test_a_body_past_the_receive_cap_waits_for_room_and_is_then_answered_exactly(narrow):
+    """A's body is being received (half sent); B's whole request is sent but must wait: no answer while A holds the
+    room, then both are answered with the exact trim, and the wait is counted."""
+    from tests.promtext import scrape
+
+    host, port, url = narrow
+    before = scrape(url, "trimmer_root_front_body_waits_total", outcome="admitted")
+    a_body, a_sha = scored("a")
+    b_body, b_sha = scored("b")
+    ra, wa = await asyncio.open_connection(host, port)
+    rb, wb = await asyncio.open_connection(host, port)
+    try:
+        wa.write(score_head(host, len(a_body)) + a_body[:100])
+        await wa.drain()
+        await asyncio.sleep(0.2)
+        wb.write(score_head(host, len(b_body)) + b_body)
+        await wb.drain()
+        with pytest.raises(asyncio.TimeoutError):
+            await read_answer(rb, 0.4)  # B waits for room (its bytes stay in the kernel)
+        wa.write(a_body[100:])
+        await wa.drain()
+        status, _, out = await read_answer(ra, 10)
+        assert status == 200 and msgpack.unpackb(out)["body_sha256"] == a_sha
+        status, _, out = await read_answer(rb, 10)
+        assert status == 200 and msgpack.unpackb(out)["body_sha256"] == b_sha
+    finally:
+        wa.close()
+        wb.close()
+    assert scrape(url, "trimmer_root_front_body_waits_total", outcome="admitted") == before + 1
+
+
+async def test_a_body_that_waits_past_the_body_timeout_gets_503_and_the_one_receiving_is_unharmed(narrow):
+    """A trickles its body (1 byte per 0.2 s: never a stalled window) and so holds the room for 1.6 s; B, queued behind
+    it, is answered 503 + Retry-After after client_body_s (1 s); A is then answered with its exact trim."""
+    from tests.promtext import scrape
+
+    host, port, url = narrow
+    before = scrape(url, "trimmer_root_front_body_waits_total", outcome="timed_out")
+    a_body, a_sha = scored("a2")
+    b_body, _ = scored("b2")
+    ra, wa = await asyncio.open_connection(host, port)
+    rb, wb = await asyncio.open_connection(host, port)
+    try:
+        wa.write(score_head(host, len(a_body)) + a_body[:100])
+        await wa.drain()
+        await asyncio.sleep(0.1)
+        wb.write(score_head(host, len(b_body)) + b_body)
+        await wb.drain()
+        for i in range(8):  # 1.6 s of trickle, bounded
+            wa.write(a_body[100 + i:101 + i])
+            await wa.drain()
+            await asyncio.sleep(0.2)
+        status, headers, out = await read_answer(rb, 5)
+        assert status == 503 and headers.get("retry-after") == "1"
+        assert "limits.max_receiving_body_bytes" in json.loads(out)["error"]
+        wa.write(a_body[108:])
+        await wa.drain()
+        status, _, out = await read_answer(ra, 10)
+        assert status == 200 and msgpack.unpackb(out)["body_sha256"] == a_sha
+    finally:
+        wa.close()
+        wb.close()
+    assert scrape(url, "trimmer_root_front_body_waits_total", outcome="timed_out") == before + 1
