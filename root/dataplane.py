@@ -378,7 +378,7 @@ class DataPlane:
     def error(self, status: int, message: str, kind: str, labels: tuple[str, str, str] | None,
               headers: Mapping[str, str] | None = None) -> Outcome:
         if labels is not None:
-            self.metrics.child(self.metrics.errors, (*labels, kind)).inc()
+            self.metrics.add(self.metrics.errors, (*labels, kind))
         return error_outcome(status, message, headers)
 
     # -- execution
@@ -461,9 +461,9 @@ class DataPlane:
         m = self.metrics
         labels = target.labels
         res = target.resolution
-        m.child(m.requests, labels).inc()
-        m.child(m.model_client_bytes, labels).inc(client_bytes)
-        m.child(m.mode_requests, (*labels, res.mode if res.allowlist is not None else "miss")).inc()
+        m.add(m.requests, labels)
+        m.add(m.model_client_bytes, labels, client_bytes)
+        m.add(m.mode_requests, (*labels, res.mode if res.allowlist is not None else "miss"))
         try:
             out = self._trim(plan, target, body, stream)
         except PayloadError as exc:
@@ -485,7 +485,7 @@ class DataPlane:
         out = _Outgoing(body)
         reason: str | None = None
         if res.allowlist is None:
-            m.child(m.allowlist_misses, labels).inc()
+            m.add(m.allowlist_misses, labels)
             reason = NO_VERSION if (target.version is None and res.version is None) else NO_ALLOWLIST
         elif res.mode == "off":
             reason = MODE_OFF
@@ -494,20 +494,19 @@ class DataPlane:
             if result is None:
                 reason = UNPARSED_ENCODING
             else:
-                m.child(m.features_in, labels).inc(result.features_in)
-                m.child(m.trimmed_bytes, labels).inc(len(result.body))
+                m.add(m.features_in, labels, result.features_in)
+                m.add(m.trimmed_bytes, labels, len(result.body))
                 if res.mode == "enforce":
                     out.body, out.headers = result.body, result.headers
                     out.dropped_any = result.features_kept < result.features_in
-                    m.child(m.features_dropped, labels).inc(result.features_in - result.features_kept)
+                    m.add(m.features_dropped, labels, result.features_in - result.features_kept)
                 else:  # shadow: measure, send untrimmed
                     reason = SHADOW
-                    m.child(m.shadow_features_dropped, labels).inc(result.features_in - result.features_kept)
+                    m.add(m.shadow_features_dropped, labels, result.features_in - result.features_kept)
         if reason is not None and reason != SHADOW:
-            m.child(m.trimmed_bytes, labels).inc(len(body))
-        m.child(m.untrimmed_bytes, labels).inc(len(body))
-        m.child(m.trim_seconds, labels).observe(
-            time.perf_counter() - t0 + (stream.seconds if stream is not None else 0.0))
+            m.add(m.trimmed_bytes, labels, len(body))
+        m.add(m.untrimmed_bytes, labels, len(body))
+        m.observe(m.trim_seconds, labels, time.perf_counter() - t0 + (stream.seconds if stream is not None else 0.0))
         if reason is not None:
             self._count_untrimmed(labels, reason)
         return out
@@ -531,13 +530,13 @@ class DataPlane:
             if handshake and resp.status == MISMATCH_STATUS and resp.headers.get(MISMATCH_HEADER) == "allowlist":
                 # Reloaded at different moments (a model swapped in place). Nothing ran; the whole body is right.
                 whole = out.audit_body if out.released else body
-                m.child(m.allowlist_mismatches, (*labels, "refused" if whole is None else "resent")).inc()
+                m.add(m.allowlist_mismatches, (*labels, "refused" if whole is None else "resent"))
                 self._warn((target.model, labels[1], "mismatch"),
                            "model %s version %s: replica %s runs another signature than the "
                            "allowlist's (digest %s); %s", target.model, labels[1], resp.replica, res.digest,
                            "answered 503, body already released" if whole is None else "re-sent untrimmed")
                 if whole is None:
-                    m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
+                    m.observe(m.upstream_seconds, labels, time.perf_counter() - t1)
                     return self.error(503, f"model {target.model!r}: the model version changed while this request was "
                                            "in flight; retry",
                                       "signature_mismatch", labels, {"Retry-After": "1"})
@@ -547,11 +546,11 @@ class DataPlane:
                                           max(0.001, plan.timeout_s - (time.perf_counter() - t1)),
                                           labels, self.cfg.deadline_header)
         except UpstreamError as exc:
-            m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
+            m.observe(m.upstream_seconds, labels, time.perf_counter() - t1)
             return self.error(exc.status, f"model {target.model!r} (partition {part.name!r}): {exc}", exc.kind, labels)
-        m.child(m.upstream_seconds, labels).observe(time.perf_counter() - t1)
+        m.observe(m.upstream_seconds, labels, time.perf_counter() - t1)
         if resp.status >= 400:
-            m.child(m.errors, (*labels, f"upstream_{resp.status // 100}xx")).inc()
+            m.add(m.errors, (*labels, f"upstream_{resp.status // 100}xx"))
             return Outcome(resp.status, resp.body, resp.content_type, resp.headers,
                            upstream_error_text(resp.body, resp.content_type, resp.status))
         if out.audit_body is not None and self.auditor is not None:
@@ -562,7 +561,7 @@ class DataPlane:
         return Outcome(resp.status, resp.body, resp.content_type, resp.headers)
 
     def _count_untrimmed(self, labels: tuple[str, str, str], reason: str) -> None:
-        self.metrics.child(self.metrics.untrimmed_forwards, (*labels, reason)).inc()
+        self.metrics.add(self.metrics.untrimmed_forwards, (*labels, reason))
         if reason in (NO_VERSION, NO_ALLOWLIST, UNPARSED_ENCODING):
             self._warn((*labels, reason), "model %s version %s (partition %s) forwarded untrimmed: %s", labels[0],
                        labels[1] or "(none)", labels[2], reason)

@@ -43,8 +43,12 @@ the aiohttp-only root before issue 14 (same run, `trimmer root bench --proxies`)
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import mmap
+import socket
+import struct
+import termios
 import time
 from collections import deque
 from email.utils import formatdate
@@ -69,6 +73,12 @@ HEAD_MAX = 64 * 1024  # request line + headers; past it: 431
 HEAD_START = 8 * 1024  # a connection's head buffer to begin with (doubled up to HEAD_MAX): 4,096 idle ones hold 32 MiB
 POOL_BYTES = 16 * 1024 * 1024  # idle body buffers kept for reuse
 _ALIGN = 64 * 1024
+# While a large body arrives, the kernel wakes this process only once this many bytes are queued (SO_RCVLOWAT) or
+# the body's last byte is in. Waking per 64-128 KiB that loopback delivers at a time cost a wake-up, a read and two
+# Python callbacks each; a whole-body low mark instead loses the scan's overlap with the arrival. Measured side by
+# side on the reference payload (wrk -c1): p50 through the trim 1.05 -> 0.98 ms, CPU per request -2 % at -c8; 128 KiB
+# gave 1.01 ms, 1 MiB 1.12 ms.
+RCVLOWAT = 256 * 1024
 # QUEUED: head read, body waiting for room under limits.max_receiving_body_bytes (reading paused)
 HEAD, QUEUED, BODY, BUSY, WAIT, LINGER, GONE = "head", "queued", "body", "busy", "wait", "linger", "gone"
 # after an early error answer: unread body bytes are read and dropped this long, as nginx lingering_close
@@ -212,6 +222,8 @@ class FrontConnection(asyncio.BufferedProtocol):
         self.head_end = 0  # where the body starts in the head buffer, while QUEUED
         self.reserved = 0  # this body's bytes in the server's `receiving`, while it is read
         self.stream: Any = None
+        self.lowat = 1  # the socket's SO_RCVLOWAT now (see RCVLOWAT)
+        self.sock: Any = None
         self.lease: Lease | None = None
         self.request: dict[str, Any] = {}
 
@@ -223,6 +235,7 @@ class FrontConnection(asyncio.BufferedProtocol):
             srv.edge.refuse(transport)
             return
         self.transport = transport
+        self.sock = transport.get_extra_info("socket")
         srv.conns.add(self)
         srv.edge_metrics.open.inc()
         self._arm(srv.limits.header_timeout_s)  # a silent new connection gets the header timeout, as in nginx
@@ -256,7 +269,11 @@ class FrontConnection(asyncio.BufferedProtocol):
             if self.stream is not None:
                 self.stream.feed(self.body_view[start:self.got])  # type: ignore[index]
             if self.got >= self.need:
+                if self.lowat > 1:
+                    self._set_lowat(1)
                 self._body_complete()
+            elif self.lowat > self.need - self.got:
+                self._set_lowat(self.need - self.got)
             return
         if self.phase == LINGER:
             self.window_bytes += n
@@ -275,6 +292,20 @@ class FrontConnection(asyncio.BufferedProtocol):
             self._scan_head()
         elif self.head_len >= HEAD_MAX:  # busy, and a pipelining client filled the head buffer: wait for the answer
             self.transport.pause_reading()
+
+    def _set_lowat(self, n: int) -> None:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            self.lowat = n
+        except (OSError, AttributeError):  # not supported here: wake per arrival, as without it
+            self.lowat = 1
+
+    def _queued(self) -> int:
+        """Bytes the kernel holds for this socket, not read yet (FIONREAD); 0 when it cannot tell."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (OSError, AttributeError, ValueError):
+            return 0
 
     def _grow_head(self) -> None:
         head = bytearray(
@@ -392,6 +423,8 @@ class FrontConnection(asyncio.BufferedProtocol):
             return self._body_complete()
         self.phase = BODY
         self.window_bytes = 0
+        if need - self.got > RCVLOWAT:
+            self._set_lowat(RCVLOWAT)
         self._arm(srv.limits.body_timeout_s)
 
     def _plan(self, kind: str, model: str | None, version: str | None,
@@ -607,8 +640,15 @@ class FrontConnection(asyncio.BufferedProtocol):
                                      f"{lim.body_timeout_s:g} s (timeouts.client_body_s); retry shortly",
                                 {"Retry-After": "1"}, self.request.get("name", "other"))
         if self.phase == BODY:
+            credited = 0
+            if self.lowat > 1:
+                # Bytes that arrived but stay under the low mark were not read yet: they count as progress now (and
+                # not again once read). A body this slow is read as it comes from now on.
+                credited = self._queued()
+                self.window_bytes += credited
+                self._set_lowat(1)
             if self.window_bytes > 0 and self.window_bytes >= lim.body_min_rate * lim.body_timeout_s:
-                self.window_bytes = 0
+                self.window_bytes = -credited
                 return self._arm(lim.body_timeout_s)
             phase = "body"
             what = (f"{self.window_bytes} body bytes in {lim.body_timeout_s:g} s "

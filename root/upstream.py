@@ -439,8 +439,8 @@ class Partition:
             except ValueError as exc:
                 raise UpstreamError(400, "bad_request", str(exc)) from None
             replica.inflight += 1
-            gauge = self.metrics.child(self.metrics.inflight, (self.name, replica.url))
-            gauge.inc()
+            gauge_key = (self.name, replica.url)
+            self.metrics.add(self.metrics.inflight, gauge_key)
             conn: UpstreamConnection | None = None
             try:
                 conn = await pool.acquire(loop, deadline)
@@ -453,18 +453,18 @@ class Partition:
             except _Timeout:
                 self._count_attempt(replica, "timeout")
                 if labels is not None and conn is not None:  # connected, so the body went out (or began to)
-                    self.metrics.child(self.metrics.sent_bytes, labels).inc(sent)
+                    self.metrics.add(self.metrics.sent_bytes, labels, sent)
                 raise UpstreamError(504, "timeout",
                                     f"upstream timed out after {timeout_s:.3g}s at {replica.url}") from None
             except _Broken as exc:
                 # Reached the replica (or may have): not retried, the model may have run.
                 self._count_attempt(replica, "error")
                 if labels is not None:
-                    self.metrics.child(self.metrics.sent_bytes, labels).inc(sent)
+                    self.metrics.add(self.metrics.sent_bytes, labels, sent)
                 raise UpstreamError(502, "bad_gateway", f"upstream {replica.url} failed: {str(exc)[:200]}") from None
             finally:
                 replica.inflight -= 1
-                gauge.dec()
+                self.metrics.add(self.metrics.inflight, gauge_key, -1)
                 if conn is not None:
                     if isinstance(body, Body) and not conn.drained():
                         body.pinned = True  # its buffers may still be queued on a connection that is being closed
@@ -479,8 +479,8 @@ class Partition:
                 # Only a success is proof of health: a restarting leaf answers 404/503 while it loads.
                 self._mark(replica, True)
             if labels is not None:
-                self.metrics.child(self.metrics.sent_bytes, labels).inc(sent)
-                self.metrics.child(self.metrics.received_bytes, labels).inc(len(data))
+                self.metrics.add(self.metrics.sent_bytes, labels, sent)
+                self.metrics.add(self.metrics.received_bytes, labels, len(data))
             return UpstreamResponse(status, data, ctype, out_headers, replica.url, sent)
         if not errors:
             raise UpstreamError(504, "timeout", f"deadline of {timeout_s:.3g}s expired before a replica was reached")
@@ -510,7 +510,7 @@ class Partition:
         return ctype, out_headers, data
 
     def _count_attempt(self, replica: Replica, outcome: str) -> None:
-        self.metrics.child(self.metrics.attempts, (self.name, replica.url, outcome)).inc()
+        self.metrics.add(self.metrics.attempts, (self.name, replica.url, outcome))
 
 
 __all__ = ["Body", "Partition", "Replica", "ReplicaPool", "UpstreamConnection", "UpstreamError", "UpstreamResponse"]

@@ -198,3 +198,29 @@ async def test_a_body_that_waits_past_the_body_timeout_gets_503_and_the_one_rece
         wa.close()
         wb.close()
     assert scrape(url, "trimmer_root_front_body_waits_total", outcome="timed_out") == before + 1
+
+
+async def test_a_large_body_trickling_under_the_read_low_mark_is_not_taken_for_a_stall(narrow):
+    """A 400 KB body (past root/front.py's RCVLOWAT, so the kernel holds its bytes until 256 KiB are in) trickles 1 KiB
+    per 0.25 s for 2.5 s: every 1 s body window brings bytes, though none is read in the first, so the connection must
+    stay open, and the trim is exact."""
+    host, port, _ = narrow
+    feats = {**FEATS, "pad": b"p" * 400_000}
+    data = msgpack.packb({"request_id": "slow", "features": feats}, use_bin_type=True)
+    expected = sha(msgpack.packb({"request_id": "slow", "features": {"f1": 1, "f2": [1.5, 2.5]}}, use_bin_type=True))
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(score_head(host, len(data)) + data[:1000])
+        await writer.drain()
+        sent = 1000
+        for _ in range(10):  # 2.5 s, bounded
+            await asyncio.sleep(0.25)
+            writer.write(data[sent:sent + 1024])
+            await writer.drain()
+            sent += 1024
+        writer.write(data[sent:])
+        await writer.drain()
+        status, _, out = await read_answer(reader, 10)
+        assert status == 200 and msgpack.unpackb(out)["body_sha256"] == expected
+    finally:
+        writer.close()
