@@ -50,6 +50,7 @@ class Target:
     requests: int = 0
     seconds: float = 0.0
     p50_ms: list[float] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)  # CPU ms per request, each round
 
 
 def _free_port() -> int:
@@ -262,7 +263,9 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                 for t in targets:
                     c0 = _cpu(t.pids) if t.pids else 0.0
                     n, secs, _ = _wrk(t.url, script, connections, seconds)
-                    t.cpu += (_cpu(t.pids) - c0) if t.pids else 0.0
+                    used = (_cpu(t.pids) - c0) if t.pids else 0.0
+                    t.cpu += used
+                    t.rounds.append(used / max(n, 1) * 1000)
                     t.requests += n
                     t.seconds += secs
             for _ in range(2):  # sequential latency: one connection, one request at a time
@@ -299,18 +302,23 @@ def _report(targets: list[Target], body: bytes, allow: frozenset[str], connectio
     direct_p50 = statistics.median(direct.p50_ms)
     print(f"reference payload {len(body):,} bytes, 2,000 features, {len(allow)} allowlisted; wrk -c{connections}, "
           f"{ROUNDS} alternating rounds; upstream: nginx reading and dropping the body")
-    print(f"{'proxy':38} {'CPU ms/req':>10} {'x nginx':>8} {'req/s':>8} {'p50 ms':>8} {'added p50':>10}")
+    print(f"{'proxy':38} {'CPU ms/req':>10} {'x nginx':>8} {'per round':>11} {'req/s':>8} {'p50 ms':>8} "
+          f"{'added p50':>10}")
     rows = []
     for t in targets:
         cpu_ms = t.cpu / t.requests * 1000 if t.pids else float("nan")
         p50 = statistics.median(t.p50_ms)
+        # The ratio to nginx in each round (the two ran minutes apart at most): the spread says how noisy the run was.
+        per_round = [a / b for a, b in zip(t.rounds, nginx.rounds)] if t.pids else []
         row = {"proxy": t.name, "cpu_ms_per_request": cpu_ms, "x_nginx": cpu_ms / nginx_ms if t.pids else None,
+               "x_nginx_per_round": per_round,
                "requests_per_s": t.requests / t.seconds, "p50_ms": p50,
                "added_p50_ms": p50 - direct_p50 if t.pids else None}
         rows.append(row)
         x = f"{cpu_ms / nginx_ms:8.2f}" if t.pids else f"{'':8}"
+        spread = f"{min(per_round):.2f}-{max(per_round):.2f}" if per_round else ""
         added = f"{p50 - direct_p50:10.3f}" if t.pids else f"{'':10}"
-        print(f"{t.name:38} {cpu_ms:10.3f} {x} {row['requests_per_s']:8.0f} {p50:8.3f} {added}")
+        print(f"{t.name:38} {cpu_ms:10.3f} {x} {spread:>11} {row['requests_per_s']:8.0f} {p50:8.3f} {added}")
     for label, r in rss.items():
         print(f"{label}: RSS idle {r['idle_mib']:.0f} MiB; peak with {inflight} requests waiting on a 1 s model "
               f"{r['slow_model_peak_mib']:.0f} MiB; peak with {inflight} connections flooding "
