@@ -34,7 +34,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._children: dict = {}
         self._pending: list[tuple[Any, tuple[str, ...], float, bool]] = []
-        self._flush_scheduled = False
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
         r = self.registry
         m = MODEL_LABELS
         self.client_requests = Counter(f"{PREFIX}_client_requests", "HTTP requests received, by route and status",
@@ -165,26 +165,27 @@ class Metrics:
     def add(self, metric, key: tuple[str, ...], amount: float = 1.0) -> None:
         """`child(metric, key).inc(amount)` (a gauge may take a negative amount), applied by the next flush."""
         self._pending.append((metric, key, amount, False))
-        if not self._flush_scheduled:
+        if self._flush_on is None or self._flush_on.is_closed():  # (a loop closed before its flush ran)
             self._schedule_flush()
 
     def observe(self, metric, key: tuple[str, ...], value: float) -> None:
         """`child(metric, key).observe(value)` of a histogram, applied by the next flush."""
         self._pending.append((metric, key, value, True))
-        if not self._flush_scheduled:
+        if self._flush_on is None or self._flush_on.is_closed():  # (a loop closed before its flush ran)
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         try:
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (a synchronous caller): now
             self.flush()
             return
-        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+        self._flush_on = loop
 
     def flush(self) -> None:
         """Apply every noted update."""
-        self._flush_scheduled = False
+        self._flush_on = None
         pending, self._pending = self._pending, []
         sums: dict[tuple[Any, tuple[str, ...]], float] = {}
         for metric, key, amount, histogram in pending:
