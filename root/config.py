@@ -115,7 +115,7 @@ class Limits(Section, frozen=True):
     max_inflight_body_bytes: Optional[Count] = None  # default 4 x max_body_bytes; past it 503 + Retry-After
     # declared body bytes the fast listener receives at once; a body past it waits (reading paused: TCP backpressure)
     # until one completes, up to timeouts.client_body_s, then 503 + Retry-After; a body alone is always received
-    max_receiving_body_bytes: Count = 16 * MiB
+    max_receiving_body_bytes: Count = 8 * MiB
     max_fanout_targets: Count = 64  # models one /v1/score request may list; more -> 400
 
 

@@ -32,12 +32,12 @@ Retry-After).
 
 Backpressure: the declared bytes of the bodies being read, from their head
 until their request starts running, are capped (limits.max_receiving_body_bytes,
-16 MiB). A body that does not fit waits in FIFO order with its connection's
+8 MiB). A body that does not fit waits in FIFO order with its connection's
 reading paused, so a flood queues in the kernel's socket buffers, not in this
-process; it waits at most client_body_s, then gets 503 + Retry-After. With
-body buffers mapped lazily (BufferPool), 64 connections flooding 1.77 MB
-bodies peaked at 110 MiB RSS, against 169 MiB without both and 147 MiB for
-the aiohttp-only root before issue 14 (same run, `trimmer root bench --proxies`).
+process; it waits at most client_body_s, then gets 503 + Retry-After. 64
+connections flooding 1.77 MB bodies peaked at 114 MiB RSS with it, 182 MiB
+without it, and 138-148 MiB for the aiohttp-only root before issue 14
+(`trimmer root bench --proxies`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import mmap
 import socket
 import struct
 import termios
@@ -71,7 +70,7 @@ log = logging.getLogger("trimmer.root.front")
 
 HEAD_MAX = 64 * 1024  # request line + headers; past it: 431
 HEAD_START = 8 * 1024  # a connection's head buffer to begin with (doubled up to HEAD_MAX): 4,096 idle ones hold 32 MiB
-POOL_BYTES = 16 * 1024 * 1024  # idle body buffers kept for reuse
+POOL_BYTES = 8 * 1024 * 1024  # idle body buffers kept for reuse
 _ALIGN = 64 * 1024
 # While a large body arrives, the kernel wakes this process only once this many bytes are queued (SO_RCVLOWAT) or
 # the body's last byte is in. Waking per 64-128 KiB that loopback delivers at a time cost a wake-up, a read and two
@@ -88,31 +87,31 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
 class BufferPool:
-    """Body buffers for reuse, each an anonymous mmap.
+    """Body buffers for reuse.
 
-    Why mmap and not `bytearray(n)`: a bytearray is zero-filled (every page
-    touched before a byte arrives) and comes from the malloc heap, which a
-    flood of megabyte bodies fragments. A fresh mapping's pages become
-    resident only as the body lands in them, and a buffer the pool does not
-    keep goes back to the kernel when it is dropped. Measured with 64
-    connections flooding 1.77 MB bodies: peak RSS 169 -> 142 MiB from this
-    alone (the receive cap, FrontServer.room_for, does the rest).
+    A new 1.8 MB `bytearray` costs its zero-fill (~90 us) and, taken from a heap
+    that has given pages back, page faults. The pool also keeps the heap from
+    fragmenting: without it (a 4 MiB pool), 64 bodies in flight peaked at
+    161 MiB RSS, against 112 MiB with 8 MiB. Anonymous mmaps instead of
+    bytearrays were tried and dropped: a fresh mapping faults its pages in as
+    the body lands, about 0.75 ms per 1.8 MB buffer, so every pool miss cost a
+    request's worth of CPU, for no RSS gain once reception was capped.
     """
 
     def __init__(self, cap_bytes: int = POOL_BYTES) -> None:
         self.cap = cap_bytes
-        self.free: list[mmap.mmap] = []
+        self.free: list[bytearray] = []
         self.held = 0
 
-    def take(self, n: int) -> mmap.mmap:
+    def take(self, n: int) -> bytearray:
         for i, buf in enumerate(self.free):
             if n <= len(buf) <= 2 * n + _ALIGN:
                 del self.free[i]
                 self.held -= len(buf)
                 return buf
-        return mmap.mmap(-1, -(-max(n, 1) // _ALIGN) * _ALIGN)
+        return bytearray(-(-max(n, 1) // _ALIGN) * _ALIGN)
 
-    def give(self, buf: mmap.mmap) -> None:
+    def give(self, buf: bytearray) -> None:
         if self.held + len(buf) > self.cap:
             return
         self.free.append(buf)
@@ -215,7 +214,7 @@ class FrontConnection(asyncio.BufferedProtocol):
         # The request being received
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.buf: mmap.mmap | None = None
+        self.buf: bytearray | None = None
         self.body_view: memoryview | None = None
         self.need = 0
         self.got = 0
@@ -455,7 +454,7 @@ class FrontConnection(asyncio.BufferedProtocol):
         srv.loop.create_task(self._answer(self.request, view, buf, self.stream, self.lease, self.reserved))
         self.request, self.body_view, self.buf, self.stream, self.lease, self.reserved = {}, None, None, None, None, 0
 
-    async def _answer(self, req: dict[str, Any], view: memoryview, buf: mmap.mmap,
+    async def _answer(self, req: dict[str, Any], view: memoryview, buf: bytearray,
                       stream: Any, lease: Lease | None, reserved: int) -> None:
         srv = self.server
         # Its room under the receive cap is given back only now: bodies that are complete but not yet trimmed or sent
