@@ -35,7 +35,7 @@ until their request starts running, are capped (limits.max_receiving_body_bytes,
 8 MiB). A body that does not fit waits in FIFO order with its connection's
 reading paused, so a flood queues in the kernel's socket buffers, not in this
 process; it waits at most client_body_s, then gets 503 + Retry-After. 64
-connections flooding 1.77 MB bodies peaked at 114 MiB RSS with it, 182 MiB
+connections flooding 1.77 MB bodies peaked at 108 MiB RSS with it, 182 MiB
 without it, and 138-148 MiB for the aiohttp-only root before issue 14
 (`trimmer root bench --proxies`).
 """
@@ -70,7 +70,7 @@ log = logging.getLogger("trimmer.root.front")
 
 HEAD_MAX = 64 * 1024  # request line + headers; past it: 431
 HEAD_START = 8 * 1024  # a connection's head buffer to begin with (doubled up to HEAD_MAX): 4,096 idle ones hold 32 MiB
-POOL_BYTES = 8 * 1024 * 1024  # idle body buffers kept for reuse
+POOL_BYTES = 16 * 1024 * 1024  # idle body buffers kept for reuse (8 reference bodies: c8 passthrough holds 8)
 _ALIGN = 64 * 1024
 # While a large body arrives, the kernel wakes this process only once this many bytes are queued (SO_RCVLOWAT) or
 # the body's last byte is in. Waking per 64-128 KiB that loopback delivers at a time cost a wake-up, a read and two
@@ -91,8 +91,8 @@ class BufferPool:
 
     A new 1.8 MB `bytearray` costs its zero-fill (~90 us) and, taken from a heap
     that has given pages back, page faults. The pool also keeps the heap from
-    fragmenting: without it (a 4 MiB pool), 64 bodies in flight peaked at
-    161 MiB RSS, against 112 MiB with 8 MiB. Anonymous mmaps instead of
+    fragmenting: with a 4 MiB pool, 64 bodies in flight peaked at 161 MiB
+    RSS, against 106 MiB with 16 MiB. Anonymous mmaps instead of
     bytearrays were tried and dropped: a fresh mapping faults its pages in as
     the body lands, about 0.75 ms per 1.8 MB buffer, so every pool miss cost a
     request's worth of CPU, for no RSS gain once reception was capped.
