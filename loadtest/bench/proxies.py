@@ -134,8 +134,10 @@ def _root_conf(tmp: Path, allow: frozenset[str], sink_port: int, slow_port: int)
         limits={"max_body_bytes": 64 * 1024 * 1024}, timeouts={"request_s": 10})
 
 
-def _wrk(url: str, script: Path, connections: int, seconds: float, threads: int = 1) -> tuple[int, float, float]:
-    """(requests, seconds, p50 ms) of one wrk run; non-2xx answers are an error."""
+def _wrk(url: str, script: Path, connections: int, seconds: float, threads: int = 1,
+         failures: list[int] | None = None) -> tuple[int, float, float]:
+    """(requests, seconds, p50 ms) of one wrk run. Non-2xx answers are an error, unless `failures` is given: then
+    their count is appended there (the RSS phases report them instead of losing the whole run)."""
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
                           "--latency", "-s", str(script), url],
                          capture_output=True, text=True, timeout=seconds + 60)
@@ -143,8 +145,11 @@ def _wrk(url: str, script: Path, connections: int, seconds: float, threads: int 
     m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", text)
     if out.returncode != 0 or m is None:
         raise RuntimeError(f"wrk failed on {url}: {out.stderr.strip()[:300] or text[:300]}")
-    if "Non-2xx" in text:
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if bad and failures is None:
         raise RuntimeError(f"{url} answered non-2xx: {text[:500]}")
+    if failures is not None:
+        failures.append(int(bad.group(1)) if bad else 0)
     secs = float(m.group(2)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[m.group(3)]
     p = re.search(r"50%\s+([\d.]+)(us|ms|s)", text)
     p50 = float(p.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[p.group(2)] if p else float("nan")
@@ -174,8 +179,10 @@ def _peak_rss(pid: int, stop: threading.Event, out: list[int]) -> None:
     out.append(peak)
 
 
-def _rss(pid: int, url: str | None, script: Path, connections: int, seconds: float) -> int:
-    """Peak RSS of `pid` while wrk loads `url` (its current RSS when url is None)."""
+def _rss(pid: int, url: str | None, script: Path, connections: int, seconds: float,
+         failures: list[int] | None = None) -> int:
+    """Peak RSS of `pid` while wrk loads `url` (its current RSS when url is None); non-2xx answers are counted in
+    `failures`."""
     import psutil
 
     if url is None:
@@ -185,7 +192,7 @@ def _rss(pid: int, url: str | None, script: Path, connections: int, seconds: flo
     th = threading.Thread(target=_peak_rss, args=(pid, stop, peak))
     th.start()
     try:
-        _wrk(url, script, connections, seconds, threads=2)
+        _wrk(url, script, connections, seconds, threads=2, failures=failures)
     finally:
         stop.set()
         th.join()
@@ -273,13 +280,15 @@ def run_proxy_bench(seconds: float = 5.0, connections: int = 8, out: str | None 
                     t.p50_ms.append(_wrk(t.url, script, 1, max(2.0, seconds / 2))[2])
             rss: dict[str, dict[str, float]] = {}
             for root, (label, _) in zip(roots, builds):
+                failures: list[int] = []
                 rss[label] = {"idle_mib": _rss(root.pid, None, script, 0, 0) / 2**20,
                               # `inflight` requests waiting on a 1 s model at once (the issue's measure)
                               "slow_model_peak_mib": _rss(root.pid, f"{root.url}/v1/models/ref_slow/score", script,
-                                                          inflight, max(4.0, seconds)) / 2**20,
+                                                          inflight, max(4.0, seconds), failures) / 2**20,
                               # `inflight` connections sending bodies as fast as they can (bodies being received)
                               "flood_peak_mib": _rss(root.pid, f"{root.url}/v1/models/ref/score", script, inflight,
-                                                     max(3.0, seconds)) / 2**20}
+                                                     max(3.0, seconds), failures) / 2**20}
+                rss[label]["non_2xx"] = sum(failures)
             sent = {label: upstream_bytes_per_request(f"http://127.0.0.1:{p}") for label, p in root_ports.items()}
         finally:
             for root in roots:
@@ -322,7 +331,8 @@ def _report(targets: list[Target], body: bytes, allow: frozenset[str], connectio
     for label, r in rss.items():
         print(f"{label}: RSS idle {r['idle_mib']:.0f} MiB; peak with {inflight} requests waiting on a 1 s model "
               f"{r['slow_model_peak_mib']:.0f} MiB; peak with {inflight} connections flooding "
-              f"{r['flood_peak_mib']:.0f} MiB")
+              f"{r['flood_peak_mib']:.0f} MiB" + (f" ({r['non_2xx']:.0f} non-2xx answers meanwhile)"
+                                                  if r.get("non_2xx") else ""))
     for label, s in sent.items():
         print(
             f"{label}: upstream bytes / request  passthrough {s.get('ref_pass', 0):,.0f}   trim {s.get('ref', 0):,.0f}")
