@@ -43,11 +43,7 @@ async def exchange(addr: tuple[str, int], pieces: list[bytes], pause: float = 0.
             await writer.drain()
             if pause:
                 await asyncio.sleep(pause)
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
-        data = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 15)
-        return int(lines[0].split()[1]), headers, data
+        return await read_answer(reader, 15)
     finally:
         writer.close()
 
@@ -135,29 +131,43 @@ async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int
         reader.readexactly(int(headers.get("content-length", "0"))), timeout)
 
 
+async def a_receiving_b_queued(narrow, a_rid: str, b_rid: str):
+    """Connection A sends its head and 100 bytes of its body (so it holds the root's receive room), then B sends its
+    whole request, which has to wait. Returns both connections and the bodies with their expected trims."""
+    host, port, _ = narrow
+    a_body, a_sha = scored(a_rid)
+    b_body, b_sha = scored(b_rid)
+    ra, wa = await asyncio.open_connection(host, port)
+    rb, wb = await asyncio.open_connection(host, port)
+    wa.write(score_head(host, len(a_body)) + a_body[:100])
+    await wa.drain()
+    await asyncio.sleep(0.15)
+    wb.write(score_head(host, len(b_body)) + b_body)
+    await wb.drain()
+    return (ra, wa, a_body, a_sha), (rb, wb, b_sha)
+
+
+async def send_rest_and_check(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rest: bytes,
+                              expected_sha: str) -> None:
+    """Send the rest of a body; its answer must be 200 with the exact trim."""
+    writer.write(rest)
+    await writer.drain()
+    status, _, out = await read_answer(reader, 10)
+    assert status == 200 and msgpack.unpackb(out)["body_sha256"] == expected_sha
+
+
 async def test_a_body_past_the_receive_cap_waits_for_room_and_is_then_answered_exactly(narrow):
-    """A's body is being received (half sent); B's whole request is sent but must wait: no answer while A holds the
+    """A's body is being received (partly sent); B's whole request is sent but must wait: no answer while A holds the
     room, then both are answered with the exact trim, and the wait is counted."""
     from tests.promtext import scrape
 
-    host, port, url = narrow
+    url = narrow[2]
     before = scrape(url, "trimmer_root_front_body_waits_total", outcome="admitted")
-    a_body, a_sha = scored("a")
-    b_body, b_sha = scored("b")
-    ra, wa = await asyncio.open_connection(host, port)
-    rb, wb = await asyncio.open_connection(host, port)
+    (ra, wa, a_body, a_sha), (rb, wb, b_sha) = await a_receiving_b_queued(narrow, "a", "b")
     try:
-        wa.write(score_head(host, len(a_body)) + a_body[:100])
-        await wa.drain()
-        await asyncio.sleep(0.2)
-        wb.write(score_head(host, len(b_body)) + b_body)
-        await wb.drain()
         with pytest.raises(asyncio.TimeoutError):
             await read_answer(rb, 0.4)  # B waits for room (its bytes stay in the kernel)
-        wa.write(a_body[100:])
-        await wa.drain()
-        status, _, out = await read_answer(ra, 10)
-        assert status == 200 and msgpack.unpackb(out)["body_sha256"] == a_sha
+        await send_rest_and_check(ra, wa, a_body[100:], a_sha)
         status, _, out = await read_answer(rb, 10)
         assert status == 200 and msgpack.unpackb(out)["body_sha256"] == b_sha
     finally:
@@ -171,18 +181,10 @@ async def test_a_body_that_waits_past_the_body_timeout_gets_503_and_the_one_rece
     it, is answered 503 + Retry-After after client_body_s (1 s); A is then answered with its exact trim."""
     from tests.promtext import scrape
 
-    host, port, url = narrow
+    url = narrow[2]
     before = scrape(url, "trimmer_root_front_body_waits_total", outcome="timed_out")
-    a_body, a_sha = scored("a2")
-    b_body, _ = scored("b2")
-    ra, wa = await asyncio.open_connection(host, port)
-    rb, wb = await asyncio.open_connection(host, port)
+    (ra, wa, a_body, a_sha), (rb, wb, _) = await a_receiving_b_queued(narrow, "a2", "b2")
     try:
-        wa.write(score_head(host, len(a_body)) + a_body[:100])
-        await wa.drain()
-        await asyncio.sleep(0.1)
-        wb.write(score_head(host, len(b_body)) + b_body)
-        await wb.drain()
         for i in range(8):  # 1.6 s of trickle, bounded
             wa.write(a_body[100 + i:101 + i])
             await wa.drain()
@@ -190,10 +192,7 @@ async def test_a_body_that_waits_past_the_body_timeout_gets_503_and_the_one_rece
         status, headers, out = await read_answer(rb, 5)
         assert status == 503 and headers.get("retry-after") == "1"
         assert "limits.max_receiving_body_bytes" in json.loads(out)["error"]
-        wa.write(a_body[108:])
-        await wa.drain()
-        status, _, out = await read_answer(ra, 10)
-        assert status == 200 and msgpack.unpackb(out)["body_sha256"] == a_sha
+        await send_rest_and_check(ra, wa, a_body[108:], a_sha)
     finally:
         wa.close()
         wb.close()
@@ -218,9 +217,6 @@ async def test_a_large_body_trickling_under_the_read_low_mark_is_not_taken_for_a
             writer.write(data[sent:sent + 1024])
             await writer.drain()
             sent += 1024
-        writer.write(data[sent:])
-        await writer.drain()
-        status, _, out = await read_answer(reader, 10)
-        assert status == 200 and msgpack.unpackb(out)["body_sha256"] == expected
+        await send_rest_and_check(reader, writer, data[sent:], expected)
     finally:
         writer.close()
