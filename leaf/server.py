@@ -107,10 +107,14 @@ def version_metrics(request: web.Request, vs: VersionState) -> VersionMetrics:
 def resolve(request: web.Request, need_ready: bool = True) -> VersionState:
     """The version this request addresses: 400 bad name/version, 503 still loading, 404 unknown, 503 not ready."""
     store = request.app[STORE]
-    name = check_name("model name", request.match_info["name"])
     version = request.match_info.get("version")
-    if version is not None:
-        check_name("model version", version)
+    try:
+        name = check_name("model name", request.match_info["name"])
+        if version is not None:
+            check_name("model version", version)
+    except PayloadError:
+        request.app[METRICS].bad_requests.labels("bad_name").inc()
+        raise
     if not store.initial_done:
         raise HttpError(503, "the leaf is loading its models; retry shortly", code="loading",
                         headers={"Retry-After": RETRY_AFTER_S})

@@ -194,9 +194,11 @@ def test_traversal_names_and_versions_are_refused_and_leaf_routes_unreachable(sw
     status, raw = _raw(root, "POST", "/v1/score", fan)
     assert status == 400, raw[:200]
     leaf = swap_stack["leaf"].url
+    refused = scrape(leaf, "trimmer_leaf_bad_requests_total", reason="bad_name")
     for path in ("/v1/models/m/versions/%2e%2e/score", "/v2/models/m/versions/1%2F..%2F..%2Fmetrics/infer"):
         status, raw = _raw(leaf, "POST", path, body)
         assert status == 400, (path, status, raw[:200])
+    assert scrape(leaf, "trimmer_leaf_bad_requests_total", reason="bad_name") == refused + 2  # counted, by reason
 
 
 async def test_a_20000_name_fanout_is_refused_while_healthz_answers(swap_stack):
