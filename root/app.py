@@ -208,6 +208,10 @@ def _busy(budget: BodyBudget) -> web.HTTPServiceUnavailable:
         headers={"Retry-After": "1"})
 
 
+async def _pipeline_body(request: web.Request) -> bytes:
+    return (await _read_body(request, "pipeline")).joined()
+
+
 async def _read_body(request: web.Request, route: str, stream: StreamTrim | None = None) -> Body:
     """The request body, plain: within limits.max_body_bytes (also after decompression) and the process's body budget.
 
@@ -529,7 +533,8 @@ def build_apps(state: RootState) -> tuple[web.Application, web.Application | Non
     scoring = {"fanout": handle_fanout, "model": handle_model_score, "oip": handle_oip_infer}
     for path, name, kind in SCORING_ROUTES:  # the table root/front.py matches too
         r.add_post(path, scoring[kind], name=name)
-    r.add_post("/v1/pipelines/{name}/score", pipeline_handler(STATE, _timeout), name="pipeline")  # root/pipeline.py
+    r.add_post("/v1/pipelines/{name}/score", pipeline_handler(STATE, _timeout, _pipeline_body),
+               name="pipeline")  # root/pipeline.py
     r.add_get("/v2/models/{name}", handle_oip_get, name="oip_metadata")
     r.add_get("/v2/models/{name}/ready", handle_oip_get, name="oip_model_ready")
     r.add_get("/v2/models/{name}/versions/{version}", handle_oip_get, name="oip_metadata_version")

@@ -20,7 +20,7 @@ pipeline's time budget ran out before the stage).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import msgspec
 from aiohttp import web
@@ -119,8 +119,10 @@ async def run_pipeline(state: Any, pm: PipelineMetrics, pipe: PipelineConfig, bo
     return enc.encode(resp)
 
 
-def pipeline_handler(state_key: Any, timeout_for: Callable[[web.Request, Any], float]) -> Callable[[web.Request], Any]:
-    """The aiohttp handler (root/app.py registers it; the state key and deadline rule are passed in, not imported)."""
+def pipeline_handler(state_key: Any, timeout_for: Callable[[web.Request, Any], float],
+                     read_body: Callable[[web.Request], Awaitable[bytes]]) -> Callable[[web.Request], Any]:
+    """The aiohttp handler (root/app.py registers it; the state key, deadline rule and body reader are passed in, not
+    imported). `read_body` is the scoring routes' reader: the body limit, the body budget and Content-Encoding."""
     async def handle(request: web.Request) -> web.Response:
         state = request.app[state_key]
         pm = getattr(state, "pipeline_metrics", None)
@@ -128,8 +130,7 @@ def pipeline_handler(state_key: Any, timeout_for: Callable[[web.Request, Any], f
             pm = state.pipeline_metrics = PipelineMetrics(state.metrics.registry)
         name = check_name("pipeline name", request.match_info["name"])
         pipe = state.cfg.pipelines.get(name)
-        body = await request.read()
-        state.metrics.child(state.metrics.client_bytes, ("pipeline",)).inc(len(body))
+        body = await read_body(request)
         if pipe is None:
             known = ", ".join(sorted(state.cfg.pipelines)) or "none configured"
             return web.json_response({"error": f"unknown pipeline {name!r}; pipelines: {known}"}, status=404)

@@ -8,6 +8,7 @@ Each hop must be trimmed (the root's per-model metrics) and a failure must name 
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import subprocess
@@ -132,6 +133,12 @@ async def test_pipeline_end_to_end_matches_the_chain_by_hand_and_trims_every_hop
             real = slate[slate >= 0]
             assert len(real) == min(dm.SLATE_K, dm.TOP_K) and len(set(real.tolist())) == len(
                 real) and real.max() < dm.TOP_K
+        # the same request gzip-encoded: read like a scoring route's body (decoded within the limits), same answer
+        status, body = await _post(s, root.url + "/v1/pipelines/feed/score",
+                                   gzip.compress(encode_msgpack({"request_id": "gz", "features": feats})),
+                                   {**MP, "Content-Encoding": "gzip"})
+        assert status == 200, body[:400]
+        assert np.array_equal(decode_msgpack(body)["outputs"]["slate"].to_numpy(), slate)
         # the same pipeline in JSON: every hop in JSON, same answer
         status, body = await _post(s, root.url + "/v1/pipelines/feed/score", encode_json({"features": feats}),
                                    {"Content-Type": "application/json"})
@@ -148,10 +155,10 @@ async def test_pipeline_end_to_end_matches_the_chain_by_hand_and_trims_every_hop
             before, "trimmer_root_trimmed_bytes_total", model=model)
         untrimmed = (_metric(after, "trimmer_root_untrimmed_bytes_total", model=model)
                      - _metric(before, "trimmer_root_untrimmed_bytes_total", model=model))
-        assert sent == 4, (model, sent)  # 3 msgpack + 1 JSON request
-        assert dropped >= 4 * 4, (model, dropped)  # at least ctx_*, unused_blob, unused_tag dropped at every hop
+        assert sent == 5, (model, sent)  # 3 msgpack + 1 gzip msgpack + 1 JSON request
+        assert dropped >= 5 * 4, (model, dropped)  # at least ctx_*, unused_blob, unused_tag dropped at every hop
         assert 0 < trimmed < untrimmed, (model, trimmed, untrimmed)
-    assert _metric(after, "trimmer_root_pipeline_requests_total", pipeline="feed", outcome="ok") >= 4
+    assert _metric(after, "trimmer_root_pipeline_requests_total", pipeline="feed", outcome="ok") >= 5
 
 
 async def test_pipeline_errors_name_the_failing_stage(stack):
