@@ -38,6 +38,7 @@ import zstandard
 from loadtest.procs import ManagedProcess, free_port, start, trimmer_cmd
 from trimmer import edge
 from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
+from promtext import metric_sum as metric
 
 MiB = 1024 * 1024
 KEPT = ("f1", "f2")
@@ -128,15 +129,6 @@ async def scrape(admin: str) -> str:
     async with aiohttp.ClientSession() as s:
         async with s.get(admin + "/metrics") as r:
             return await r.text()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def port_of(proc: ManagedProcess) -> int:

@@ -31,6 +31,7 @@ import pytest
 
 from loadtest.procs import ManagedProcess, free_port, start
 from trimmer.bundle import BUNDLE_FORMAT, BUNDLE_KIND
+from promtext import metric_sum as metric
 
 MP = {"Content-Type": "application/msgpack"}
 FEATURES = {f"f{i}": i for i in range(12)}
@@ -176,15 +177,6 @@ async def metrics(url: str) -> str:
     async with aiohttp.ClientSession() as s:
         async with s.get(url + "/metrics") as r:
             return await r.text()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(
-            f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def source(status: dict, kind: str) -> dict:

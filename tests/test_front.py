@@ -12,6 +12,7 @@ import json
 import msgpack
 import pytest
 
+from promtext import scrape
 from tests.test_root_service import sha, start_root, start_sink, write_bundle
 
 FEATS = {"f1": 1, "f2": [1.5, 2.5], "pad": b"p" * 3000}
@@ -159,8 +160,6 @@ async def send_rest_and_check(reader: asyncio.StreamReader, writer: asyncio.Stre
 async def test_a_body_past_the_receive_cap_waits_for_room_and_is_then_answered_exactly(narrow):
     """A's body is being received (partly sent); B's whole request is sent but must wait: no answer while A holds the
     room, then both are answered with the exact trim, and the wait is counted."""
-    from tests.promtext import scrape
-
     url = narrow[2]
     before = scrape(url, "trimmer_root_front_body_waits_total", outcome="admitted")
     (ra, wa, a_body, a_sha), (rb, wb, b_sha) = await a_receiving_b_queued(narrow, "a", "b")
@@ -179,8 +178,6 @@ async def test_a_body_past_the_receive_cap_waits_for_room_and_is_then_answered_e
 async def test_a_body_that_waits_past_the_body_timeout_gets_503_and_the_one_receiving_is_unharmed(narrow):
     """A trickles its body (1 byte per 0.2 s: never a stalled window) and so holds the room for 1.6 s; B, queued behind
     it, is answered 503 + Retry-After after client_body_s (1 s); A is then answered with its exact trim."""
-    from tests.promtext import scrape
-
     url = narrow[2]
     before = scrape(url, "trimmer_root_front_body_waits_total", outcome="timed_out")
     (ra, wa, a_body, a_sha), (rb, wb, _) = await a_receiving_b_queued(narrow, "a2", "b2")

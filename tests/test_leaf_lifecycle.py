@@ -34,6 +34,7 @@ from loadtest.procs import free_port, start, trimmer_cmd, ManagedProcess
 from trimmer.codec import decode_msgpack, encode_msgpack
 from trimmer.handshake import input_digest
 from trimmer.tensor import Tensor
+from promtext import scrape as metric
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 SPEC = {"dtype": "float32", "shape": [-1]}
@@ -124,20 +125,6 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str,
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, value = line.rsplit(" ", 1)
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def wait_for(cond, what: str, timeout: float = 60.0, proc: ManagedProcess | None = None) -> None:

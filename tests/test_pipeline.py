@@ -25,6 +25,7 @@ from root.config import parse_config
 from trimmer.codec import decode_json, decode_msgpack, encode_json, encode_msgpack
 from trimmer.errors import ConfigError
 from trimmer.tensor import Tensor
+from promtext import metric_sum as _metric
 
 MP = {"Content-Type": "application/msgpack"}
 MODELS = ("retrieval", "item_features", "ranker", "diversifier")
@@ -99,16 +100,6 @@ async def chain_by_hand(s, leaf_url: str, features: dict) -> dict[str, dict]:
         assert status == 200, body[:300]
         outs[st["model"]] = decode_msgpack(body)["outputs"]
     return outs
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        if all(re.search(rf'{k}="{re.escape(v)}"', line) for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_pipeline_end_to_end_matches_the_chain_by_hand_and_trims_every_hop(stack):

@@ -23,6 +23,7 @@ import pytest
 
 from loadtest.procs import ManagedProcess, free_port, start
 from trimmer.bundle import BUNDLE_KIND, BUNDLE_FORMAT
+from promtext import metric_sum as metric
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
@@ -126,16 +127,6 @@ async def get_text(url: str) -> tuple[int, str]:
     async with aiohttp.ClientSession() as s:
         async with s.get(url) as r:
             return r.status, await r.text()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_fanout_trims_per_model_and_keeps_other_keys(env):
