@@ -74,6 +74,12 @@ class _Broken(Exception):
     """The connection failed after the request was (or may have been) sent."""
 
 
+class _Stale(_Broken):
+    """A reused keep-alive connection closed before a byte of the answer: the replica closed it as idle while the
+    request was on its way, so the request was not processed there (HTTP servers close only idle connections).
+    Sent again once, on a new connection, as Go's net/http and urllib3 do."""
+
+
 @dataclass
 class Replica:
     url: str
@@ -151,12 +157,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._parts: list[bytes] = []
         self._size = 0
         self.keep_alive = False
+        self.reused = False  # taken from the idle pool for this exchange
+        self.answered = False  # a byte of the current exchange's answer arrived
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         if self._parser is None:  # bytes on an idle connection: not a state we can reuse
             self.closed = True
             if self.transport is not None:
@@ -175,7 +184,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._fail(_Broken("connection closed by the upstream before its answer was complete"))
+        if self.reused and not self.answered:
+            self._fail(_Stale("a reused keep-alive connection was closed by the upstream before any answer"))
+        else:
+            self._fail(_Broken("connection closed by the upstream before its answer was complete"))
 
     # -- httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -200,6 +212,7 @@ class UpstreamConnection(asyncio.Protocol):
         loop = self.loop
         self._parser = httptools.HttpResponseParser(self)
         self._headers, self._parts, self._size = [], [], 0
+        self.answered = False
         self.keep_alive = False  # set by on_message_complete: an exchange cut short never goes back to the pool
         self._waiter = waiter = loop.create_future()
         self._timer = loop.call_at(deadline, self._expire)
@@ -255,8 +268,10 @@ class ReplicaPool:
         self.idle: list[UpstreamConnection] = []
         self._slots: asyncio.Semaphore | None = None
 
-    async def acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> UpstreamConnection:
-        """A slot and a connection (an idle one, else a new one). _ConnectFailed if none could be opened."""
+    async def acquire(self, loop: asyncio.AbstractEventLoop, deadline: float,
+                      fresh: bool = False) -> UpstreamConnection:
+        """A slot and a connection (an idle one unless `fresh`, else a new one). _ConnectFailed if none could be
+        opened."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_connections)
         if self._slots.locked():
@@ -266,9 +281,10 @@ class ReplicaPool:
                 raise _Timeout() from None
         else:
             await self._slots.acquire()
-        while self.idle:
+        while self.idle and not fresh:
             conn = self.idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
                 return conn
         try:
             _, conn = await asyncio.wait_for(
@@ -426,7 +442,12 @@ class Partition:
             loop = self.loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         errors: list[str] = []
-        for replica in self._order()[:2]:
+        # (replica, whether to open a new connection): the preferred two; a stale keep-alive connection (_Stale) adds
+        # one more try of the same replica on a new connection, once per request
+        tries = [(replica, False) for replica in self._order()[:2]]
+        stale_retried = False
+        while tries:
+            replica, fresh = tries.pop(0)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -443,7 +464,7 @@ class Partition:
             self.metrics.add(self.metrics.inflight, gauge_key)
             conn: UpstreamConnection | None = None
             try:
-                conn = await pool.acquire(loop, deadline)
+                conn = await pool.acquire(loop, deadline, fresh)
                 status, raw_headers, data = await conn.exchange(head, parts, deadline)
             except _ConnectFailed as exc:
                 self._count_attempt(replica, "connect_error")
@@ -456,6 +477,16 @@ class Partition:
                     self.metrics.add(self.metrics.sent_bytes, labels, sent)
                 raise UpstreamError(504, "timeout",
                                     f"upstream timed out after {timeout_s:.3g}s at {replica.url}") from None
+            except _Stale as exc:
+                self._count_attempt(replica, "stale_connection")
+                if labels is not None:
+                    self.metrics.add(self.metrics.sent_bytes, labels, sent)
+                if stale_retried:
+                    raise UpstreamError(502, "bad_gateway",
+                                        f"upstream {replica.url} failed: {str(exc)[:200]}") from None
+                stale_retried = True
+                tries.insert(0, (replica, True))
+                continue
             except _Broken as exc:
                 # Reached the replica (or may have): not retried, the model may have run.
                 self._count_attempt(replica, "error")

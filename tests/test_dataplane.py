@@ -6,6 +6,7 @@ expected bodies come from msgpack.packb of the kept features (an independent enc
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -157,3 +158,86 @@ async def test_upstream_connections_keep_the_replica_prefix_and_are_reused(tmp_p
         ("/pre/v1/models/x/score", f"127.0.0.1:{port}", len(data), data)] * 2
     assert seen[2][0] == "/pre/v2/health/ready" and seen[2][2] == 0
     assert len({s[4] for s in seen}) == 1  # one pooled keep-alive connection carried all three
+
+
+class _IdleClosingReplica:
+    """A replica that answers the first request on each connection and closes the connection, unanswered, when a
+    second one arrives on it: the race of a keep-alive connection the server closes as idle while a request is on
+    its way. `always_close` closes on the first request too (a replica that breaks every connection).
+
+    Written on asyncio streams, because the race cannot be timed against a real server; the HTTP it speaks is one
+    fixed answer to a request read whole (head, then Content-Length bytes)."""
+
+    def __init__(self, always_close: bool = False) -> None:
+        self.always_close = always_close
+        self.connections = 0
+        self.answered = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                if served or self.always_close:
+                    return  # closed without a byte of answer
+                served += 1
+                self.answered += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/msgpack\r\nContent-Length: 4\r\n\r\n"
+                             b"\x81\xa2ok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+
+async def _partition_on(replica: _IdleClosingReplica):
+    from root.config import PartitionConfig, Timeouts
+    from root.metrics import Metrics
+    from root.upstream import Partition
+
+    server = await asyncio.start_server(replica.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    part = Partition(PartitionConfig("p", (f"http://127.0.0.1:{port}",)), Timeouts(), Metrics())
+    await part.start()
+    return server, part
+
+
+async def test_a_keep_alive_connection_closed_as_idle_is_retried_once_on_a_new_one():
+    """The second request goes out on the pooled connection, which the replica closes unanswered: it is sent again on
+    a new connection and answered (it was a 502 before), and the stale attempt is counted."""
+    from root.upstream import Body
+
+    replica = _IdleClosingReplica()
+    server, part = await _partition_on(replica)
+    try:
+        for i in range(3):
+            resp = await part.request("POST", "/v1/models/x/score", Body.of(request(FEATURES)), {"Content-Type": MP},
+                                      5.0)
+            assert resp.status == 200 and resp.body == b"\x81\xa2ok", i
+        part.metrics.flush()
+        stale = part.metrics.registry.get_sample_value("trimmer_root_upstream_attempts_total", {
+            "partition": "p", "replica": part.replicas[0].url, "outcome": "stale_connection"})
+    finally:
+        await part.close()
+        server.close()
+    assert (replica.answered, replica.connections, stale) == (3, 3, 2.0)  # requests 2 and 3 each met a stale one
+
+
+async def test_a_replica_that_breaks_every_connection_is_not_retried_past_once():
+    from root.upstream import Body, UpstreamError
+
+    replica = _IdleClosingReplica(always_close=True)
+    server, part = await _partition_on(replica)
+    try:
+        with pytest.raises(UpstreamError) as err:
+            await part.request("POST", "/v1/models/x/score", Body.of(request(FEATURES)), {"Content-Type": MP}, 5.0)
+    finally:
+        await part.close()
+        server.close()
+    # a new connection that breaks is no stale one: 502 at once, one connection, nothing answered
+    assert err.value.status == 502 and (replica.connections, replica.answered) == (1, 0)
