@@ -376,7 +376,7 @@ class FrontConnection(asyncio.BufferedProtocol):
         self.request["plan"] = plan = self._plan(kind, model, version, headers)
         self.stream = plan.stream_trim(need) if isinstance(plan, Plan) else None
         if self.stream is not None:
-            srv.state.metrics.eager_trims.inc()
+            srv.state.metrics.add(srv.state.metrics.eager_trims, ())
         self.need, self.head_end = need, head_end
         if not srv.room_for(need):  # backpressure: the client's bytes wait in the kernel, not in this process
             self.phase = QUEUED
@@ -474,7 +474,7 @@ class FrontConnection(asyncio.BufferedProtocol):
 
         body = Body([view] if len(view) else [], recycle)
         try:
-            state.metrics.child(state.metrics.client_bytes, (req["kind"],)).inc(len(view))
+            state.metrics.add(state.metrics.client_bytes, (req["kind"],), len(view))
             capture = state.capture
             if capture is not None and capture.sample():
                 if capture.record(req["path"], headers.get("Content-Type", "application/msgpack"),
@@ -488,7 +488,7 @@ class FrontConnection(asyncio.BufferedProtocol):
             if lease is not None:
                 lease.close()
         stream = None  # the trim and its views of the buffer go before the buffer is recycled
-        state.metrics.child(state.metrics.client_requests, (req["name"], str(out.status))).inc()
+        state.metrics.add(state.metrics.client_requests, (req["name"], str(out.status)))
         self._respond(out, rid)
         body.release()  # back to the pool now, unless a trim released it earlier (before the upstream answered)
         srv.busy -= 1
@@ -558,9 +558,12 @@ class FrontConnection(asyncio.BufferedProtocol):
         """An error before the body is read: answered with Connection: close. The body still on its way is read and
         dropped for up to LINGER_S (so the client sees the answer, not a reset), then the connection closes."""
         self._end_receive()
+        if self.lease is not None:  # nothing will hold this body: its budget is free now, not after the linger
+            self.lease.close()
+            self.lease = None
         self.phase = BUSY
         self._disarm()
-        self.server.state.metrics.child(self.server.state.metrics.client_requests, (route, str(status))).inc()
+        self.server.state.metrics.add(self.server.state.metrics.client_requests, (route, str(status)))
         self.keep_alive = False
         self._respond(error_outcome(status, message, headers), request_id_for({}), close=True, linger=True)
 
