@@ -242,7 +242,7 @@ async def _read_body(request: web.Request, route: str, stream: StreamTrim | None
         received = len(body)
     else:
         body, received = await _read_streamed(request, limit, encoding, lease if n is None else None, lease, stream)
-    state.metrics.child(state.metrics.client_bytes, (route,)).inc(received)
+    state.metrics.add(state.metrics.client_bytes, (route,), received)
     capture = state.capture
     if capture is not None and request.match_info.route.name in CAPTURED_ROUTES and capture.sample():
         # The body as decoded; raw path (already validated or refused by the handler's checks on replay).
@@ -512,7 +512,7 @@ _UPSTREAM_OR_DECODE: tuple[type[Exception], ...] = (UpstreamError, *DECODE_FAILU
 
 def _count_request(request: web.Request, status: int) -> None:
     metrics = request.app[STATE].metrics
-    metrics.child(metrics.client_requests, (request.match_info.route.name or "other", str(status))).inc()
+    metrics.add(metrics.client_requests, (request.match_info.route.name or "other", str(status)))
 
 
 # Every failure leaves as JSON {"error": ...} (trimmer/http_errors.py, shared with the leaf); counts requests by route

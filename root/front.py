@@ -170,8 +170,12 @@ class FrontServer:
         return not self.queue and (not self.receiving or self.receiving + need <= self.receive_cap)
 
     def received(self, need: int) -> None:
-        """A body's reception ended (complete, or its connection gone): admit waiting ones, in order, that fit."""
+        """A body's reception ended (its request started, or its connection went): its room goes to waiting ones."""
         self.receiving -= need
+        self.admit()
+
+    def admit(self) -> None:
+        """Admit waiting bodies, in order, while they fit."""
         queue = self.queue
         while queue:
             conn = queue[0]
@@ -396,7 +400,7 @@ class FrontConnection(asyncio.BufferedProtocol):
         srv = self.server
         srv.queue.remove(self)
         srv.body_waits.labels(outcome).inc()
-        srv.received(0)  # the head of the queue may have changed
+        srv.admit()  # the head of the queue may have changed
 
     def _receive(self) -> None:
         """Start reading the body (admitted): its buffer, the bytes that came with the head, the body timer."""

@@ -477,21 +477,16 @@ class Partition:
                     self.metrics.add(self.metrics.sent_bytes, labels, sent)
                 raise UpstreamError(504, "timeout",
                                     f"upstream timed out after {timeout_s:.3g}s at {replica.url}") from None
-            except _Stale as exc:
-                self._count_attempt(replica, "stale_connection")
-                if labels is not None:
-                    self.metrics.add(self.metrics.sent_bytes, labels, sent)
-                if stale_retried:
-                    raise UpstreamError(502, "bad_gateway",
-                                        f"upstream {replica.url} failed: {str(exc)[:200]}") from None
-                stale_retried = True
-                tries.insert(0, (replica, True))
-                continue
             except _Broken as exc:
-                # Reached the replica (or may have): not retried, the model may have run.
-                self._count_attempt(replica, "error")
+                stale = isinstance(exc, _Stale)
+                self._count_attempt(replica, "stale_connection" if stale else "error")
                 if labels is not None:
                     self.metrics.add(self.metrics.sent_bytes, labels, sent)
+                if stale and not stale_retried:  # closed as idle by the replica: nothing ran there
+                    stale_retried = True
+                    tries.insert(0, (replica, True))
+                    continue
+                # Reached the replica (or may have): not retried, the model may have run.
                 raise UpstreamError(502, "bad_gateway", f"upstream {replica.url} failed: {str(exc)[:200]}") from None
             finally:
                 replica.inflight -= 1
