@@ -150,6 +150,17 @@ def _signature(repo: Path, model: str) -> Any:
     return read_signature(archives[-1])
 
 
+def _repo_and_request(args: argparse.Namespace, tmp: Path, console: Any) -> tuple[Path, dict]:
+    """The model repository (--bench-repo, else the demo models built under `tmp`) and one request for the model."""
+    repo = Path(args.bench_repo) if args.bench_repo else tmp / "repo"
+    if not args.bench_repo:
+        from leaf.demo_models import build_demo
+
+        build_demo(repo, log=lambda msg: console.print(msg))
+    universe = universe_for_models([_signature(repo, args.model)], usage_ratio=1.0)
+    return repo, make_request(universe, candidates=args.candidates, seed=1)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     if getattr(args, "mode", "batching") == "oip":
         return run_oip_bench(args)
@@ -158,14 +169,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="leaf-bench-") as tmp:
-        repo = Path(args.bench_repo) if args.bench_repo else Path(tmp) / "repo"
-        if not args.bench_repo:
-            from leaf.demo_models import build_demo
-
-            build_demo(repo, log=lambda msg: console.print(msg))
-        sig = _signature(repo, args.model)
-        universe = universe_for_models([sig], usage_ratio=1.0)
-        body = encode_msgpack(make_request(universe, candidates=args.candidates, seed=1))
+        repo, req = _repo_and_request(args, Path(tmp), console)
+        body = encode_msgpack(req)
         rows = [_measure(repo, args.model, args.version, b, body, args.clients, args.seconds, Path(tmp) / "logs")
                 for b in (args.bench_batch, 1)]
     batched, single = rows
@@ -255,14 +260,7 @@ def run_oip_bench(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="leaf-bench-") as tmp:
-        repo = Path(args.bench_repo) if args.bench_repo else Path(tmp) / "repo"
-        if not args.bench_repo:
-            from leaf.demo_models import build_demo
-
-            build_demo(repo, log=lambda msg: console.print(msg))
-        sig = _signature(repo, args.model)
-        universe = universe_for_models([sig], usage_ratio=1.0)
-        req = make_request(universe, candidates=args.candidates, seed=1)
+        repo, req = _repo_and_request(args, Path(tmp), console)
         native = encode_msgpack(req)
         json_body, (bin_body, header_len) = oip_bodies(req["features"], req["request_id"])
         base = f"/models/{args.model}/versions/{args.version}"
