@@ -93,10 +93,9 @@ class NativeFormat(BodyFormat):
 
     def trim(self, body: Body, allow: AbstractSet[str], stream: StreamTrim | None) -> Trimmed:
         if stream is not None:
-            # TEMP: trimmer/trim.py types chunks as bytes; the memoryviews of root/front.py work as well
-            r: TrimResult = stream.finish(body.chunks)  # type: ignore[arg-type]
+            r: TrimResult = stream.finish(body.chunks)
         elif self.media == MSGPACK:
-            r = trim_msgpack_chunks(body.chunks, allow)  # type: ignore[arg-type]
+            r = trim_msgpack_chunks(body.chunks, allow)
         else:
             r = trim(body.joined(), allow, self.media)
         return Trimmed(r.body, r.features_in, r.features_kept)

@@ -113,6 +113,10 @@ def _compiled_names(allow: AbstractSet[str], engine=_ENGINE):
     return names
 
 
+# A piece of a received body: bytes, or a memoryview of the buffer the receiving listener reuses (root/front.py).
+Chunk = bytes | memoryview
+
+
 class StreamTrim:
     """A msgpack trim fed chunk by chunk while the body arrives.
 
@@ -133,12 +137,12 @@ class StreamTrim:
         self.seconds = 0.0  # spent in feed(): the part of the trim that overlapped the body's arrival
         self._trimmer = engine.Trimmer(_compiled_names(allow, engine), size_hint)
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: Chunk) -> None:
         t0 = time.perf_counter()
         self._trimmer.feed(chunk)
         self.seconds += time.perf_counter() - t0
 
-    def finish(self, chunks: Sequence[bytes]) -> TrimResult:
+    def finish(self, chunks: Sequence[Chunk]) -> TrimResult:
         """The trim of everything fed; `chunks` (the same bytes) only for a body without "features"."""
         try:
             out = self._trimmer.finish()
@@ -149,18 +153,18 @@ class StreamTrim:
         return TrimResult(*out)
 
 
-def _chunks_with(engine, chunks: Sequence[bytes], allow: AbstractSet[str]) -> TrimResult:
+def _chunks_with(engine, chunks: Sequence[Chunk], allow: AbstractSet[str]) -> TrimResult:
     stream = StreamTrim(allow, sum(map(len, chunks)), engine=engine)
     for chunk in chunks:
         stream.feed(chunk)
     return stream.finish(chunks)
 
 
-def trim_msgpack_chunks_c(chunks: Sequence[bytes], allow: AbstractSet[str]) -> TrimResult:
+def trim_msgpack_chunks_c(chunks: Sequence[Chunk], allow: AbstractSet[str]) -> TrimResult:
     return _chunks_with(_fasttrim, chunks, allow)
 
 
-def trim_msgpack_chunks_py(chunks: Sequence[bytes], allow: AbstractSet[str]) -> TrimResult:
+def trim_msgpack_chunks_py(chunks: Sequence[Chunk], allow: AbstractSet[str]) -> TrimResult:
     return _chunks_with(_trim_py, chunks, allow)
 
 
